@@ -1,0 +1,411 @@
+"""The trio RPC client: one authenticated, multiplexed connection per peer.
+
+A thin shell around the sans-IO :mod:`kai.rpc.auth` and :mod:`kai.rpc.protocol`. It must
+never send a request before the server has proved it holds the cluster secret, never let a
+cancelled caller disturb other callers on the same connection, never choose timeouts for
+callers (they wrap calls in :func:`trio.fail_after` / :func:`trio.move_on_after`), and never
+run a background task outside a nursery its owner controls.
+
+Lifetime: a client's reader and writer tasks run in a nursery. Either the client owns one
+(``async with RpcClient(host, port, secret) as client:``; leaving the block closes the
+connection and waits for its tasks), or it is given one
+(``RpcClient(host, port, secret, nursery=nursery)``; call :meth:`RpcClient.aclose` when
+done, or let the nursery's cancellation end the tasks). :class:`RpcClientPool` works the
+same way and hands its nursery to the clients it creates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from functools import partial
+from types import TracebackType
+from typing import Final, Self
+
+import trio
+
+from kai.errors import RpcConnectionError, RpcProtocolError
+from kai.rpc.auth import NONCE_SIZE, ClientHandshake
+from kai.rpc.protocol import CLOSED, MAX_MSGID, NEED_DATA, Response, RpcConnection
+from kai.rpc.server import OUTGOING_QUEUE_SIZE, RECEIVE_SIZE, send_batched
+
+logger = logging.getLogger(__name__)
+
+#: Default limit on opening a connection: TCP connect plus authentication, in seconds. It
+#: only bounds connection setup (a silent peer would otherwise stall every caller waiting to
+#: connect); calls themselves have no timeout but the caller's.
+DEFAULT_CONNECT_TIMEOUT: Final = 5.0
+
+_STREAM_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class _Waiter:
+    """Where the reader task delivers one call's response."""
+
+    __slots__ = ("event", "response")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.response: Response | None = None
+
+
+class _Connection:
+    """One authenticated stream to the peer, with the calls waiting on it."""
+
+    def __init__(self, stream: trio.abc.Stream, framing: RpcConnection) -> None:
+        self.stream = stream
+        self.framing = framing
+        self.outgoing_send, self.outgoing_receive = trio.open_memory_channel[bytes](
+            OUTGOING_QUEUE_SIZE
+        )
+        self.waiters: dict[int, _Waiter] = {}
+        self.cancel_scope = trio.CancelScope()
+        self.finished = trio.Event()
+        self.failure: str | None = None
+        self._next_msgid = 0
+
+    def allocate_msgid(self) -> int:
+        while True:
+            msgid = self._next_msgid
+            self._next_msgid = (msgid + 1) & MAX_MSGID
+            if msgid not in self.waiters:
+                return msgid
+
+    def fail(self, reason: str) -> None:
+        """Mark the connection dead: wake every waiting call and stop both tasks."""
+        if self.failure is None:
+            self.failure = reason
+        self.cancel_scope.cancel()
+        self.outgoing_receive.close()
+        for waiter in self.waiters.values():
+            waiter.event.set()
+        self.waiters.clear()
+
+
+class _NurseryUser:
+    """Either borrows a nursery or opens its own as an async context manager."""
+
+    def __init__(self, nursery: trio.Nursery | None) -> None:
+        self._nursery = nursery
+        self._exit_stack: contextlib.AsyncExitStack | None = None
+
+    def _require_nursery(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise RuntimeError(
+                f"use `async with {type(self).__name__}(...)` or pass nursery= explicitly"
+            )
+        return self._nursery
+
+    async def aclose(self) -> None:
+        """Close connections; overridden."""
+
+    async def __aenter__(self) -> Self:
+        if self._nursery is not None:
+            return self
+        self._exit_stack = contextlib.AsyncExitStack()
+        self._nursery = await self._exit_stack.enter_async_context(trio.open_nursery())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            await self.aclose()
+        finally:
+            if self._exit_stack is not None:
+                # Every background task has been told to stop, so the nursery only waits for
+                # them; the body's own exception propagates unwrapped.
+                await self._exit_stack.aclose()
+
+
+class RpcClient(_NurseryUser):
+    """Calls methods on one peer over a single multiplexed, authenticated connection.
+
+    The connection opens on the first call, and again on the first call after it is lost.
+    Any number of tasks may call concurrently; responses are matched by message id, so they
+    may complete in any order. A caller that is cancelled simply stops waiting: its request
+    may still run on the peer, and its late response is discarded.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        secret: bytes,
+        *,
+        nursery: trio.Nursery | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        open_stream: Callable[[], Awaitable[trio.abc.Stream]] | None = None,
+    ) -> None:
+        """Create a client; nothing connects until the first call.
+
+        Args:
+            host: the peer's RPC address.
+            port: the peer's RPC port.
+            secret: the cluster secret.
+            nursery: where the connection's reader and writer tasks run. If omitted, use the
+                client as ``async with RpcClient(...) as client:``.
+            connect_timeout: seconds allowed for TCP connect plus authentication.
+            open_stream: opens the transport instead of ``trio.open_tcp_stream(host, port)``
+                (for in-memory test networks); it should raise ``OSError`` on failure.
+        """
+        super().__init__(nursery)
+        self._open_stream = open_stream or partial(trio.open_tcp_stream, host, port)
+        self.host = host
+        self.port = port
+        self._secret = secret
+        self._connect_timeout = connect_timeout
+        self._connection: _Connection | None = None
+        self._connect_lock = trio.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"RpcClient({self.host!r}, {self.port})"
+
+    @property
+    def connected(self) -> bool:
+        """Whether a live connection is open right now."""
+        return self._connection is not None and self._connection.failure is None
+
+    async def call(self, method: str, *params: object) -> object:
+        """Call ``method(*params)`` on the peer and return its result.
+
+        Raises:
+            RpcConnectionError: the peer could not be reached, or the connection was lost
+                before the response arrived (retriable; the call may or may not have run).
+            RpcAuthenticationError: the peer does not share the cluster secret.
+            RpcProtocolError: the peer does not speak Kai RPC.
+            RpcBadRequest: the parameters cannot be encoded, or the peer refused them.
+            RpcMethodNotFound, RpcRemoteError, RpcError: as sent back by the peer.
+        """
+        connection = await self._get_connection()
+        msgid = connection.allocate_msgid()
+        data = connection.framing.encode_request(msgid, method, params)
+        waiter = _Waiter()
+        connection.waiters[msgid] = waiter
+        try:
+            try:
+                await connection.outgoing_send.send(data)
+            except _STREAM_ERRORS:
+                raise self._lost(connection) from None
+            await waiter.event.wait()
+        finally:
+            if connection.waiters.get(msgid) is waiter:
+                del connection.waiters[msgid]
+        if waiter.response is None:
+            raise self._lost(connection)
+        return waiter.response.unwrap()
+
+    async def notify(self, method: str, *params: object) -> None:
+        """Send a one-way ``method(*params)``; returns once it is queued for sending.
+
+        Raises:
+            RpcConnectionError: the peer could not be reached or the connection is lost.
+            RpcAuthenticationError, RpcProtocolError, RpcBadRequest: as for :meth:`call`.
+        """
+        connection = await self._get_connection()
+        data = connection.framing.encode_notification(method, params)
+        try:
+            await connection.outgoing_send.send(data)
+        except _STREAM_ERRORS:
+            raise self._lost(connection) from None
+
+    async def aclose(self) -> None:
+        """Close the connection, failing calls still waiting; later calls raise.
+
+        Waits (shielded from cancellation, which is quick) until the connection's tasks end.
+        """
+        self._closed = True
+        connection = self._connection
+        if connection is not None:
+            connection.fail("the client was closed")
+            with trio.CancelScope(shield=True):
+                await connection.finished.wait()
+
+    def _lost(self, connection: _Connection) -> RpcConnectionError:
+        return RpcConnectionError(
+            f"connection to {self.host}:{self.port} lost: {connection.failure or 'closed'}"
+        )
+
+    async def _get_connection(self) -> _Connection:
+        connection = self._connection
+        if connection is not None and connection.failure is None:
+            return connection
+        async with self._connect_lock:
+            connection = self._connection
+            if connection is not None and connection.failure is None:
+                return connection
+            if self._closed:
+                raise RpcConnectionError(f"the client for {self.host}:{self.port} is closed")
+            nursery = self._require_nursery()
+            stream, trailing = await self._open_authenticated_stream()
+            framing = RpcConnection()
+            if trailing:
+                framing.receive_data(trailing)
+            connection = _Connection(stream, framing)
+            try:
+                nursery.start_soon(self._run_connection, connection)
+            except RuntimeError as exc:  # The nursery is closed to new tasks.
+                await trio.aclose_forcefully(stream)
+                raise RpcConnectionError(f"cannot run a connection: {exc}") from exc
+            self._connection = connection
+            return connection
+
+    async def _open_authenticated_stream(self) -> tuple[trio.abc.Stream, bytes]:
+        address = f"{self.host}:{self.port}"
+        try:
+            with trio.fail_after(self._connect_timeout):
+                stream = await self._open_stream()
+                try:
+                    trailing = await _client_handshake(stream, self._secret)
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
+        except trio.TooSlowError:
+            raise RpcConnectionError(
+                f"could not connect to {address} and authenticate within {self._connect_timeout} s"
+            ) from None
+        except OSError as exc:
+            raise RpcConnectionError(f"could not connect to {address}: {exc}") from exc
+        except _STREAM_ERRORS as exc:
+            raise RpcConnectionError(f"connection to {address} lost during handshake") from exc
+        return stream, trailing
+
+    async def _run_connection(self, connection: _Connection) -> None:
+        try:
+            with connection.cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_write_loop, connection)
+                    await _read_loop(connection)
+        finally:
+            connection.fail("the connection was closed")
+            if self._connection is connection:
+                self._connection = None
+            await trio.aclose_forcefully(connection.stream)
+            connection.finished.set()
+
+
+async def _client_handshake(stream: trio.abc.Stream, secret: bytes) -> bytes:
+    """Authenticate to the server; returns bytes received after the handshake."""
+    handshake = ClientHandshake(secret, os.urandom(NONCE_SIZE))
+    while not handshake.authenticated:
+        data = await stream.receive_some(RECEIVE_SIZE)
+        if not data:
+            raise RpcConnectionError("the server closed the connection during the handshake")
+        reply = handshake.receive_data(data)
+        if reply:
+            await stream.send_all(reply)
+    return handshake.trailing_data()
+
+
+async def _write_loop(connection: _Connection) -> None:
+    try:
+        await send_batched(connection.stream, connection.outgoing_receive)
+    except _STREAM_ERRORS as exc:
+        connection.fail(f"send failed: {exc!r}")
+
+
+async def _read_loop(connection: _Connection) -> None:
+    """Deliver responses to waiting callers until the connection ends."""
+    framing = connection.framing
+    while True:
+        try:
+            message = framing.next_message()
+        except RpcProtocolError as exc:
+            logger.warning("closing RPC connection: %s", exc)
+            connection.fail(f"protocol error: {exc}")
+            return
+        if message is NEED_DATA:
+            try:
+                data = await connection.stream.receive_some(RECEIVE_SIZE)
+            except _STREAM_ERRORS as exc:
+                connection.fail(f"receive failed: {exc!r}")
+                return
+            framing.receive_data(data)
+        elif message is CLOSED:
+            connection.fail("the server closed the connection")
+            return
+        elif isinstance(message, Response):
+            waiter = connection.waiters.pop(message.msgid, None)
+            if waiter is None:
+                logger.debug("discarding RPC response %d: its caller gave up", message.msgid)
+            else:
+                waiter.response = message
+                waiter.event.set()
+        else:
+            logger.warning("closing RPC connection: the server sent %r", message)
+            connection.fail("the server sent a request; only clients may")
+            return
+
+
+class RpcClientPool(_NurseryUser):
+    """One :class:`RpcClient` per peer address, created on first use (for the coordinator).
+
+    Use as ``async with RpcClientPool(secret) as pool:`` or give it a nursery; its clients
+    run their tasks there.
+    """
+
+    def __init__(
+        self,
+        secret: bytes,
+        *,
+        nursery: trio.Nursery | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        open_stream: Callable[[str, int], Awaitable[trio.abc.Stream]] | None = None,
+    ) -> None:
+        """Create an empty pool.
+
+        Args:
+            secret: the cluster secret.
+            nursery: where the clients' tasks run; omit to use ``async with``.
+            connect_timeout: passed to every :class:`RpcClient`.
+            open_stream: ``open_stream(host, port)`` replaces ``trio.open_tcp_stream`` for
+                every client (for in-memory test networks).
+        """
+        super().__init__(nursery)
+        self._secret = secret
+        self._connect_timeout = connect_timeout
+        self._open_stream = open_stream
+        self._clients: dict[tuple[str, int], RpcClient] = {}
+        self._closed = False
+
+    def client(self, host: str, port: int) -> RpcClient:
+        """The client for ``host``:``port``, created (unconnected) if needed.
+
+        Raises:
+            RuntimeError: the pool has no nursery, or was closed.
+        """
+        key = (host, port)
+        client = self._clients.get(key)
+        if client is None:
+            if self._closed:
+                raise RuntimeError("the RPC client pool is closed")
+            client = RpcClient(
+                host,
+                port,
+                self._secret,
+                nursery=self._require_nursery(),
+                connect_timeout=self._connect_timeout,
+                open_stream=None
+                if self._open_stream is None
+                else partial(self._open_stream, host, port),
+            )
+            self._clients[key] = client
+        return client
+
+    async def call(self, host: str, port: int, method: str, *params: object) -> object:
+        """Shorthand for ``pool.client(host, port).call(method, *params)``."""
+        return await self.client(host, port).call(method, *params)
+
+    async def aclose(self) -> None:
+        """Close every client in the pool."""
+        self._closed = True
+        clients = list(self._clients.values())
+        self._clients.clear()
+        for client in clients:
+            await client.aclose()

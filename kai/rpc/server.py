@@ -1,0 +1,303 @@
+"""The trio RPC server: authenticate each connection, then dispatch requests to handlers.
+
+A thin shell around the sans-IO :mod:`kai.rpc.auth` and :mod:`kai.rpc.protocol`. It must
+never run a handler for a peer that has not proved it holds the cluster secret, never let one
+connection's bad input or failing handler disturb another connection, and never leave a
+task running after :func:`serve_rpc` returns (it follows :func:`trio.serve_listeners`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
+from typing import Final, NoReturn, TypeAlias, TypeVar
+
+import trio
+
+from kai.errors import (
+    RpcAuthenticationError,
+    RpcError,
+    RpcMethodNotFound,
+    RpcProtocolError,
+    RpcRemoteError,
+)
+from kai.rpc.auth import NONCE_SIZE, REJECTION, ServerHandshake
+from kai.rpc.protocol import (
+    CLOSED,
+    NEED_DATA,
+    Notification,
+    Request,
+    Response,
+    RpcConnection,
+)
+
+logger = logging.getLogger(__name__)
+
+#: An RPC handler: called as ``handler(*params)``; its return value is the result.
+Handler: TypeAlias = Callable[..., Awaitable[object]]
+
+ListenerT = TypeVar("ListenerT", bound=trio.abc.Listener[trio.abc.Stream])
+
+#: Requests (and notifications) one connection may have running at once. When reached, the
+#: server stops reading from that connection until one finishes, pushing back on the peer.
+MAX_CONCURRENT_REQUESTS_PER_CONNECTION: Final = 256
+#: Encoded messages that may wait for the writer before senders block.
+OUTGOING_QUEUE_SIZE: Final = 256
+#: Several small queued messages are joined into one write of at most this many bytes;
+#: a message this large or larger is written on its own, without being copied.
+WRITE_BATCH_BYTES: Final = 64 * 1024
+#: Most bytes asked of the socket per read.
+RECEIVE_SIZE: Final = 64 * 1024
+#: Default deadline for a new connection to complete authentication, in seconds.
+DEFAULT_HANDSHAKE_TIMEOUT: Final = 5.0
+
+
+async def send_batched(
+    stream: trio.abc.SendStream, outgoing: trio.MemoryReceiveChannel[bytes]
+) -> None:
+    """Write every message from ``outgoing`` to ``stream``, coalescing small ones.
+
+    Shared by the server and :mod:`kai.rpc.client`. Returns when ``outgoing`` is closed and
+    drained; raises whatever ``stream.send_all`` raises.
+    """
+    carried: bytes | None = None
+    while True:
+        if carried is None:
+            try:
+                first = await outgoing.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return
+        else:
+            first, carried = carried, None
+        batch = [first]
+        size = len(first)
+        while size < WRITE_BATCH_BYTES:
+            try:
+                following = outgoing.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            if size + len(following) > WRITE_BATCH_BYTES:
+                carried = following
+                break
+            batch.append(following)
+            size += len(following)
+        await stream.send_all(first if len(batch) == 1 else b"".join(batch))
+
+
+async def serve_rpc(
+    host: str,
+    port: int,
+    secret: bytes,
+    handlers: Mapping[str, Handler],
+    *,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Listen on ``host``:``port`` (0 picks a free port) and serve RPC forever.
+
+    Start it with ``listeners = await nursery.start(serve_rpc, host, port, secret,
+    handlers)``; ``listeners[0].socket.getsockname()[1]`` is the bound port.
+
+    Args:
+        host: address to bind; Kai's default is ``127.0.0.1``.
+        port: TCP port, or 0 for any free one.
+        secret: the cluster secret every client must prove it holds.
+        handlers: method name to async handler, called as ``handler(*params)``.
+        handshake_timeout: seconds a new connection has to authenticate.
+        task_status: reports the open listeners once they accept connections.
+    """
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    await serve_rpc_listeners(
+        listeners,
+        secret,
+        handlers,
+        handshake_timeout=handshake_timeout,
+        task_status=task_status,
+    )
+
+
+async def serve_rpc_listeners(
+    listeners: Sequence[ListenerT],
+    secret: bytes,
+    handlers: Mapping[str, Handler],
+    *,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    task_status: trio.TaskStatus[list[ListenerT]] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Serve RPC forever on listeners that are already open (see :func:`serve_rpc`).
+
+    The listeners are closed when this returns (it only returns by raising or being
+    cancelled); ``task_status.started`` receives them as a list.
+    """
+    await trio.serve_listeners(
+        partial(
+            handle_rpc_connection,
+            secret=secret,
+            handlers=handlers,
+            handshake_timeout=handshake_timeout,
+        ),
+        list(listeners),
+        task_status=task_status,
+    )
+
+
+async def handle_rpc_connection(
+    stream: trio.abc.Stream,
+    *,
+    secret: bytes,
+    handlers: Mapping[str, Handler],
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+) -> None:
+    """Serve one connection until the peer closes it or breaks the protocol.
+
+    Authenticates first, under ``handshake_timeout``; a peer that fails, stalls or sends
+    garbage is dropped before any handler runs. Then every request runs concurrently as its
+    own task (at most :data:`MAX_CONCURRENT_REQUESTS_PER_CONNECTION`), and responses are
+    queued to a single writer task. At end of stream, running handlers finish and their
+    responses are sent before this returns. Never raises for network or peer errors; the
+    caller closes ``stream``.
+    """
+    trailing = await _authenticate(stream, secret, handshake_timeout)
+    if trailing is None:
+        return
+    framing = RpcConnection()
+    if trailing:
+        framing.receive_data(trailing)
+    outgoing_send, outgoing_receive = trio.open_memory_channel[bytes](OUTGOING_QUEUE_SIZE)
+    slots = trio.Semaphore(MAX_CONCURRENT_REQUESTS_PER_CONNECTION)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_write_responses, stream, outgoing_receive, nursery.cancel_scope)
+        async with outgoing_send:
+            clean_end = await _read_requests(
+                stream, framing, handlers, outgoing_send, slots, nursery
+            )
+        if not clean_end:
+            nursery.cancel_scope.cancel()
+
+
+async def _authenticate(
+    stream: trio.abc.Stream, secret: bytes, handshake_timeout: float
+) -> bytes | None:
+    """Run the server side of the handshake; the bytes after it, or None to hang up."""
+    handshake = ServerHandshake(secret, os.urandom(NONCE_SIZE))
+    with trio.move_on_after(handshake_timeout):
+        try:
+            await stream.send_all(handshake.hello())
+            while not handshake.authenticated:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    logger.info("RPC peer closed the connection during the handshake")
+                    return None
+                reply = handshake.receive_data(data)
+                if reply:
+                    await stream.send_all(reply)
+        except RpcAuthenticationError as exc:
+            logger.warning("RPC peer failed authentication: %s", exc)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(REJECTION)
+            return None
+        except RpcProtocolError as exc:
+            logger.warning("RPC peer sent an invalid handshake: %s", exc)
+            return None
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            logger.info("RPC connection lost during the handshake: %s", exc)
+            return None
+        return handshake.trailing_data()
+    logger.warning("RPC peer did not authenticate within %s s", handshake_timeout)
+    return None
+
+
+async def _write_responses(
+    stream: trio.abc.Stream,
+    outgoing: trio.MemoryReceiveChannel[bytes],
+    connection_scope: trio.CancelScope,
+) -> None:
+    async with outgoing:
+        try:
+            await send_batched(stream, outgoing)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            logger.info("RPC connection lost while sending: %s", exc)
+            connection_scope.cancel()
+
+
+async def _read_requests(
+    stream: trio.abc.Stream,
+    framing: RpcConnection,
+    handlers: Mapping[str, Handler],
+    outgoing: trio.MemorySendChannel[bytes],
+    slots: trio.Semaphore,
+    nursery: trio.Nursery,
+) -> bool:
+    """Start a task per incoming message until end of stream (True) or an error (False)."""
+    while True:
+        try:
+            message = framing.next_message()
+        except RpcProtocolError as exc:
+            logger.warning("closing RPC connection: %s", exc)
+            return False
+        if message is NEED_DATA:
+            try:
+                data = await stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                logger.info("RPC connection lost while receiving: %s", exc)
+                return False
+            framing.receive_data(data)
+            continue
+        if message is CLOSED:
+            return True
+        if isinstance(message, Response):
+            logger.warning("closing RPC connection: a client sent a response")
+            return False
+        try:
+            # Not `await acquire()` alone: that yields per message, so a pipelined batch of
+            # requests would be answered one write at a time instead of in one batch.
+            slots.acquire_nowait()
+        except trio.WouldBlock:
+            await slots.acquire()
+        nursery.start_soon(_dispatch, message, framing, handlers, outgoing.clone(), slots)
+
+
+async def _dispatch(
+    message: Request | Notification,
+    framing: RpcConnection,
+    handlers: Mapping[str, Handler],
+    outgoing: trio.MemorySendChannel[bytes],
+    slots: trio.Semaphore,
+) -> None:
+    """Run one handler and queue its response (none for a notification)."""
+    async with outgoing:
+        try:
+            error: RpcError | None = None
+            result: object = None
+            handler = handlers.get(message.method)
+            if handler is None:
+                error = RpcMethodNotFound(f"no RPC method named {message.method!r}")
+                logger.debug("unknown RPC method %r", message.method)
+            else:
+                try:
+                    result = await handler(*message.params)
+                except RpcError as exc:
+                    error = exc
+                    logger.debug("RPC handler %s raised %r", message.method, exc)
+                except Exception as exc:
+                    error = RpcRemoteError(f"{type(exc).__name__}: {exc}")
+                    logger.exception("RPC handler %s failed", message.method)
+            if isinstance(message, Notification):
+                return
+            try:
+                data = framing.encode_response(message.msgid, result=result, error=error)
+            except RpcError as exc:
+                logger.error(
+                    "RPC handler %s returned an unsendable result: %s", message.method, exc
+                )
+                error = RpcRemoteError(f"the result of {message.method} cannot be sent: {exc}")
+                data = framing.encode_response(message.msgid, error=error)
+            try:
+                await outgoing.send(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                logger.debug("RPC response to %s dropped: connection closed", message.method)
+        finally:
+            slots.release()
