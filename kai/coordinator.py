@@ -1,0 +1,118 @@
+"""The coordinator interface the memcached front end talks to, and its single-node form.
+
+The front end only ever calls :class:`Coordinator`: reads return sibling sets with their
+causal context, writes carry a context. The cluster coordinator (quorum fan-out, forwarding,
+read repair) implements the same interface, so the protocol code never changes.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Callable, Sequence
+
+import attrs
+
+from kai.replica import LocalReplica, Payload
+from kai.vclock import VClock
+from kai.versions import SiblingSet, Version, cas_unique, context_of
+
+
+@attrs.frozen(slots=True)
+class ReadResult:
+    """What a read found for one key: every sibling, and the causal context to write with."""
+
+    siblings: SiblingSet
+    context: VClock
+
+    @classmethod
+    def of(cls, siblings: SiblingSet) -> ReadResult:
+        """Wrap a sibling set, computing its context."""
+        return cls(siblings, context_of(siblings))
+
+    @property
+    def cas_unique(self) -> int:
+        """memcached's cas token for this read."""
+        return cas_unique(self.context)
+
+
+class Coordinator(abc.ABC):
+    """Reads and writes keys on behalf of clients, wherever the replicas are.
+
+    Errors: :class:`~kai.errors.CoordinatorError` when a quorum cannot be met (the client sees
+    ``SERVER_ERROR``), :class:`~kai.errors.TooManySiblings` when a write is refused.
+    """
+
+    @abc.abstractmethod
+    async def get(self, key: bytes) -> ReadResult:
+        """Read ``key``'s siblings and causal context."""
+
+    async def get_many(self, keys: Sequence[bytes]) -> list[ReadResult]:
+        """Read several keys (a multi-get); results are in the order of ``keys``."""
+        return [await self.get(key) for key in keys]
+
+    @abc.abstractmethod
+    async def put(self, key: bytes, payload: Payload, *, context: VClock | None) -> Version:
+        """Write ``payload`` as a new version of ``key``.
+
+        Args:
+            key: the key.
+            payload: flags, absolute expiry and value (None deletes with a tombstone).
+            context: the causal context of a previous read (the new version supersedes
+                exactly that); None supersedes every version the coordinator knows.
+        """
+
+    @abc.abstractmethod
+    async def flush_all(self, at: int) -> None:
+        """Make every version written before unix time ``at`` (microseconds) invisible."""
+
+    @abc.abstractmethod
+    def flushed_before(self, now: float) -> int:
+        """The flush cutoff (microseconds) in effect at unix time ``now``."""
+
+    @abc.abstractmethod
+    def members(self) -> list[str]:
+        """The cluster's members as ``host:rpc_port``, sorted."""
+
+
+class LocalCoordinator(Coordinator):
+    """A cluster of one: every key lives in this node's replica.
+
+    Reads and writes are single synchronous storage calls, so each one is atomic on this node.
+    """
+
+    def __init__(
+        self,
+        replica: LocalReplica,
+        *,
+        node_name: str,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.replica = replica
+        self.node_name = node_name
+        self.wall_clock = wall_clock
+
+    async def get(self, key: bytes) -> ReadResult:
+        """Read from the local replica."""
+        return ReadResult.of(self.replica.read(key))
+
+    async def get_many(self, keys: Sequence[bytes]) -> list[ReadResult]:
+        """Read every key from the local replica without yielding in between."""
+        read = self.replica.read
+        return [ReadResult.of(read(key)) for key in keys]
+
+    async def put(self, key: bytes, payload: Payload, *, context: VClock | None) -> Version:
+        """Write to the local replica."""
+        return self.replica.coordinate_write(key, payload, context)
+
+    async def flush_all(self, at: int) -> None:
+        """Record the flush locally."""
+        self.replica.flush(at)
+
+    def flushed_before(self, now: float) -> int:
+        """The local flush cutoff."""
+        return self.replica.flushed_before(now)
+
+    def members(self) -> list[str]:
+        """Just this node."""
+        return [self.node_name]

@@ -1,0 +1,222 @@
+"""This node's replica of the data: sibling sets in the storage engine, the write rule applied.
+
+Synchronous on purpose: a point read or write is one LevelDB call (microseconds), and doing
+read-compute-write without an ``await`` in between makes each call atomic with respect to
+every other task on this node. Never awaits, never talks to the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import attrs
+import msgpack
+
+from kai.errors import TooManySiblings
+from kai.ring import key_hash, partition_of
+from kai.stats import NodeStats
+from kai.storage.engine import StorageEngine
+from kai.vclock import VClock
+from kai.versions import (
+    SiblingSet,
+    Version,
+    apply_write,
+    context_of,
+    decode_siblings,
+    encode_siblings,
+    newest,
+    next_clock,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Metadata name of the pending and past flush_all times.
+FLUSH_META = "flush_times"
+#: How many flush_all times are remembered (older ones are superseded by later ones).
+MAX_FLUSH_TIMES = 16
+
+
+@attrs.frozen(slots=True)
+class Payload:
+    """What a client write carries: flags, absolute expiry, and the value (None = delete)."""
+
+    flags: int = 0
+    expiry: int = 0
+    value: bytes | None = None
+
+
+class LocalReplica:
+    """Reads and writes this node's sibling sets.
+
+    Args:
+        engine: the storage engine holding the records.
+        actor: this data directory's actor id (DESIGN §3).
+        buckets: number of ring partitions (the storage key prefix).
+        stats: counters to update.
+        clock_max_entries: prune clocks beyond this many entries.
+        siblings_warning_threshold: log a warning when a key has more siblings than this.
+        siblings_maximum: refuse writes that would leave more siblings than this.
+        wall_clock: unix time in seconds (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        engine: StorageEngine,
+        *,
+        actor: bytes,
+        buckets: int,
+        stats: NodeStats,
+        clock_max_entries: int = 10,
+        siblings_warning_threshold: int = 25,
+        siblings_maximum: int = 100,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.engine = engine
+        self.actor = actor
+        self.buckets = buckets
+        self.stats = stats
+        self.clock_max_entries = clock_max_entries
+        self.siblings_warning_threshold = siblings_warning_threshold
+        self.siblings_maximum = siblings_maximum
+        self.wall_clock = wall_clock
+        self.items = 0
+        self.item_bytes = 0
+        self._last_timestamp = 0
+        self._flush_times = self._load_flush_times()
+
+    # --- reads --------------------------------------------------------------------------------
+
+    def partition(self, key: bytes) -> int:
+        """The ring partition ``key`` belongs to."""
+        return partition_of(key_hash(key), self.buckets)
+
+    def read(self, key: bytes) -> SiblingSet:
+        """The stored sibling set of ``key`` (empty when absent)."""
+        record = self.engine.get(self.partition(key), key)
+        return decode_siblings(record) if record is not None else ()
+
+    # --- writes -------------------------------------------------------------------------------
+
+    def coordinate_write(self, key: bytes, payload: Payload, context: VClock | None) -> Version:
+        """Create a new version of ``key`` as its coordinator, store it, and return it.
+
+        Args:
+            key: the key.
+            payload: flags, expiry and value (None writes a tombstone).
+            context: the causal context the client read; None supersedes every version this
+                replica stores (a memcached ``set``).
+
+        Raises:
+            TooManySiblings: the write would leave more than ``siblings_maximum`` versions.
+        """
+        partition = self.partition(key)
+        record = self.engine.get(partition, key)
+        stored = decode_siblings(record) if record is not None else ()
+        if context is None:
+            context = context_of(stored)
+        timestamp = self._timestamp()
+        clock, pruned = next_clock(context, stored, self.actor, timestamp, self.clock_max_entries)
+        if pruned:
+            self.stats.kai_clock_prunes += pruned
+        version = Version(
+            clock, timestamp, self.actor, payload.flags, payload.expiry, payload.value
+        )
+        updated = apply_write(stored, version)
+        # Our counter is past every stored one, so no stored version can dominate the new one.
+        assert updated is not None
+        self._store(partition, key, stored, updated)
+        return version
+
+    def apply(self, key: bytes, incoming: SiblingSet) -> bool:
+        """Merge versions coordinated elsewhere (replication, read repair). Returns True if stored.
+
+        Raises:
+            TooManySiblings: the merge would leave more than ``siblings_maximum`` versions.
+        """
+        partition = self.partition(key)
+        record = self.engine.get(partition, key)
+        stored = decode_siblings(record) if record is not None else ()
+        merged = stored
+        for version in incoming:
+            updated = apply_write(merged, version)
+            if updated is not None:
+                merged = updated
+        if merged == stored:
+            return False
+        self._store(partition, key, stored, merged)
+        return True
+
+    def _store(self, partition: int, key: bytes, old: SiblingSet, new: SiblingSet) -> None:
+        if len(new) > self.siblings_maximum:
+            self.stats.kai_sibling_rejections += 1
+            raise TooManySiblings(
+                f"key {key!r} would have {len(new)} siblings (maximum {self.siblings_maximum}); "
+                "resolve them with gets/cas"
+            )
+        if len(new) > self.siblings_warning_threshold:
+            self.stats.kai_sibling_warnings += 1
+            logger.warning("key %r has %d siblings", key, len(new))
+        self.engine.put(partition, key, encode_siblings(new))
+        self._count(old, -1)
+        self._count(new, +1)
+        self.stats.total_items += 1
+
+    def _count(self, siblings: SiblingSet, sign: int) -> None:
+        latest = newest(siblings)
+        if latest is not None and latest.value is not None:
+            self.items += sign
+            self.item_bytes += sign * len(latest.value)
+
+    def _timestamp(self) -> int:
+        # Microseconds, strictly increasing on this node even if the wall clock steps back, so
+        # the newest-sibling view never prefers an older local write.
+        now = int(self.wall_clock() * 1_000_000)
+        self._last_timestamp = max(now, self._last_timestamp + 1)
+        return self._last_timestamp
+
+    # --- item accounting ----------------------------------------------------------------------
+
+    def count_items(self) -> None:
+        """Recount ``items`` and ``item_bytes`` with a full scan (run in a thread at start)."""
+        items = item_bytes = 0
+        for _partition, _key, record in self.engine.scan_all():
+            latest = newest(decode_siblings(record))
+            if latest is not None and latest.value is not None:
+                items += 1
+                item_bytes += len(latest.value)
+        self.items, self.item_bytes = items, item_bytes
+
+    # --- flush_all ----------------------------------------------------------------------------
+
+    def _load_flush_times(self) -> list[int]:
+        raw = self.engine.get_meta(FLUSH_META)
+        return sorted(msgpack.unpackb(raw)) if raw else []
+
+    def flush(self, at: int) -> None:
+        """Record a flush_all taking effect at unix time ``at`` (microseconds).
+
+        Versions written at or before ``at`` become invisible once ``at`` has passed;
+        versions written later survive. Stored durably so a restart keeps the flush.
+        """
+        now = int(self.wall_clock() * 1_000_000)
+        times = sorted({*self._flush_times, at})
+        past = [t for t in times if t <= now]
+        # Among flushes already in effect only the latest matters.
+        kept = past[-1:] + [t for t in times if t > now]
+        self._flush_times = kept[-MAX_FLUSH_TIMES:]
+        self.engine.put_meta(FLUSH_META, msgpack.packb(self._flush_times))
+        if at <= now:
+            # Writes that follow an immediate flush must survive it, even within the same
+            # microsecond: move this node's write timestamps past the flush time.
+            self._last_timestamp = max(self._last_timestamp, at)
+
+    def flushed_before(self, now: float) -> int:
+        """The flush cutoff (microseconds) in effect at unix time ``now`` (0 = none)."""
+        now_us = now * 1_000_000
+        cutoff = 0
+        for flush_time in self._flush_times:
+            if flush_time <= now_us:
+                cutoff = flush_time
+        return cutoff
