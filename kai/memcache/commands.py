@@ -1,0 +1,437 @@
+"""memcached command semantics on top of a Dynamo coordinator (DESIGN §6).
+
+Turns parsed requests into coordinator reads and writes and renders the exact memcached 1.6
+replies. Conditional commands (add, replace, cas, append, prepend, incr, decr, touch, gat,
+delete) read, check and then write with the read's causal context; a per-key lock makes that
+sequence atomic among the clients of this node (not across nodes: see the README).
+Never touches sockets: the server module feeds requests in and writes replies out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import attrs
+import trio
+
+from kai import __version__
+from kai.coordinator import Coordinator, ReadResult
+from kai.errors import CoordinatorError, TooManySiblings
+from kai.memcache import protocol as mc
+from kai.replica import Payload
+from kai.stats import NodeStats
+from kai.versions import Version, absolute_expiry, visible
+
+logger = logging.getLogger(__name__)
+
+#: The memcached version we answer with; libmemcached and memccapable need major.minor >= 1.6.
+MEMCACHED_VERSION = f"1.6.21-kai-{__version__}"
+VERSION_REPLY = f"VERSION {MEMCACHED_VERSION}\r\n".encode()
+
+_U64 = 2**64
+_NON_NUMERIC = mc.client_error("cannot increment or decrement non-numeric value")
+_TOO_LARGE = mc.server_error("object too large for cache")
+_OUT_OF_MEMORY = mc.server_error("out of memory storing object")
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class NodeInfo:
+    """Static facts about the node that ``stats`` reports."""
+
+    node: str
+    quorum: str
+    buckets: int
+    virtual_nodes: int
+    store: str
+    max_connections: int
+    max_item_size: int
+    settings: dict[str, object]
+    started_at: float = attrs.field(factory=time.time)
+
+
+class KeyLocks:
+    """One lock per key being read-modified-written on this node; unused locks are dropped."""
+
+    def __init__(self) -> None:
+        self._locks: dict[bytes, tuple[trio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: bytes) -> AsyncIterator[None]:
+        """Hold ``key``'s lock for the duration of the block."""
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = trio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+def parse_counter(value: bytes) -> int | None:
+    """The unsigned 64-bit number a stored value holds, as memcached's strtoull reads it."""
+    digits = value.lstrip(b" ").rstrip(b" \t\r\n")
+    if not digits or not digits.isdigit() or len(digits) > 20:
+        return None
+    number = int(digits)
+    return number if number < _U64 else None
+
+
+class CommandExecutor:
+    """Executes parsed memcached requests against a coordinator.
+
+    Args:
+        coordinator: where reads and writes go.
+        stats: counters to update.
+        info: static node facts for ``stats``.
+        item_counts: returns (items, bytes) for ``curr_items`` / ``bytes``.
+        all_siblings: return every live sibling (``siblings = "all"``) instead of the newest.
+        wall_clock: unix time in seconds (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        stats: NodeStats,
+        info: NodeInfo,
+        *,
+        item_counts: Callable[[], tuple[int, int]] = lambda: (0, 0),
+        all_siblings: bool = False,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.coordinator = coordinator
+        self.stats = stats
+        self.info = info
+        self.item_counts = item_counts
+        self.all_siblings = all_siblings
+        self.wall_clock = wall_clock
+        self.locks = KeyLocks()
+
+    async def execute(self, request: mc.Request | mc.Invalid) -> bytes:
+        """The reply bytes for one request (``b""`` when noreply suppresses it).
+
+        Raises nothing for bad input or unavailable replicas: those become error replies.
+        """
+        try:
+            return await self._dispatch(request)
+        except CoordinatorError as error:
+            self.stats.kai_quorum_failures += 1
+            return b"" if _noreply(request) else mc.server_error(error.reply_text)
+        except TooManySiblings:
+            return b"" if _noreply(request) else mc.server_error("too many siblings")
+
+    async def _dispatch(self, request: mc.Request | mc.Invalid) -> bytes:
+        match request:
+            case mc.Get(keys=keys, with_cas=with_cas):
+                return await self._get(keys, with_cas)
+            case mc.Store():
+                started = time.perf_counter()
+                try:
+                    return await self._store(request)
+                finally:
+                    self.stats.set_latency.record(time.perf_counter() - started)
+            case mc.Delete(key=key, noreply=noreply):
+                return _quiet(noreply, await self._delete(key))
+            case mc.Arithmetic(key=key, delta=delta, incr=incr, noreply=noreply):
+                return _quiet(noreply, await self._arithmetic(key, delta, incr=incr))
+            case mc.Touch(key=key, exptime=exptime, noreply=noreply):
+                return _quiet(noreply, await self._touch(key, exptime))
+            case mc.GetAndTouch(exptime=exptime, keys=keys, with_cas=with_cas):
+                return await self._get_and_touch(keys, exptime, with_cas)
+            case mc.ValueTooLarge(command=command, key=key, noreply=noreply):
+                return _quiet(noreply, await self._too_large(command, key))
+            case mc.FlushAll(delay=delay, noreply=noreply):
+                return _quiet(noreply, await self._flush_all(delay))
+            case mc.Stats(args=args):
+                return self._stats(args)
+            case mc.Version():
+                return VERSION_REPLY
+            case mc.Verbosity(noreply=noreply):
+                return _quiet(noreply, mc.OK)
+            case mc.Invalid(reply=reply):
+                return reply
+            case _:
+                # Quit is handled by the connection; anything else is a programming error.
+                raise TypeError(f"cannot execute {request!r}")
+
+    # --- reads --------------------------------------------------------------------------------
+
+    def _view(self, result: ReadResult, now: float) -> list[Version]:
+        return visible(
+            result.siblings,
+            now,
+            self.coordinator.flushed_before(now),
+            all_siblings=self.all_siblings,
+        )
+
+    async def _get(self, keys: Sequence[bytes], with_cas: bool) -> bytes:
+        started = time.perf_counter()
+        results = await self.coordinator.get_many(keys)
+        now = self.wall_clock()
+        flushed_before = self.coordinator.flushed_before(now)
+        stats = self.stats
+        stats.cmd_get += len(keys)
+        parts: list[bytes] = []
+        hits = 0
+        for key, result in zip(keys, results, strict=True):
+            shown = visible(result.siblings, now, flushed_before, all_siblings=self.all_siblings)
+            if not shown:
+                self._count_miss(result, now, flushed_before)
+                continue
+            hits += 1
+            if len(result.siblings) > 1:
+                stats.kai_unreconciled_get += 1
+            cas = result.cas_unique if with_cas else None
+            for version in shown:
+                assert version.value is not None
+                parts.append(mc.encode_value(key, version.flags, version.value, cas))
+        stats.get_hits += hits
+        stats.get_misses += len(keys) - hits
+        parts.append(mc.END)
+        stats.get_latency.record(time.perf_counter() - started)
+        return b"".join(parts)
+
+    def _count_miss(self, result: ReadResult, now: float, flushed_before: int) -> None:
+        latest = max(result.siblings, key=Version.sort_key, default=None)
+        if latest is None or latest.value is None:
+            return
+        if latest.timestamp <= flushed_before:
+            self.stats.get_flushed += 1
+        elif latest.expiry and now >= latest.expiry:
+            self.stats.get_expired += 1
+
+    async def _read_live(self, key: bytes) -> tuple[ReadResult, Version | None]:
+        result = await self.coordinator.get(key)
+        shown = self._view(result, self.wall_clock())
+        return result, (shown[0] if shown else None)
+
+    # --- writes -------------------------------------------------------------------------------
+
+    async def _store(self, request: mc.Store) -> bytes:
+        self.stats.cmd_set += 1
+        command, key, noreply = request.command, request.key, request.noreply
+        payload = Payload(
+            request.flags, absolute_expiry(request.exptime, self.wall_clock()), request.value
+        )
+        if command == "set":
+            await self.coordinator.put(key, payload, context=None)
+            return _quiet(noreply, mc.STORED)
+        async with self.locks.hold(key):
+            result, live = await self._read_live(key)
+            if command == "add":
+                reply = mc.NOT_STORED if live is not None else await self._put(key, payload, result)
+            elif command == "replace":
+                reply = mc.NOT_STORED if live is None else await self._put(key, payload, result)
+            elif command == "cas":
+                if live is None:
+                    self.stats.cas_misses += 1
+                    reply = mc.NOT_FOUND
+                elif result.cas_unique != request.cas_unique:
+                    self.stats.cas_badval += 1
+                    reply = mc.EXISTS
+                else:
+                    self.stats.cas_hits += 1
+                    reply = await self._put(key, payload, result)
+            else:  # append / prepend keep the stored flags and expiry
+                if live is None:
+                    reply = mc.NOT_STORED
+                else:
+                    assert live.value is not None
+                    joined = (
+                        live.value + request.value
+                        if command == "append"
+                        else request.value + live.value
+                    )
+                    if len(joined) > self.info.max_item_size:
+                        reply = _OUT_OF_MEMORY
+                    else:
+                        combined = Payload(live.flags, live.expiry, joined)
+                        reply = await self._put(key, combined, result)
+        return _quiet(noreply, reply)
+
+    async def _put(self, key: bytes, payload: Payload, read: ReadResult) -> bytes:
+        await self.coordinator.put(key, payload, context=read.context)
+        return mc.STORED
+
+    async def _delete(self, key: bytes) -> bytes:
+        async with self.locks.hold(key):
+            result, live = await self._read_live(key)
+            if live is None:
+                self.stats.delete_misses += 1
+                return mc.NOT_FOUND
+            await self.coordinator.put(key, Payload(), context=result.context)
+        self.stats.delete_hits += 1
+        return mc.DELETED
+
+    async def _arithmetic(self, key: bytes, delta: int, *, incr: bool) -> bytes:
+        async with self.locks.hold(key):
+            result, live = await self._read_live(key)
+            if live is None:
+                if incr:
+                    self.stats.incr_misses += 1
+                else:
+                    self.stats.decr_misses += 1
+                return mc.NOT_FOUND
+            assert live.value is not None
+            number = parse_counter(live.value)
+            if number is None:
+                return _NON_NUMERIC
+            number = (number + delta) % _U64 if incr else max(number - delta, 0)
+            encoded = str(number).encode()
+            await self.coordinator.put(
+                key, Payload(live.flags, live.expiry, encoded), context=result.context
+            )
+        if incr:
+            self.stats.incr_hits += 1
+        else:
+            self.stats.decr_hits += 1
+        return encoded + b"\r\n"
+
+    async def _touch(self, key: bytes, exptime: int) -> bytes:
+        self.stats.cmd_touch += 1
+        touched = await self._retouch(key, exptime)
+        if touched is None:
+            self.stats.touch_misses += 1
+            return mc.NOT_FOUND
+        self.stats.touch_hits += 1
+        return mc.TOUCHED
+
+    async def _retouch(self, key: bytes, exptime: int) -> tuple[Version, int] | None:
+        """Give a live key a new expiry; returns the old version and the new cas, or None."""
+        async with self.locks.hold(key):
+            result, live = await self._read_live(key)
+            if live is None:
+                return None
+            expiry = absolute_expiry(exptime, self.wall_clock())
+            written = await self.coordinator.put(
+                key, Payload(live.flags, expiry, live.value), context=result.context
+            )
+        return live, ReadResult.of((written,)).cas_unique
+
+    async def _get_and_touch(self, keys: Sequence[bytes], exptime: int, with_cas: bool) -> bytes:
+        parts: list[bytes] = []
+        self.stats.cmd_touch += len(keys)
+        self.stats.cmd_get += len(keys)
+        for key in keys:
+            touched = await self._retouch(key, exptime)
+            if touched is None:
+                self.stats.touch_misses += 1
+                self.stats.get_misses += 1
+                continue
+            self.stats.touch_hits += 1
+            self.stats.get_hits += 1
+            version, cas = touched
+            assert version.value is not None
+            parts.append(
+                mc.encode_value(key, version.flags, version.value, cas if with_cas else None)
+            )
+        parts.append(mc.END)
+        return b"".join(parts)
+
+    async def _too_large(self, command: str, key: bytes) -> bytes:
+        self.stats.store_too_large += 1
+        if command == "set":
+            # memcached drops the old value when a set is refused as too large.
+            async with self.locks.hold(key):
+                result, live = await self._read_live(key)
+                if live is not None:
+                    await self.coordinator.put(key, Payload(), context=result.context)
+        return _TOO_LARGE
+
+    async def _flush_all(self, delay: int) -> bytes:
+        self.stats.cmd_flush += 1
+        now = self.wall_clock()
+        at = absolute_expiry(delay, now) if delay > 0 else now
+        await self.coordinator.flush_all(int(at * 1_000_000))
+        return mc.OK
+
+    # --- stats --------------------------------------------------------------------------------
+
+    def _stats(self, args: tuple[bytes, ...]) -> bytes:
+        if not args:
+            return mc.encode_stats(self.general_stats())
+        if args == (b"settings",):
+            return mc.encode_stats(self.settings_stats())
+        if args == (b"reset",):
+            self.stats.reset()
+            return mc.RESET
+        if args[0] in (b"items", b"slabs", b"sizes", b"conns"):
+            return mc.END  # Kai has no slabs; an empty listing is what clients accept
+        return mc.ERROR
+
+    def general_stats(self) -> list[tuple[str, object]]:
+        """memcached's general ``stats`` fields followed by Kai's own."""
+        now = self.wall_clock()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        stats = self.stats
+        items, item_bytes = self.item_counts()
+        fields: list[tuple[str, object]] = [
+            ("pid", os.getpid()),
+            ("uptime", int(now - self.info.started_at)),
+            ("time", int(now)),
+            ("version", MEMCACHED_VERSION),
+            ("pointer_size", 64),
+            ("rusage_user", f"{usage.ru_utime:.6f}"),
+            ("rusage_system", f"{usage.ru_stime:.6f}"),
+            ("max_connections", self.info.max_connections),
+            ("curr_connections", stats.curr_connections),
+            ("total_connections", stats.total_connections),
+            ("rejected_connections", stats.rejected_connections),
+            ("connection_structures", stats.curr_connections),
+            ("curr_items", items),
+            ("bytes", item_bytes),
+            ("evictions", 0),
+            ("limit_maxbytes", 0),
+            ("threads", 1),
+            ("accepting_conns", 1),
+        ]
+        fields += stats.counters()
+        fields += [
+            ("kai_node", self.info.node),
+            ("kai_quorum", self.info.quorum),
+            ("kai_buckets", self.info.buckets),
+            ("kai_virtual_nodes", self.info.virtual_nodes),
+            ("kai_store", self.info.store),
+            ("kai_curr_nodes", " ".join(self.coordinator.members())),
+        ]
+        fields += stats.latency_fields()
+        return fields
+
+    def settings_stats(self) -> list[tuple[str, object]]:
+        """``stats settings``: memcached's names where they apply, then Kai's settings."""
+        fields: list[tuple[str, object]] = [
+            ("maxconns", self.info.max_connections),
+            ("item_size_max", self.info.max_item_size),
+            ("evictions", "off"),
+            ("cas_enabled", "yes"),
+            ("num_threads", 1),
+            ("udpport", 0),
+        ]
+        for name, value in self.info.settings.items():
+            if isinstance(value, list):
+                value = ",".join(str(item) for item in value) or "-"
+            elif isinstance(value, bool):
+                value = "yes" if value else "no"
+            fields.append((f"kai_{name}", value))
+        return fields
+
+
+def _quiet(noreply: bool, reply: bytes) -> bytes:
+    return b"" if noreply else reply
+
+
+def _noreply(request: object) -> bool:
+    return bool(getattr(request, "noreply", False))
