@@ -1,0 +1,1 @@
+"""Package kai.testing."""
