@@ -153,8 +153,8 @@ class Node:
                 self.name = coordinator.node_name = f"{rpc_address[0]}:{rpc_address[1]}"
                 self.executor.info = attrs.evolve(info, node=self.name)
             async with trio.open_nursery() as front:
-                listeners = await front.start(server.serve, config.listen.host, config.listen.port)
-                memcache_address = listeners[0].socket.getsockname()[:2]
+                addresses = await front.start(server.serve, config.listen.host, config.listen.port)
+                memcache_address = addresses[0]
                 logger.info(
                     "kai %s serving memcached on %s:%s, rpc on %s:%s (store %s, actor %s)",
                     __version__,
