@@ -11,29 +11,50 @@ import abc
 import time
 from collections.abc import Callable, Sequence
 
-import attrs
-
 from kai.replica import LocalReplica, Payload
 from kai.vclock import VClock
 from kai.versions import SiblingSet, Version, cas_unique, context_of
 
 
-@attrs.frozen(slots=True)
 class ReadResult:
-    """What a read found for one key: every sibling, and the causal context to write with."""
+    """What a read found for one key: every sibling, and the causal context to write with.
 
-    siblings: SiblingSet
-    context: VClock
+    The context is computed on first use: a plain ``get`` never needs it.
+    """
+
+    __slots__ = ("_context", "siblings")
+
+    def __init__(self, siblings: SiblingSet, context: VClock | None = None) -> None:
+        self.siblings = siblings
+        self._context = context
 
     @classmethod
     def of(cls, siblings: SiblingSet) -> ReadResult:
-        """Wrap a sibling set, computing its context."""
-        return cls(siblings, context_of(siblings))
+        """Wrap a sibling set."""
+        return cls(siblings)
+
+    @property
+    def context(self) -> VClock:
+        """The merged clock of every sibling read."""
+        if self._context is None:
+            self._context = context_of(self.siblings)
+        return self._context
 
     @property
     def cas_unique(self) -> int:
         """memcached's cas token for this read."""
         return cas_unique(self.context)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ReadResult):
+            return NotImplemented
+        return self.siblings == other.siblings
+
+    def __hash__(self) -> int:
+        return hash(self.siblings)
+
+    def __repr__(self) -> str:
+        return f"ReadResult({self.siblings!r})"
 
 
 class Coordinator(abc.ABC):

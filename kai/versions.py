@@ -144,8 +144,10 @@ def cas_unique(context: VClock) -> int:
     return int.from_bytes(hasher.digest(), "big") or 1
 
 
-def newest(siblings: Iterable[Version]) -> Version | None:
+def newest(siblings: Sequence[Version]) -> Version | None:
     """The newest version by (timestamp, actor), tombstones included."""
+    if len(siblings) == 1:
+        return siblings[0]  # the common case: no concurrent versions
     return max(siblings, key=Version.sort_key, default=None)
 
 
@@ -208,7 +210,7 @@ def encode_siblings(siblings: SiblingSet) -> bytes:
     """Serialise a sibling set as one storage record (msgpack behind a format byte)."""
     payload = [
         [
-            [list(entry) for entry in version.clock.entries],
+            version.clock.entries,
             version.timestamp,
             version.actor,
             version.flags,
@@ -230,16 +232,13 @@ def decode_siblings(record: bytes) -> SiblingSet:
     if not record or record[0] != RECORD_FORMAT:
         raise ValueError("unknown record format")
     payload = msgpack.unpackb(record[1:], raw=False, use_list=False)
+    # With use_list=False the clock entries already are (actor, counter, timestamp) tuples,
+    # written sorted by encode_siblings: use them as they are.
     return tuple(
-        Version(
-            VClock._trusted(tuple((a, c, t) for a, c, t in entries)),
-            timestamp,
-            actor,
-            flags,
-            expiry,
-            value,
-        )
-        for entries, timestamp, actor, flags, expiry, value in payload
+        [
+            Version(VClock._trusted(entries), timestamp, actor, flags, expiry, value)
+            for entries, timestamp, actor, flags, expiry, value in payload
+        ]
     )
 
 
