@@ -1,0 +1,80 @@
+"""Per-request CPU cost of kai's own code, without sockets: parse + execute on LevelDB.
+
+Run: .venv/bin/python bench/hotpath.py [--ops N] [--profile]
+Reports microseconds per get and per set so optimisations can be compared before/after
+without the noise of the network path or other processes' load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+from kai.coordinator import LocalCoordinator
+from kai.memcache import protocol as mc
+from kai.memcache.commands import CommandExecutor, NodeInfo
+from kai.replica import LocalReplica
+from kai.stats import NodeStats
+from kai.storage.leveldb import LevelDBEngine
+
+
+async def run(ops: int, data_dir: Path) -> dict[str, float]:
+    engine = LevelDBEngine(data_dir / "db")
+    stats = NodeStats()
+    replica = LocalReplica(engine, actor=b"12345678", buckets=1024, stats=stats)
+    coordinator = LocalCoordinator(replica, node_name="127.0.0.1:11011")
+    info = NodeInfo(
+        node="127.0.0.1:11011",
+        quorum="1,1,1",
+        buckets=1024,
+        virtual_nodes=128,
+        store="leveldb",
+        max_connections=1024,
+        max_item_size=1 << 20,
+        settings={},
+    )
+    executor = CommandExecutor(coordinator, stats, info)
+    value = b"v" * 100
+    keys = [b"key:%028d" % i for i in range(10_000)]
+    sets = [b"set %s 0 0 100\r\n%s\r\n" % (k, value) for k in keys]
+    gets = [b"get %s\r\n" % k for k in keys]
+    results = {}
+    for label, requests in (("set", sets), ("get", gets)):
+        parser = mc.MemcacheParser()
+        started = time.perf_counter()
+        for i in range(ops):
+            parser.receive_data(requests[i % len(requests)])
+            event = parser.next_event()
+            assert not isinstance(event, type)
+            reply = await executor.execute(event)
+            assert reply
+        results[label] = (time.perf_counter() - started) / ops * 1e6
+    engine.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--ops", type=int, default=50_000)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.profile:
+            profiler = cProfile.Profile()
+            profiler.enable()
+        results = trio.run(run, args.ops, Path(tmp))
+        if args.profile:
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+    for label, micros in results.items():
+        print(f"{label}: {micros:.1f} us/op")
+
+
+if __name__ == "__main__":
+    main()
