@@ -1,0 +1,285 @@
+"""Compare one kai node with a real ``memcached -t 1`` under the same load, in one command.
+
+For each server in turn it starts the server on free loopback ports (kai gets a fresh temporary
+data directory), runs ``loadgen.py`` with the same configuration for each workload (read-heavy:
+90% get; write-heavy: 10% get), optionally cross-checks with ``memcaslap``, and stops the
+server. It prints a markdown table with kai/memcached ratios and writes JSON under
+``bench/results/``. Servers and temporary directories are always cleaned up.
+
+Example::
+
+    python bench/single_node.py                  # both servers, ~75 s
+    python bench/single_node.py --only kai --duration 5 --connections 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from _common import format_count, format_ms, markdown_table
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+sys.path.insert(0, str(REPO_DIR))
+
+from kai.testing.process import (  # noqa: E402  (needs the repository on sys.path)
+    KaiProcess,
+    MemcachedProcess,
+    ServerProcess,
+    free_port,
+    memcache_version,
+)
+
+WORKLOADS = (("read-heavy", 0.9), ("write-heavy", 0.1))
+SERVERS = ("memcached", "bare-trio", "kai")
+MEMCASLAP_CONFIG = "key\n32 32 1\nvalue\n100 100 1\ncmd\n0 0.1\n1 0.9\n"
+MEMCASLAP_TPS = re.compile(rb"Run time: ([\d.]+)s Ops: (\d+) TPS: (\d+)")
+README_START = "<!-- single_node results start -->"
+README_END = "<!-- single_node results end -->"
+
+
+def start_server(name: str, scratch: Path, kai_args: Sequence[str]) -> ServerProcess:
+    """Start memcached or a kai node on free loopback ports; the caller stops it."""
+    server: ServerProcess
+    if name == "memcached":
+        server = MemcachedProcess(port=free_port(), threads=1)
+    elif name == "bare-trio":
+        port = free_port()
+        argv = [sys.executable, str(BENCH_DIR / "bare_trio.py"), str(port)]
+        server = ServerProcess(argv, host="127.0.0.1", port=port)
+    else:
+        data_dir = Path(tempfile.mkdtemp(prefix="kai-node-", dir=scratch))
+        server = KaiProcess(data_dir, port=free_port(), extra_args=kai_args)
+    server.start()
+    return server
+
+
+def run_loadgen(
+    port: int, get_ratio: float, args: argparse.Namespace, scratch: Path
+) -> dict[str, Any]:
+    """One loadgen run (with preload); its JSON result, or an ``error`` entry."""
+    output = scratch / f"loadgen-{port}-{get_ratio}.json"
+    command = [
+        sys.executable,
+        str(BENCH_DIR / "loadgen.py"),
+        f"--servers=127.0.0.1:{port}",
+        f"--connections={args.connections}",
+        f"--processes={args.processes}",
+        f"--pipeline={args.pipeline}",
+        f"--get-ratio={get_ratio}",
+        f"--keys={args.keys}",
+        "--key-size=32",
+        f"--value-size={args.value_size}",
+        f"--warmup={args.warmup}",
+        f"--duration={args.duration}",
+        "--preload",
+        f"--json={output}",
+    ]
+    print("$", " ".join(command[1:]), flush=True)
+    timeout = args.warmup + args.duration + 120
+    try:
+        completed = subprocess.run(command, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"loadgen did not finish in {timeout} s"}
+    if not output.exists():
+        return {"error": f"loadgen exited with {completed.returncode} and wrote no result"}
+    result: dict[str, Any] = json.loads(output.read_text())
+    return result
+
+
+def run_memcaslap(port: int, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    """memcaslap with 32-byte keys, 100-byte values, get:set 9:1; its TPS line."""
+    config = scratch / "memcaslap.cnf"
+    config.write_text(MEMCASLAP_CONFIG)
+    duration = max(1, round(args.duration))
+    command = [
+        "memcaslap",
+        f"--servers=127.0.0.1:{port}",
+        "--threads=1",
+        f"--concurrency={args.connections}",
+        f"--time={duration}s",
+        f"--cfg_cmd={config}",
+    ]
+    print("$", " ".join(command), flush=True)
+    try:
+        completed = subprocess.run(
+            command, capture_output=True, timeout=duration + 60, check=False, cwd=scratch
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"memcaslap did not finish in {duration + 60} s"}
+    matches = MEMCASLAP_TPS.findall(completed.stdout)
+    if not matches:
+        tail = completed.stdout[-300:] + completed.stderr[-300:]
+        return {"error": f"no TPS line from memcaslap: {tail!r}"}
+    seconds, ops, tps = matches[-1]
+    print(f"memcaslap: {int(tps):,} ops/s", flush=True)
+    return {"seconds": float(seconds), "ops": int(ops), "ops_per_sec": int(tps)}
+
+
+def measure_server(name: str, args: argparse.Namespace, scratch: Path) -> dict[str, dict[str, Any]]:
+    """All runs against one server, started fresh and always stopped."""
+    print(f"\n== {name} ==", flush=True)
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        server = start_server(name, scratch, args.kai_arg)
+    except (OSError, RuntimeError, TimeoutError) as error:
+        print(f"{name} did not start: {error}", file=sys.stderr)
+        return {"start": {"error": str(error)}}
+    try:
+        results["version"] = {"version": memcache_version(server.host, server.port)}
+        for workload, get_ratio in WORKLOADS:
+            results[workload] = run_loadgen(server.port, get_ratio, args, scratch)
+        if args.memcaslap and shutil.which("memcaslap"):
+            results["memcaslap"] = run_memcaslap(server.port, args, scratch)
+    finally:
+        exit_code = server.stop()
+        results["stop"] = {"exit_code": exit_code}
+        if isinstance(server, KaiProcess) and exit_code not in (0, None):
+            log_tail = server.log_text().splitlines()[-12:]
+            results["stop"]["log_tail"] = log_tail
+            print(f"kai exited with {exit_code}; end of its log:", file=sys.stderr)
+            print("\n".join(log_tail), file=sys.stderr)
+    return results
+
+
+def table_rows(results: dict[str, dict[str, dict[str, Any]]]) -> list[list[str]]:
+    """Markdown rows: one per server and workload, then the kai/memcached ratio."""
+    rows: list[list[str]] = []
+    labels = {
+        "memcached": "memcached -t 1",
+        "bare-trio": "bare trio dict server",
+        "kai": "kai (1 node)",
+    }
+    for workload, get_ratio in WORKLOADS:
+        title = f"{workload} ({get_ratio:.0%} get)"
+        found = {}
+        for server in SERVERS:
+            result = results.get(server, {}).get(workload)
+            if result is None:
+                continue
+            if "error" in result:
+                rows.append([title, "loadgen", labels[server], result["error"], "", "", "", ""])
+                continue
+            found[server] = result
+            latency = result["latency_ms"]
+            problems = result["error_count"] + result["get_misses"]
+            rows.append(
+                [title, "loadgen", labels[server], format_count(result["ops_per_sec"])]
+                + [format_ms(latency[key]) for key in ("p50", "p99", "p99.9")]
+                + [format_count(problems)]
+            )
+        for baseline in ("memcached", "bare-trio"):
+            if "kai" not in found or baseline not in found:
+                continue
+            kai, base = found["kai"], found[baseline]
+            ratio = [f"{kai['ops_per_sec'] / max(base['ops_per_sec'], 1e-9):.2f}x"]
+            ratio += [
+                f"{kai['latency_ms'][key] / max(base['latency_ms'][key], 1e-9):.1f}x"
+                for key in ("p50", "p99", "p99.9")
+            ]
+            rows.append([title, "loadgen", f"kai / {baseline}", *ratio, ""])
+    caslap = {
+        server: results[server]["memcaslap"]
+        for server in SERVERS
+        if "memcaslap" in results.get(server, {})
+    }
+    for server, result in caslap.items():
+        value = result.get("error") or format_count(result["ops_per_sec"])
+        rows.append(["get:set 9:1", "memcaslap", labels[server], value, "", "", "", ""])
+    if all("ops_per_sec" in caslap.get(server, {}) for server in ("kai", "memcached")):
+        ratio = caslap["kai"]["ops_per_sec"] / max(caslap["memcached"]["ops_per_sec"], 1)
+        rows.append(["get:set 9:1", "memcaslap", "kai / memcached", f"{ratio:.2f}x"] + [""] * 4)
+    return rows
+
+
+HEADER = ("workload", "tool", "server", "ops/s", "p50 ms", "p99 ms", "p99.9 ms", "misses+errors")
+
+
+def update_readme(table: str, summary: str) -> None:
+    """Replace the results block between the markers in bench/README.md."""
+    readme = BENCH_DIR / "README.md"
+    text = readme.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        print("README.md has no results markers; not updated", file=sys.stderr)
+        return
+    block = f"{README_START}\n{summary}\n\n{table}\n"
+    readme.write_text(text[:start] + block + text[end:])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Benchmark one kai node against memcached -t 1 with the same load.",
+        epilog="example: python bench/single_node.py --duration 5 --only kai",
+    )
+    add = parser.add_argument
+    add("--duration", type=float, default=10.0, help="measured seconds per run (10)")
+    add("--warmup", type=float, default=1.0, help="unmeasured seconds per run (1)")
+    add("--connections", type=int, default=16, help="client connections (16)")
+    add("--processes", type=int, default=1, help="loadgen worker processes (1)")
+    add("--pipeline", type=int, default=1, help="requests in flight per connection (1)")
+    add("--keys", type=int, default=10_000, help="distinct keys (10000)")
+    add("--value-size", type=int, default=100, help="value bytes (100)")
+    add("--only", choices=SERVERS, default=None, help="measure just one server")
+    add("--kai-arg", action="append", default=[], help="extra kai flag (repeatable)")
+    add("--no-memcaslap", dest="memcaslap", action="store_false", help="skip memcaslap")
+    add("--results-dir", type=Path, default=BENCH_DIR / "results", help="JSON output dir")
+    add("--update-readme", action="store_true", help="write the table into bench/README.md")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    servers = (args.only,) if args.only else SERVERS
+    load_before = os.getloadavg()[0]
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    scratch = Path(tempfile.mkdtemp(prefix="kai-bench-"))
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    try:
+        for name in servers:
+            results[name] = measure_server(name, args, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    table = markdown_table(HEADER, table_rows(results))
+    summary = (
+        f"{started}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+        f"{args.connections} connections, pipeline {args.pipeline}, "
+        f"{args.processes} loadgen process(es), {args.keys:,} keys, "
+        f"{args.value_size}-byte values, {args.duration:g} s per run; "
+        f"load average before: {load_before:.2f}"
+    )
+    print(f"\n{summary}\n\n{table}")
+    if load_before > 0.5:
+        print("note: the machine was busy before the run; expect noisy numbers")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    output = args.results_dir / f"single_node-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    document = {
+        "started": started,
+        "summary": summary,
+        "arguments": {key: str(value) for key, value in vars(args).items()},
+        "load_average_before": load_before,
+        "results": results,
+        "markdown": table,
+    }
+    output.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"wrote {output}")
+    if args.update_readme:
+        update_readme(table, summary)
+    failed = any("error" in run for server in results.values() for run in server.values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
