@@ -553,6 +553,11 @@ class MemcacheParser:
             data = data[dropped:]
         self._buffer += data
 
+    @property
+    def buffered(self) -> int:
+        """How many received bytes are waiting to be parsed (a partial request)."""
+        return len(self._buffer)
+
     def next_event(self) -> _Outcome:
         """Return the next request, an :class:`Invalid`, or a sentinel.
 

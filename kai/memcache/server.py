@@ -200,6 +200,11 @@ class MemcacheServer:
                 if pending:
                     await self._send(sock, pending)
                     pending, pending_size = [], 0
+                    if not parser.buffered:
+                        # A client that waited for these replies has sent nothing yet: wait
+                        # for it rather than paying for a receive that would find nothing.
+                        batches = 0
+                        await trio.lowlevel.wait_readable(sock)
                 batches += 1
                 if batches >= FAIR_SHARE:
                     batches = 0
