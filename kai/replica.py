@@ -114,8 +114,9 @@ class LocalReplica:
         partition = self.partition(key)
         record = self.engine.get(partition, key)
         stored = decode_siblings(record) if record is not None else ()
+        blind_overwrite = context is None and len(stored) <= 1
         if context is None:
-            context = context_of(stored)
+            context = stored[0].clock if len(stored) == 1 else context_of(stored)
         timestamp = self._timestamp()
         clock, pruned = next_clock(context, stored, self.actor, timestamp, self.clock_max_entries)
         if pruned:
@@ -123,7 +124,13 @@ class LocalReplica:
         version = Version(
             clock, timestamp, self.actor, payload.flags, payload.expiry, payload.value
         )
-        updated = apply_write(stored, version)
+        updated: SiblingSet | None
+        if blind_overwrite and not pruned:
+            # The common set: the new clock descends the only stored version (or there is
+            # none), so the write rule's result is just the new version.
+            updated = (version,)
+        else:
+            updated = apply_write(stored, version)
         # Our counter is past every stored one, so no stored version can dominate the new one.
         assert updated is not None
         self._store(partition, key, stored, updated)

@@ -1,0 +1,86 @@
+"""The local replica: write fast path equals the write rule, accounting, durable flushes."""
+
+from __future__ import annotations
+
+from hypothesis import given, strategies as st
+
+from kai.replica import LocalReplica, Payload
+from kai.stats import NodeStats
+from kai.storage.memory import MemoryEngine
+from kai.versions import Version, apply_write
+
+from .strategies import versions
+
+ACTOR = b"actor-a"
+
+
+def make_replica(engine: MemoryEngine | None = None, now: float = 1_700_000_000.0) -> LocalReplica:
+    return LocalReplica(
+        engine if engine is not None else MemoryEngine(),
+        actor=ACTOR,
+        buckets=1024,
+        stats=NodeStats(),
+        wall_clock=lambda: now,
+    )
+
+
+@given(st.lists(versions(), max_size=1), st.binary(max_size=8))
+def test_blind_overwrite_matches_the_write_rule(stored: list[Version], value: bytes) -> None:
+    replica = make_replica()
+    if stored:
+        assert replica.apply(b"k", tuple(stored))
+    before = replica.read(b"k")
+    written = replica.coordinate_write(b"k", Payload(1, 0, value), None)
+    assert replica.read(b"k") == apply_write(before, written) == (written,)
+    assert all(written.clock.descends(version.clock) for version in before)
+
+
+@given(st.lists(versions(), min_size=1, max_size=4))
+def test_every_write_supersedes_what_it_knew(stored: list[Version]) -> None:
+    replica = make_replica()
+    for version in stored:
+        replica.apply(b"k", (version,))
+    before = replica.read(b"k")
+    written = replica.coordinate_write(b"k", Payload(0, 0, b"v"), None)
+    assert replica.read(b"k") == (written,)
+    assert all(written.clock.descends(version.clock) for version in before)
+
+
+def test_stale_replication_is_dropped_and_reported() -> None:
+    replica = make_replica()
+    first = replica.coordinate_write(b"k", Payload(0, 0, b"1"), None)
+    second = replica.coordinate_write(b"k", Payload(0, 0, b"2"), None)
+    assert replica.apply(b"k", (first,)) is False
+    assert replica.read(b"k") == (second,)
+
+
+def test_item_accounting_follows_writes_and_a_recount() -> None:
+    engine = MemoryEngine()
+    replica = make_replica(engine)
+    replica.coordinate_write(b"a", Payload(0, 0, b"xyz"), None)
+    replica.coordinate_write(b"b", Payload(0, 0, b"12"), None)
+    replica.coordinate_write(b"a", Payload(0, 0, b"x"), None)
+    replica.coordinate_write(b"b", Payload(), None)  # delete
+    assert (replica.items, replica.item_bytes) == (1, 1)
+    fresh = make_replica(engine)
+    fresh.count_items()
+    assert (fresh.items, fresh.item_bytes) == (1, 1)
+
+
+def test_flush_times_survive_a_restart() -> None:
+    engine = MemoryEngine()
+    now = 1_700_000_000.0
+    replica = make_replica(engine, now)
+    replica.flush(int((now + 60) * 1_000_000))
+    restarted = make_replica(engine, now)
+    assert restarted.flushed_before(now) == 0
+    assert restarted.flushed_before(now + 60) == int((now + 60) * 1_000_000)
+
+
+def test_writes_after_an_immediate_flush_survive_it() -> None:
+    replica = make_replica()
+    now_us = 1_700_000_000 * 1_000_000
+    replica.flush(now_us)
+    written = replica.coordinate_write(b"k", Payload(0, 0, b"v"), None)
+    assert written.timestamp > now_us
+    assert written.is_live(1_700_000_000.0, replica.flushed_before(1_700_000_000.0))
