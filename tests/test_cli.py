@@ -1,0 +1,78 @@
+"""The command lines are documented: every flag and subcommand has help and an example."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from kai.__main__ import build_parser as build_kai_parser
+from kai.admin.__main__ import COMMANDS, build_parser as build_admin_parser, main as admin_main
+
+
+def _help_text(parser: argparse.ArgumentParser) -> str:
+    return parser.format_help()
+
+
+def test_every_kai_flag_has_help() -> None:
+    parser = build_kai_parser()
+    for action in parser._actions:
+        if action.option_strings:
+            assert action.help, f"{action.option_strings} has no help"
+    text = _help_text(parser)
+    for flag in (
+        "--config",
+        "--data-dir",
+        "--listen",
+        "--rpc",
+        "--seed",
+        "--quorum",
+        "--secret-file",
+        "--log-level",
+    ):
+        assert flag in text
+    assert "examples:" in text
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_admin_subcommand_has_help_and_an_example(command: str) -> None:
+    parser = build_admin_parser()
+    subparsers = next(
+        action for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+    )
+    sub = subparsers.choices[command]
+    text = sub.format_help()
+    assert "example:" in text
+    assert "kai-admin" in text.split("example:")[1]
+    help_text, example, _method = COMMANDS[command]
+    assert help_text
+    assert command in example
+
+
+def test_admin_flags_have_help() -> None:
+    parser = build_admin_parser()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{action.option_strings} has no help"
+
+
+def test_unavailable_membership_commands_say_so(capsys: pytest.CaptureFixture[str]) -> None:
+    assert admin_main(["join", "127.0.0.1:11011"]) == 2
+    assert "not available" in capsys.readouterr().err
+
+
+def test_admin_reports_a_missing_secret(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.secret"
+    assert admin_main(["--secret-file", str(missing), "status"]) == 1
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_kai_rejects_a_bad_config_naming_the_key(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kai.__main__ import main as kai_main
+
+    config = tmp_path / "kai.toml"
+    config.write_text("colour = 'blue'\n")
+    assert kai_main(["--config", str(config)]) == 2
+    assert "colour" in capsys.readouterr().err
