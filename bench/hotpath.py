@@ -24,10 +24,12 @@ from kai.stats import NodeStats
 from kai.storage.leveldb import LevelDBEngine
 
 
-async def run(ops: int, data_dir: Path) -> dict[str, float]:
+async def run(ops: int, data_dir: Path, cache_bytes: int) -> dict[str, float]:
     engine = LevelDBEngine(data_dir / "db")
     stats = NodeStats()
-    replica = LocalReplica(engine, actor=b"12345678", buckets=1024, stats=stats)
+    replica = LocalReplica(
+        engine, actor=b"12345678", buckets=1024, stats=stats, cache_bytes=cache_bytes
+    )
     coordinator = LocalCoordinator(replica, node_name="127.0.0.1:11011")
     info = NodeInfo(
         node="127.0.0.1:11011",
@@ -63,12 +65,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ops", type=int, default=50_000)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--cache-size", type=int, default=64 << 20, help="replica cache bytes (0 disables)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.profile:
             profiler = cProfile.Profile()
             profiler.enable()
-        results = trio.run(run, args.ops, Path(tmp))
+        results = trio.run(run, args.ops, Path(tmp), args.cache_size)
         if args.profile:
             profiler.disable()
             pstats.Stats(profiler).sort_stats("tottime").print_stats(20)

@@ -97,6 +97,7 @@ class Config:
     virtual_nodes: int = 128
     store: StoreKind = "leveldb"
     sync_writes: bool = False
+    cache_size: int = 64 * 1024 * 1024
     max_connections: int = 1024
     max_item_size: int = 1024 * 1024
     request_timeout: int = 5000
@@ -117,6 +118,7 @@ class Config:
             raise ConfigError(f"buckets: at most 65536, got {self.buckets}")
         _check_range("virtual_nodes", self.virtual_nodes, 1, 65535)
         _check_range("max_connections", self.max_connections, 1, 1_000_000)
+        _check_range("cache_size", self.cache_size, 0, 1 << 40)
         _check_range("max_item_size", self.max_item_size, 1024, 1024 * 1024 * 1024)
         _check_range("request_timeout", self.request_timeout, 1, 3_600_000)
         _check_range("membership_interval", self.membership_interval, 10, 3_600_000)
@@ -155,6 +157,7 @@ class Config:
             "virtual_nodes": self.virtual_nodes,
             "store": self.store,
             "sync_writes": self.sync_writes,
+            "cache_size": self.cache_size,
             "max_connections": self.max_connections,
             "max_item_size": self.max_item_size,
             "request_timeout": self.request_timeout,
@@ -266,6 +269,7 @@ _SETTINGS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "number_of_virtual_nodes": ("virtual_nodes", _integer),
     "store": ("store", _choice("leveldb", "memory")),
     "sync_writes": ("sync_writes", _boolean),
+    "cache_size": ("cache_size", _integer),
     "max_connections": ("max_connections", _integer),
     "max_item_size": ("max_item_size", _integer),
     "request_timeout": ("request_timeout", _integer),

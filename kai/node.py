@@ -106,6 +106,7 @@ class Node:
             clock_max_entries=config.clock_max_entries,
             siblings_warning_threshold=config.siblings_warning_threshold,
             siblings_maximum=config.siblings_maximum,
+            cache_bytes=config.cache_size,
         )
         started = time.monotonic()
         await trio.to_thread.run_sync(replica.count_items)
@@ -133,6 +134,12 @@ class Node:
             self.stats,
             info,
             item_counts=lambda: (replica.items, replica.item_bytes),
+            extra_stats=lambda: [
+                ("kai_cache_bytes", replica.cache.size),
+                ("kai_cache_entries", len(replica.cache)),
+                ("kai_cache_hits", replica.cache.hits),
+                ("kai_cache_misses", replica.cache.misses),
+            ],
             all_siblings=config.siblings == "all",
         )
         server = MemcacheServer(

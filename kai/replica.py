@@ -47,6 +47,60 @@ class Payload:
     value: bytes | None = None
 
 
+class SiblingCache:
+    """A bounded cache of decoded sibling sets, evicting the oldest inserted entries first.
+
+    The budget counts value bytes plus a fixed overhead per version, so a few huge values
+    cannot hold unbounded memory. Absent keys are cached too (as empty sets), so repeated
+    misses skip storage as well.
+    """
+
+    #: Bytes charged per cached key and per version besides the value itself.
+    OVERHEAD = 256
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.size = 0
+        self.hits = 0
+        self.misses = 0
+        self._entries: dict[bytes, tuple[SiblingSet, int]] = {}
+
+    def _cost(self, key: bytes, siblings: SiblingSet) -> int:
+        cost = self.OVERHEAD + len(key)
+        for version in siblings:
+            cost += self.OVERHEAD + (len(version.value) if version.value is not None else 0)
+        return cost
+
+    def get(self, key: bytes) -> SiblingSet | None:
+        """The cached sibling set, or None when the key is not cached."""
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return entry[0]
+
+    def put(self, key: bytes, siblings: SiblingSet) -> None:
+        """Cache (or replace) ``key``'s sibling set, evicting old entries to fit."""
+        if not self.budget:
+            return
+        entries = self._entries
+        previous = entries.pop(key, None)
+        if previous is not None:
+            self.size -= previous[1]
+        cost = self._cost(key, siblings)
+        if cost > self.budget // 4:
+            return  # one entry may not take over the cache
+        while self.size + cost > self.budget and entries:
+            oldest = next(iter(entries))  # dicts keep insertion order
+            self.size -= entries.pop(oldest)[1]
+        entries[key] = (siblings, cost)
+        self.size += cost
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class LocalReplica:
     """Reads and writes this node's sibling sets.
 
@@ -58,7 +112,11 @@ class LocalReplica:
         clock_max_entries: prune clocks beyond this many entries.
         siblings_warning_threshold: log a warning when a key has more siblings than this.
         siblings_maximum: refuse writes that would leave more siblings than this.
+        cache_bytes: budget of the cache of decoded sibling sets (values' bytes); 0 disables.
         wall_clock: unix time in seconds (injectable for tests).
+
+    Every read and write of data records must go through this class: it keeps a
+    write-through cache of recently used keys in front of the engine.
     """
 
     def __init__(
@@ -71,6 +129,7 @@ class LocalReplica:
         clock_max_entries: int = 10,
         siblings_warning_threshold: int = 25,
         siblings_maximum: int = 100,
+        cache_bytes: int = 0,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.engine = engine
@@ -81,6 +140,7 @@ class LocalReplica:
         self.siblings_warning_threshold = siblings_warning_threshold
         self.siblings_maximum = siblings_maximum
         self.wall_clock = wall_clock
+        self.cache = SiblingCache(cache_bytes)
         self.items = 0
         self.item_bytes = 0
         self._last_timestamp = 0
@@ -94,8 +154,19 @@ class LocalReplica:
 
     def read(self, key: bytes) -> SiblingSet:
         """The stored sibling set of ``key`` (empty when absent)."""
-        record = self.engine.get(self.partition(key), key)
-        return decode_siblings(record) if record is not None else ()
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        return self._load(self.partition(key), key)
+
+    def _load(self, partition: int, key: bytes) -> SiblingSet:
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        record = self.engine.get(partition, key)
+        siblings = decode_siblings(record) if record is not None else ()
+        self.cache.put(key, siblings)
+        return siblings
 
     # --- writes -------------------------------------------------------------------------------
 
@@ -112,8 +183,7 @@ class LocalReplica:
             TooManySiblings: the write would leave more than ``siblings_maximum`` versions.
         """
         partition = self.partition(key)
-        record = self.engine.get(partition, key)
-        stored = decode_siblings(record) if record is not None else ()
+        stored = self._load(partition, key)
         blind_overwrite = context is None and len(stored) <= 1
         if context is None:
             context = stored[0].clock if len(stored) == 1 else context_of(stored)
@@ -124,13 +194,10 @@ class LocalReplica:
         version = Version(
             clock, timestamp, self.actor, payload.flags, payload.expiry, payload.value
         )
-        updated: SiblingSet | None
-        if blind_overwrite and not pruned:
-            # The common set: the new clock descends the only stored version (or there is
-            # none), so the write rule's result is just the new version.
-            updated = (version,)
-        else:
-            updated = apply_write(stored, version)
+        # The common set: the new clock descends the only stored version (or there is none),
+        # so the write rule's result is just the new version.
+        fast = blind_overwrite and not pruned
+        updated = (version,) if fast else apply_write(stored, version)
         # Our counter is past every stored one, so no stored version can dominate the new one.
         assert updated is not None
         self._store(partition, key, stored, updated)
@@ -143,8 +210,7 @@ class LocalReplica:
             TooManySiblings: the merge would leave more than ``siblings_maximum`` versions.
         """
         partition = self.partition(key)
-        record = self.engine.get(partition, key)
-        stored = decode_siblings(record) if record is not None else ()
+        stored = self._load(partition, key)
         merged = stored
         for version in incoming:
             updated = apply_write(merged, version)
@@ -166,6 +232,7 @@ class LocalReplica:
             self.stats.kai_sibling_warnings += 1
             logger.warning("key %r has %d siblings", key, len(new))
         self.engine.put(partition, key, encode_siblings(new))
+        self.cache.put(key, new)
         self._count(old, -1)
         self._count(new, +1)
         self.stats.total_items += 1

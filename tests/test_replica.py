@@ -84,3 +84,33 @@ def test_writes_after_an_immediate_flush_survive_it() -> None:
     written = replica.coordinate_write(b"k", Payload(0, 0, b"v"), None)
     assert written.timestamp > now_us
     assert written.is_live(1_700_000_000.0, replica.flushed_before(1_700_000_000.0))
+
+
+def test_cache_is_write_through_and_bounded() -> None:
+    engine = MemoryEngine()
+    replica = LocalReplica(engine, actor=ACTOR, buckets=1024, stats=NodeStats(), cache_bytes=4096)
+    replica.coordinate_write(b"k", Payload(0, 0, b"one"), None)
+    assert replica.read(b"k")[0].value == b"one"
+    replica.coordinate_write(b"k", Payload(0, 0, b"two"), None)
+    assert replica.read(b"k")[0].value == b"two"  # the write replaced the cached entry
+    hits = replica.cache.hits
+    replica.read(b"k")
+    assert replica.cache.hits == hits + 1
+    for i in range(100):  # far more than 4 KiB of entries
+        replica.coordinate_write(b"key%d" % i, Payload(0, 0, b"x" * 50), None)
+    assert replica.cache.size <= 4096
+    assert 0 < len(replica.cache) < 100
+    # Evicted keys are read back from the engine, unchanged.
+    assert replica.read(b"key0")[0].value == b"x" * 50
+    uncached = LocalReplica(engine, actor=ACTOR, buckets=1024, stats=NodeStats())
+    for i in range(100):
+        assert replica.read(b"key%d" % i) == uncached.read(b"key%d" % i)
+
+
+def test_an_oversized_entry_is_not_cached() -> None:
+    replica = LocalReplica(
+        MemoryEngine(), actor=ACTOR, buckets=1024, stats=NodeStats(), cache_bytes=4096
+    )
+    replica.coordinate_write(b"big", Payload(0, 0, b"x" * 2000), None)
+    assert len(replica.cache) == 0
+    assert replica.read(b"big")[0].value == b"x" * 2000

@@ -25,7 +25,7 @@ from kai.errors import CoordinatorError, TooManySiblings
 from kai.memcache import protocol as mc
 from kai.replica import Payload
 from kai.stats import NodeStats
-from kai.versions import Version, absolute_expiry, visible
+from kai.versions import Version, absolute_expiry, newest, visible
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class CommandExecutor:
         stats: counters to update.
         info: static node facts for ``stats``.
         item_counts: returns (items, bytes) for ``curr_items`` / ``bytes``.
+        extra_stats: more ``stats`` fields from other parts of the node (storage, cache).
         all_siblings: return every live sibling (``siblings = "all"``) instead of the newest.
         wall_clock: unix time in seconds (injectable for tests).
     """
@@ -109,6 +110,7 @@ class CommandExecutor:
         info: NodeInfo,
         *,
         item_counts: Callable[[], tuple[int, int]] = lambda: (0, 0),
+        extra_stats: Callable[[], list[tuple[str, object]]] = list,
         all_siblings: bool = False,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -116,6 +118,7 @@ class CommandExecutor:
         self.stats = stats
         self.info = info
         self.item_counts = item_counts
+        self.extra_stats = extra_stats
         self.all_siblings = all_siblings
         self.wall_clock = wall_clock
         self.locks = KeyLocks()
@@ -181,6 +184,29 @@ class CommandExecutor:
 
     async def _get(self, keys: Sequence[bytes], with_cas: bool) -> bytes:
         started = time.perf_counter()
+        if len(keys) == 1 and not self.all_siblings:
+            # The most common request of all: one key, newest-version view.
+            key = keys[0]
+            result = await self.coordinator.get(key)
+            stats = self.stats
+            stats.cmd_get += 1
+            siblings = result.siblings
+            now = self.wall_clock()
+            flushed_before = self.coordinator.flushed_before(now)
+            latest = siblings[0] if len(siblings) == 1 else newest(siblings)
+            if latest is None or not latest.is_live(now, flushed_before):
+                stats.get_misses += 1
+                self._count_miss(result, now, flushed_before)
+                reply = mc.END
+            else:
+                stats.get_hits += 1
+                if len(siblings) > 1:
+                    stats.kai_unreconciled_get += 1
+                assert latest.value is not None
+                cas = result.cas_unique if with_cas else None
+                reply = mc.encode_value(key, latest.flags, latest.value, cas) + mc.END
+            stats.get_latency.record(time.perf_counter() - started)
+            return reply
         results = await self.coordinator.get_many(keys)
         now = self.wall_clock()
         flushed_before = self.coordinator.flushed_before(now)
@@ -408,6 +434,7 @@ class CommandExecutor:
             ("kai_curr_nodes", " ".join(self.coordinator.members())),
         ]
         fields += stats.latency_fields()
+        fields += self.extra_stats()
         return fields
 
     def settings_stats(self) -> list[tuple[str, object]]:
