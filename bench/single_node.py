@@ -164,7 +164,7 @@ def run_memcaslap(port: int, args: argparse.Namespace, scratch: Path) -> dict[st
                 f"{executed:,} gets and sets (it refused memcaslap's control-byte keys)"
             )
             print(f"memcaslap: {error}", flush=True)
-            return {"error": error, **result}
+            return {"error": error, "claimed_ops": int(ops), "server_executed": executed}
     print(f"memcaslap: {int(tps):,} ops/s", flush=True)
     return result
 
