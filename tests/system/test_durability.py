@@ -123,28 +123,31 @@ def test_acknowledged_writes_survive_kill_9(kai: KaiProcess) -> None:
         assert_serving(revived.port)
 
 
-def terminate(kai: KaiProcess, *, timeout: float = 8.0) -> tuple[int, float]:
-    """SIGTERM the node with an idle client connected; (exit code, seconds it took)."""
+def terminate(
+    kai: KaiProcess, *, signum: int = signal.SIGTERM, timeout: float = 8.0
+) -> tuple[int, float]:
+    """Signal the node with an idle client connected; (exit code, seconds it took)."""
     idle = make_client(kai.port)  # an idle client must not hold the shutdown up
     try:
         assert idle.version().startswith(b"1.6")
         started = time.monotonic()
-        kai.signal(signal.SIGTERM)
+        kai.signal(signum)
         assert kai.process is not None
         try:
             exit_code = kai.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"kai did not exit within {timeout} s of SIGTERM:\n{kai.log_text()}")
+            pytest.fail(f"kai did not exit within {timeout} s of {signum}:\n{kai.log_text()}")
         return exit_code, time.monotonic() - started
     finally:
         idle.close()
 
 
-def test_sigterm_exits_zero_and_logs_the_shutdown(kai: KaiProcess) -> None:
-    exit_code, elapsed = terminate(kai)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_exits_zero_and_logs_the_shutdown(kai: KaiProcess, signum: int) -> None:
+    exit_code, elapsed = terminate(kai, signum=signum)
     log = kai.log_text()
     assert elapsed < 8
-    assert "received SIGTERM" in log, log
+    assert f"received {signal.Signals(signum).name}" in log, log
     assert "shutting down" in log, log
     assert "storage closed" in log, log
     assert "Traceback" not in log, log
