@@ -9,6 +9,7 @@ import pytest
 
 PURE_MODULES = [
     "kai.ring",
+    "kai.membership.view",
     "kai.vclock",
     "kai.versions",
     "kai.config",

@@ -1,0 +1,1 @@
+"""Cluster membership: the gossiped view and the local failure detector."""

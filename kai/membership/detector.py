@@ -1,0 +1,109 @@
+"""Local failure detection: which peers this node currently believes are down.
+
+The coordinator asks :meth:`FailureDetector.is_up` to skip unreachable primaries (sloppy
+quorum, hinted handoff), and gossip feeds it the outcome of every exchange. A single failed
+call marks a peer down and a single success marks it up again; down peers are pinged by
+:meth:`FailureDetector.probe_down_nodes` so they are noticed when they come back.
+
+This view is local and never gossiped. It must never change the membership view or the
+ring: a down node stays a member (Kai evicted a node after one failed ping; DESIGN §8).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+
+from kai.errors import RpcError
+from kai.ring import NodeId
+from kai.transport import Transport
+
+logger = logging.getLogger(__name__)
+
+
+class FailureDetector:
+    """Tracks, per peer, whether the last call to it succeeded.
+
+    Args:
+        clock: Returns the current time in seconds; used to say in the log how long a node
+            was down. Defaults to trio's clock, so it must then be used inside ``trio.run``.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = trio.current_time) -> None:
+        self._clock = clock
+        #: Per known node: whether it is up, and when that last changed.
+        self._states: dict[NodeId, tuple[bool, float]] = {}
+        self._transitions = 0
+
+    def is_up(self, node: NodeId) -> bool:
+        """Whether ``node`` is believed reachable; nodes never called are up."""
+        state = self._states.get(node)
+        return state is None or state[0]
+
+    def record_success(self, node: NodeId) -> None:
+        """Note that a call to ``node`` succeeded: it is up from now on."""
+        self._record(node, up=True)
+
+    def record_failure(self, node: NodeId) -> None:
+        """Note that a call to ``node`` failed or timed out: it is down from now on."""
+        self._record(node, up=False)
+
+    def down_nodes(self) -> list[NodeId]:
+        """The nodes currently believed down, sorted."""
+        return sorted(node for node, (up, _) in self._states.items() if not up)
+
+    def statuses(self) -> dict[NodeId, bool]:
+        """Every node seen so far, mapped to whether it is up."""
+        return {node: up for node, (up, _) in sorted(self._states.items())}
+
+    def transitions(self) -> int:
+        """How many times a node went from up to down or back (for stats)."""
+        return self._transitions
+
+    # A timeout parameter rather than the caller's cancel scope: the probe must end quietly
+    # with the slow nodes still down, not raise TooSlowError into the gossip loop.
+    async def probe_down_nodes(self, transport: Transport, *, timeout: float) -> None:  # noqa: ASYNC109
+        """Ping every down node at once; the ones that answer within ``timeout`` are up.
+
+        Args:
+            transport: How to reach the nodes.
+            timeout: Seconds to wait for all pings; nodes that have not answered by then
+                stay down. The call returns after at most ``timeout`` seconds.
+        """
+        down = self.down_nodes()
+        if not down:
+            return
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                for node in down:
+                    nursery.start_soon(self._ping, transport, node)
+
+    async def _ping(self, transport: Transport, node: NodeId) -> None:
+        try:
+            await transport.call(node, "ping")
+        except RpcError as exc:
+            logger.debug("%s is still down: %s", node, exc)
+            self.record_failure(node)
+        else:
+            self.record_success(node)
+
+    def _record(self, node: NodeId, *, up: bool) -> None:
+        now = self._clock()
+        state = self._states.get(node)
+        if state is None:
+            self._states[node] = (up, now)
+            if not up:
+                self._transitions += 1
+                logger.info("%s is down", node)
+            return
+        was_up, since = state
+        if was_up == up:
+            return
+        self._states[node] = (up, now)
+        self._transitions += 1
+        if up:
+            logger.info("%s is up again after %.1f s down", node, now - since)
+        else:
+            logger.info("%s is down", node)

@@ -1,0 +1,276 @@
+"""The cluster membership view: who is in the cluster, as a join-semilattice (pure).
+
+A view lists every node the cluster has ever been told about, each with a status
+(``joining``, ``valid``, ``leaving`` or ``left``) and a version that grows with every status
+change, plus the times of cluster-wide ``flush_all`` commands. Views from different nodes are
+combined with :meth:`MembershipView.merge`, which is commutative, associative and idempotent,
+so gossip converges whatever order views arrive in and however often they are repeated
+(DESIGN §8).
+
+This module must never do I/O, read a clock or import trio: it is the pure core that the
+gossip loop (``kai.membership.gossip``) wraps. It must never drop a node because it is
+unreachable; failure detection is separate (``kai.membership.detector``) and a node leaves
+the view only by an explicit status change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Final, Literal, TypeGuard, get_args
+
+import attrs
+
+from kai.ring import NodeId
+
+#: A member's place in the cluster's life cycle, in the order statuses normally follow.
+Status = Literal["joining", "valid", "leaving", "left"]
+
+#: Every status, in life-cycle order; on a version tie the later status wins a merge.
+STATUSES: Final[tuple[Status, ...]] = get_args(Status)
+
+#: Statuses whose nodes are on the ring (everything except ``left``).
+RING_STATUSES: Final[frozenset[Status]] = frozenset({"joining", "valid", "leaving"})
+
+#: How many cluster-wide flush times a view keeps (the latest ones).
+MAX_FLUSH_TIMES: Final = 16
+
+_STATUS_RANK: Final[dict[str, int]] = {status: rank for rank, status in enumerate(STATUSES)}
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_status(_instance: object, _attribute: object, status: object) -> None:
+    if status not in _STATUS_RANK:
+        raise ValueError(f"member status must be one of {', '.join(STATUSES)}, not {status!r}")
+
+
+def _check_version(_instance: object, _attribute: object, version: int) -> None:
+    if not _is_int(version) or version < 1:
+        raise ValueError(f"member version must be an integer >= 1, not {version!r}")
+
+
+@attrs.frozen(slots=True)
+class Member:
+    """One node's entry in the membership view.
+
+    Attributes:
+        node: The node, by its RPC address.
+        status: Where the node is in its life cycle.
+        version: How many status changes the entry has seen; at least 1. The entry with the
+            higher version wins a merge.
+
+    Raises:
+        ValueError: If the status is unknown or the version is not an integer >= 1.
+    """
+
+    node: NodeId = attrs.field(validator=attrs.validators.instance_of(NodeId))
+    status: Status = attrs.field(validator=_check_status)
+    version: int = attrs.field(validator=_check_version)
+
+    def _merge_key(self) -> tuple[int, int]:
+        return (self.version, _STATUS_RANK[self.status])
+
+
+def _check_members(_instance: object, _attribute: object, members: tuple[Member, ...]) -> None:
+    previous: NodeId | None = None
+    for member in members:
+        if not isinstance(member, Member):
+            raise ValueError(f"membership entries must be Member records, not {member!r}")
+        if previous is not None and not previous < member.node:
+            raise ValueError(
+                f"membership entries must be sorted by node without repeats; "
+                f"{member.node} follows {previous}"
+            )
+        previous = member.node
+
+
+def _check_flush_times(_instance: object, _attribute: object, times: tuple[int, ...]) -> None:
+    if len(times) > MAX_FLUSH_TIMES:
+        raise ValueError(f"a view keeps at most {MAX_FLUSH_TIMES} flush times, not {len(times)}")
+    previous = -1
+    for at in times:
+        if not _is_int(at) or at < 0:
+            raise ValueError(
+                f"a flush time must be an integer >= 0 (unix microseconds), not {at!r}"
+            )
+        if at <= previous:
+            raise ValueError("flush times must be sorted without repeats")
+        previous = at
+
+
+def _latest_flush_times(times: Iterable[int]) -> tuple[int, ...]:
+    return tuple(sorted(set(times))[-MAX_FLUSH_TIMES:])
+
+
+@attrs.frozen(slots=True)
+class MembershipView:
+    """An immutable membership view; merge views with :meth:`merge`.
+
+    Attributes:
+        members: One entry per node, sorted by node.
+        flush_times: Times of cluster-wide ``flush_all`` commands in unix microseconds,
+            sorted, without repeats, at most `MAX_FLUSH_TIMES` (the latest ones).
+
+    Raises:
+        ValueError: If members are unsorted or repeated, or flush times are out of order,
+            negative or too many.
+    """
+
+    members: tuple[Member, ...] = attrs.field(default=(), validator=_check_members)
+    flush_times: tuple[int, ...] = attrs.field(default=(), validator=_check_flush_times)
+
+    @classmethod
+    def single(cls, node: NodeId) -> MembershipView:
+        """The view of a brand-new one-node cluster: ``node``, valid, at version 1."""
+        return cls((Member(node, "valid", 1),))
+
+    def member(self, node: NodeId) -> Member | None:
+        """The entry for ``node``, or ``None`` if the view has never heard of it."""
+        for member in self.members:
+            if member.node == node:
+                return member
+        return None
+
+    def with_status(self, node: NodeId, status: Status) -> MembershipView:
+        """This view with ``node`` set to ``status`` at a version above its current one.
+
+        Args:
+            node: The node to add or update.
+            status: Its new status.
+
+        Returns:
+            A view in which ``node`` has ``status`` and version old + 1 (1 if it is new), so
+            the change wins when merged with any view that has not seen it.
+
+        Raises:
+            ValueError: If ``status`` is not a known status.
+        """
+        current = self.member(node)
+        updated = Member(node, status, 1 if current is None else current.version + 1)
+        others = (member for member in self.members if member.node != node)
+        return attrs.evolve(self, members=tuple(sorted((*others, updated), key=_node_of)))
+
+    def with_flush(self, at: int) -> MembershipView:
+        """This view with a cluster-wide flush at ``at`` (unix microseconds) recorded.
+
+        Only the latest `MAX_FLUSH_TIMES` flush times are kept, so recording one older than
+        all of them changes nothing.
+
+        Raises:
+            ValueError: If ``at`` is not an integer >= 0.
+        """
+        _check_flush_times(None, None, (at,))
+        return attrs.evolve(self, flush_times=_latest_flush_times((*self.flush_times, at)))
+
+    def merge(self, other: MembershipView) -> MembershipView:
+        """The least upper bound of this view and ``other``.
+
+        Per node, the entry with the higher version wins; on equal versions with different
+        statuses the later status in ``joining < valid < leaving < left`` wins, so the
+        result never depends on which side is which. Flush times are the union, truncated
+        to the latest `MAX_FLUSH_TIMES`.
+
+        Returns:
+            A view that dominates both inputs; this view itself when ``other`` adds nothing.
+        """
+        winners: dict[NodeId, Member] = {member.node: member for member in self.members}
+        for member in other.members:
+            current = winners.get(member.node)
+            if current is None or member._merge_key() > current._merge_key():
+                winners[member.node] = member
+        merged = MembershipView(
+            tuple(winners[node] for node in sorted(winners)),
+            _latest_flush_times((*self.flush_times, *other.flush_times)),
+        )
+        return self if merged == self else merged
+
+    def ring_nodes(self) -> tuple[NodeId, ...]:
+        """The nodes on the ring, sorted: every member that is joining, valid or leaving."""
+        return tuple(member.node for member in self.members if member.status in RING_STATUSES)
+
+    def to_wire(self) -> dict[str, object]:
+        """The view as msgpack-friendly data (lists, str and int only); see `from_wire`."""
+        return {
+            "members": [
+                [member.node.host, member.node.port, member.status, member.version]
+                for member in self.members
+            ],
+            "flush_times": list(self.flush_times),
+        }
+
+    @classmethod
+    def from_wire(cls, data: object) -> MembershipView:
+        """Rebuild and validate a view sent by `to_wire`, possibly by another node.
+
+        Keys other than ``members`` and ``flush_times`` are ignored, so a newer node may add
+        fields without breaking older ones.
+
+        Args:
+            data: ``{"members": [[host, port, status, version], ...], "flush_times": [...]}``.
+
+        Returns:
+            The view that ``data`` describes.
+
+        Raises:
+            ValueError: If ``data`` is not of that form or breaks the view's invariants; the
+                message says what is wrong. No other exception is raised, whatever ``data`` is.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a membership view must be a map, not {type(data).__name__}")
+        raw_members = data.get("members")
+        raw_flush_times = data.get("flush_times")
+        if not isinstance(raw_members, list):
+            raise ValueError("a membership view needs a 'members' list")
+        if not isinstance(raw_flush_times, list):
+            raise ValueError("a membership view needs a 'flush_times' list")
+        members = tuple(_member_from_wire(entry) for entry in raw_members)
+        if not all(_is_int(at) for at in raw_flush_times):
+            raise ValueError("membership view flush times must be integers")
+        return cls(members, tuple(raw_flush_times))
+
+    def check_invariants(self) -> None:
+        """Check the view's internal consistency.
+
+        Raises:
+            AssertionError: If members are unsorted or repeated, an entry is invalid, or the
+                flush times are unsorted, repeated, negative or too many.
+        """
+        nodes = [member.node for member in self.members]
+        assert nodes == sorted(set(nodes)), "members unsorted or repeated"
+        for member in self.members:
+            assert member.status in _STATUS_RANK, f"{member.node}: unknown status"
+            assert _is_int(member.version), f"{member.node}: version is not an integer"
+            assert member.version >= 1, f"{member.node}: version below 1"
+        times = list(self.flush_times)
+        assert times == sorted(set(times)), "flush times unsorted or repeated"
+        assert len(times) <= MAX_FLUSH_TIMES, "too many flush times"
+        assert all(_is_int(at) and at >= 0 for at in times), "bad flush time"
+        assert set(self.ring_nodes()) <= set(nodes), "ring nodes are not members"
+
+
+def _node_of(member: Member) -> NodeId:
+    return member.node
+
+
+def _member_from_wire(entry: object) -> Member:
+    if not isinstance(entry, list) or len(entry) != 4:
+        raise ValueError(
+            f"a membership entry must be [host, port, status, version], not {entry!r:.200}"
+        )
+    host, port, status, version = entry
+    if not isinstance(host, str) or not _is_int(port):
+        raise ValueError(f"a membership entry needs a str host and int port, not {entry!r:.200}")
+    if not isinstance(status, str) or not _is_int(version):
+        raise ValueError(
+            f"a membership entry needs a str status and int version, not {entry!r:.200}"
+        )
+    return Member(NodeId(host, port), _parse_status(status), version)
+
+
+def _parse_status(text: str) -> Status:
+    for status in STATUSES:
+        if text == status:
+            return status
+    raise ValueError(f"member status must be one of {', '.join(STATUSES)}, not {text!r:.100}")
