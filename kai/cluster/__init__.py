@@ -1,0 +1,1 @@
+"""The cluster: quorum coordination over the ring."""

@@ -1,0 +1,377 @@
+"""The quorum coordinator (DESIGN §5): N/R/W fan-out over the ring, forwarding, read repair.
+
+The memcached front end calls it through the :class:`~kai.coordinator.Coordinator` interface,
+exactly as it calls the single-node coordinator. A key's replicas are its N primaries on the
+ring (``ring().primaries(partition, N)``, with N, R and W capped at the member count).
+
+* Reads are coordinated by whichever node received them: every primary is asked in parallel
+  (this node's replica directly, peers with one ``replica_read`` per peer for all the keys it
+  holds), the answer goes out as soon as R replies per key are in, and the replies that come
+  later are still collected in the background to repair stale or missing replicas.
+* Writes are coordinated by a primary, because the replica builds the new clock atomically
+  with its local store. A node that is not a primary forwards the write once, to the first
+  primary that is up; the primary never forwards it again.
+* ``flush_all`` is recorded locally, handed to the membership view (``on_flush``) so it
+  reaches nodes that are down, and sent best-effort to every other member.
+
+What it must never do: answer a read from fewer than R replies or acknowledge a write with
+fewer than W acks; forward a write more than once; let a slow or dead replica delay an answer
+once the quorum is in; run a task outside the nurseries it was given; use the transport at
+all in a cluster of one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
+
+import trio
+
+from kai.cluster.fanout import Answer, PeerCaller
+from kai.cluster.quorum import ReadRound, Tally
+from kai.cluster.replica_rpc import (
+    ReplicaRpcHandlers,
+    context_to_wire,
+    raise_forwarded,
+    siblings_from_wire,
+)
+from kai.config import Quorum
+from kai.coordinator import Coordinator, ReadResult
+from kai.errors import (
+    QuorumTimeout,
+    QuorumUnavailable,
+    RpcBadRequest,
+    RpcConnectionError,
+    TooManySiblings,
+)
+from kai.replica import LocalReplica, Payload
+from kai.ring import NodeId, Ring
+from kai.transport import Transport
+from kai.vclock import VClock
+from kai.versions import SiblingSet, Version, encode_siblings
+
+logger = logging.getLogger(__name__)
+
+
+class ClusterCoordinator(Coordinator):
+    """Coordinates reads and writes across the cluster's replicas.
+
+    Args:
+        self_node: this node's ring identity.
+        replica: this node's replica.
+        transport: how to call peers.
+        ring: the current ring (asked once per request, so membership changes apply to the
+            next request).
+        quorum: the configured N, R, W (capped at the member count per request).
+        is_up: the failure detector's opinion; nodes it calls down are still asked for reads
+            and writes (they may be back), but forwarding tries them last.
+        on_success: told of every peer that answered a call (even with an error).
+        on_failure: told of every peer that could not be reached or did not answer in time.
+        request_timeout: seconds a read, write or forward waits for its quorum; also bounds
+            the background collection of late replies and each read repair round.
+        on_flush: told of every ``flush_all`` this node coordinates (the membership view
+            gossips it to nodes that are down).
+        background: the nursery that runs replication, late replies and read repair.
+        wall_clock: unix time in seconds (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        self_node: NodeId,
+        replica: LocalReplica,
+        transport: Transport,
+        ring: Callable[[], Ring],
+        quorum: Quorum,
+        is_up: Callable[[NodeId], bool] = lambda node: True,
+        on_success: Callable[[NodeId], None] = lambda node: None,
+        on_failure: Callable[[NodeId], None] = lambda node: None,
+        request_timeout: float = 5.0,
+        on_flush: Callable[[int], None] = lambda at: None,
+        background: trio.Nursery,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.self_node = self_node
+        self.replica = replica
+        self.transport = transport
+        self.ring = ring
+        self.quorum = quorum
+        self.is_up = is_up
+        self.on_success = on_success
+        self.on_failure = on_failure
+        self.request_timeout = request_timeout
+        self.on_flush = on_flush
+        self.background = background
+        self.wall_clock = wall_clock
+        self.read_repairs = 0
+        self.forwarded_writes = 0
+        self._peers = PeerCaller(
+            transport, background, on_success=on_success, on_failure=on_failure
+        )
+        self._rpc = ReplicaRpcHandlers(replica, self._coordinate_write)
+
+    # --- introspection ------------------------------------------------------------------------
+
+    def handlers(self) -> dict[str, Callable[..., Awaitable[object]]]:
+        """The RPC methods this node serves to peers' coordinators (see ``replica_rpc``)."""
+        return self._rpc.handlers()
+
+    def statistics(self) -> list[tuple[str, object]]:
+        """Counters for memcached ``stats``."""
+        return [
+            ("kai_read_repairs", self.read_repairs),
+            ("kai_forwarded_writes", self.forwarded_writes),
+            ("kai_replica_timeouts", self._peers.timeouts),
+            ("kai_replica_errors", self._peers.errors),
+        ]
+
+    def members(self) -> list[str]:
+        """The ring's members as ``host:rpc_port``, sorted."""
+        return sorted(str(node) for node in self.ring().nodes)
+
+    def flushed_before(self, now: float) -> int:
+        """The local flush cutoff (flushes reach every node by RPC or by gossip)."""
+        return self.replica.flushed_before(now)
+
+    # --- reads --------------------------------------------------------------------------------
+
+    async def get(self, key: bytes) -> ReadResult:
+        """Quorum-read one key (see :meth:`get_many`)."""
+        return (await self.get_many((key,)))[0]
+
+    async def get_many(self, keys: Sequence[bytes]) -> list[ReadResult]:
+        """Quorum-read keys; results are in the order of ``keys``.
+
+        Any node coordinates a read, primary or not: reads build no clock, so there is
+        nothing to gain from a forwarding hop. Each primary is asked once for all the keys it
+        holds; each key needs R replies (a not-found counts). Once every key has them the
+        answer goes out; later replies are collected in the background (bounded by
+        ``request_timeout``) and stale or missing replicas are sent the merged sibling set.
+
+        Raises:
+            QuorumUnavailable: too many replicas of some key failed to ever reach R.
+            QuorumTimeout: some key did not get R replies within ``request_timeout``.
+        """
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return []
+        ring, quorum = self._ring_and_quorum()
+        replicas = [ring.primaries(ring.partition_for_key(key), quorum.n) for key in unique]
+        self_only = (self.self_node,)
+        if all(nodes == self_only for nodes in replicas):
+            read = self.replica.read  # a cluster of one: exactly the local coordinator
+            by_key = {key: ReadResult(read(key)) for key in unique}
+            return [by_key[key] for key in keys]
+
+        round_ = ReadRound(unique, replicas, quorum.r)
+        local = round_.batch(self.self_node)
+        if local:
+            read = self.replica.read
+            round_.record_reply(self.self_node, [read(key) for key in local])
+        deadline = trio.current_time() + self.request_timeout
+        peers = [node for node in round_.batches if node != self.self_node]
+        answers = self._peers.fan_out(
+            [(peer, "replica_read", (round_.batch(peer),)) for peer in peers], deadline
+        )
+        try:
+            with trio.move_on_at(deadline), suppress(trio.EndOfChannel):
+                while not round_.decided:
+                    self._record_read(round_, await answers.receive())
+        finally:
+            # Stop waiting, not listening: the rest of the replies feed read repair.
+            if not self._peers.start(self._finish_read, round_, answers):
+                answers.close()
+        error = round_.error()
+        if error is not None:
+            raise error
+        by_key = {
+            key: ReadResult(siblings) for key, siblings in zip(unique, round_.merged, strict=True)
+        }
+        return [by_key[key] for key in keys]
+
+    def _record_read(self, round_: ReadRound, answer: Answer) -> None:
+        if not answer.ok:
+            round_.record_failure(answer.peer, timed_out=answer.timed_out)
+            return
+        try:
+            records = answer.result
+            if not isinstance(records, list):
+                raise RpcBadRequest(f"replica_read answered {type(records).__name__}")
+            sibling_sets = [
+                () if record is None else siblings_from_wire(record) for record in records
+            ]
+            round_.record_reply(answer.peer, sibling_sets)
+        except (RpcBadRequest, ValueError) as exc:
+            logger.warning("replica %s sent a malformed replica_read answer: %s", answer.peer, exc)
+            self._peers.errors += 1
+            round_.record_failure(answer.peer, timed_out=False)
+
+    async def _finish_read(
+        self, round_: ReadRound, answers: trio.MemoryReceiveChannel[Answer]
+    ) -> None:
+        """Collect the replies that came after the answer, then repair stale replicas."""
+        with answers:
+            async for answer in answers:  # each call is bounded by the request's deadline
+                self._record_read(round_, answer)
+        await self._read_repair(round_)
+
+    async def _read_repair(self, round_: ReadRound) -> None:
+        """Send the merged sibling set to every replica that answered with less."""
+        by_peer: dict[NodeId, list[tuple[bytes, bytes]]] = defaultdict(list)
+        records: dict[int, bytes] = {}
+        for index, node in round_.stale_replicas():
+            key, merged = round_.keys[index], round_.merged[index]
+            if node == self.self_node:
+                self._repair_locally(key, merged)
+                continue
+            record = records.get(index)
+            if record is None:
+                record = records[index] = encode_siblings(merged)
+            by_peer[node].append((key, record))
+        if not by_peer:
+            return
+        deadline = trio.current_time() + self.request_timeout
+        async with trio.open_nursery() as nursery:
+            for peer, repairs in by_peer.items():
+                nursery.start_soon(self._repair_peer, peer, repairs, deadline)
+
+    def _repair_locally(self, key: bytes, merged: SiblingSet) -> None:
+        try:
+            self.replica.apply(key, merged)
+        except TooManySiblings as exc:
+            logger.warning("read repair of %r skipped locally: %s", key, exc)
+            return
+        self.read_repairs += 1
+
+    async def _repair_peer(
+        self, peer: NodeId, repairs: list[tuple[bytes, bytes]], deadline: float
+    ) -> None:
+        # One peer's repairs go one after the other: a node that missed a whole multi-get
+        # gets them at the pace it answers, and the first failure ends its round (the next
+        # read or anti-entropy tries again).
+        for key, record in repairs:
+            answer = await self._peers.call(peer, "replica_apply", (key, record), deadline)
+            if not answer.ok:
+                logger.info("read repair of %r on %s failed; giving up on it for now", key, peer)
+                return
+            self.read_repairs += 1
+        logger.debug("read repair: %d keys sent to %s", len(repairs), peer)
+
+    # --- writes -------------------------------------------------------------------------------
+
+    async def put(self, key: bytes, payload: Payload, *, context: VClock | None) -> Version:
+        """Write a new version of ``key`` with W acks.
+
+        A primary of ``key`` coordinates the write itself; any other node forwards it once
+        to the first primary that is up (then to the others, in preference order, while
+        they cannot be reached). The forward is a single hop: the primary never forwards.
+
+        A failed write may still have landed on some replicas (the Dynamo contract): a
+        timeout or unavailability only means fewer than W acknowledged it in time.
+
+        Raises:
+            QuorumUnavailable: fewer than W replicas can acknowledge the write.
+            QuorumTimeout: W acks did not arrive within ``request_timeout``.
+            TooManySiblings: the write would leave too many siblings.
+        """
+        ring, quorum = self._ring_and_quorum()
+        primaries = ring.primaries(ring.partition_for_key(key), quorum.n)
+        if self.self_node in primaries:
+            return await self._coordinate_write(key, payload, context)
+        return await self._forward_write(key, payload, context, primaries)
+
+    async def _coordinate_write(
+        self, key: bytes, payload: Payload, context: VClock | None
+    ) -> Version:
+        """Build, store and replicate a new version here, whatever the ring says.
+
+        Also serves ``coordinate_put`` for forwarded writes. If rings briefly disagree and
+        this node is no longer a primary, it still coordinates the write (forwarding again
+        could loop): the version is stored here too, but only the primaries' acks count
+        towards W.
+        """
+        ring, quorum = self._ring_and_quorum()
+        primaries = ring.primaries(ring.partition_for_key(key), quorum.n)
+        version = self.replica.coordinate_write(key, payload, context)
+        others = [node for node in primaries if node != self.self_node]
+        if not others:
+            return version
+        tally = Tally(min(quorum.w, len(primaries)), len(primaries))
+        if len(others) < len(primaries):
+            tally.reply()  # the local store is one ack
+        record = encode_siblings((version,))
+        deadline = trio.current_time() + self.request_timeout
+        answers = self._peers.fan_out(
+            [(peer, "replica_apply", (key, record)) for peer in others], deadline
+        )
+        with answers, trio.move_on_at(deadline), suppress(trio.EndOfChannel):
+            while not tally.met and not tally.lost:
+                answer = await answers.receive()
+                if answer.ok and isinstance(answer.result, bool):
+                    tally.reply()
+                else:
+                    tally.fail(timed_out=answer.timed_out)
+        if not tally.met:
+            raise tally.error(f"write of {key!r}")
+        return version
+
+    async def _forward_write(
+        self, key: bytes, payload: Payload, context: VClock | None, primaries: Sequence[NodeId]
+    ) -> Version:
+        """Hand a write to a primary of ``key`` (one hop) and return the version it wrote."""
+        self.forwarded_writes += 1
+        candidates = [node for node in primaries if self.is_up(node)]
+        candidates += [node for node in primaries if node not in candidates]
+        params = (key, payload.flags, payload.expiry, payload.value, context_to_wire(context))
+        deadline = trio.current_time() + self.request_timeout
+        for peer in candidates:
+            answer = await self._peers.call(peer, "coordinate_put", params, deadline)
+            if answer.timed_out:
+                raise QuorumTimeout(f"write of {key!r}: primary {peer} did not answer in time")
+            if answer.error is None:
+                try:
+                    (version,) = siblings_from_wire(answer.result)
+                except (RpcBadRequest, ValueError) as exc:
+                    raise QuorumUnavailable(
+                        f"write of {key!r}: primary {peer} answered nonsense: {exc}"
+                    ) from exc
+                return version
+            if isinstance(answer.error, RpcConnectionError):
+                continue  # the write never reached it: try the next primary
+            raise_forwarded(answer.error)
+            raise QuorumUnavailable(f"write of {key!r}: primary {peer} failed: {answer.error}")
+        raise QuorumUnavailable(f"write of {key!r}: no primary could be reached")
+
+    # --- flush_all ----------------------------------------------------------------------------
+
+    async def flush_all(self, at: int) -> None:
+        """Flush here, hand the flush to gossip, and tell every other member best-effort.
+
+        Waits (at most ``request_timeout``) only for the members the failure detector
+        thinks are up; the others hear of it by gossip when they are back.
+        """
+        self.replica.flush(at)
+        self.on_flush(at)
+        peers = [node for node in self.ring().nodes if node != self.self_node]
+        if not peers:
+            return
+        deadline = trio.current_time() + self.request_timeout
+        waiting = {peer for peer in peers if self.is_up(peer)}
+        answers = self._peers.fan_out([(peer, "flush", (at,)) for peer in peers], deadline)
+        with answers, trio.move_on_at(deadline), suppress(trio.EndOfChannel):
+            while waiting:
+                answer = await answers.receive()
+                waiting.discard(answer.peer)
+                if not answer.ok:
+                    logger.info("flush_all did not reach %s; gossip will carry it", answer.peer)
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    def _ring_and_quorum(self) -> tuple[Ring, Quorum]:
+        ring = self.ring()
+        if not ring.nodes:
+            raise QuorumUnavailable("the ring has no members")
+        return ring, self.quorum.capped(len(ring.nodes))

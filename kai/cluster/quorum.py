@@ -1,0 +1,160 @@
+"""Quorum bookkeeping: counting replies towards R or W, and merging what a read found.
+
+Pure code (no I/O, no trio): the coordinator feeds it each replica's answer as it arrives and
+asks whether the quorum is met, can no longer be met, and which replicas need a read repair.
+It must never decide a quorum from fewer replies than required, and never count one replica
+twice for the same key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from kai.errors import CoordinatorError, QuorumTimeout, QuorumUnavailable
+from kai.ring import NodeId
+from kai.versions import SiblingSet, merge
+
+
+class Tally:
+    """Replies towards one quorum.
+
+    Args:
+        required: how many replies meet the quorum (R or W).
+        replicas: how many replicas were asked (replies can never exceed this).
+    """
+
+    __slots__ = ("outstanding", "replies", "required", "timed_out")
+
+    def __init__(self, required: int, replicas: int) -> None:
+        self.required = required
+        self.outstanding = replicas
+        self.replies = 0
+        self.timed_out = False
+
+    def reply(self) -> None:
+        """Count one replica's answer."""
+        self.outstanding -= 1
+        self.replies += 1
+
+    def fail(self, *, timed_out: bool) -> None:
+        """Count one replica that will not answer (``timed_out``: it did not answer in time)."""
+        self.outstanding -= 1
+        self.timed_out = self.timed_out or timed_out
+
+    @property
+    def met(self) -> bool:
+        """Whether enough replicas answered."""
+        return self.replies >= self.required
+
+    @property
+    def lost(self) -> bool:
+        """Whether the quorum can no longer be met, however the outstanding replicas answer."""
+        return self.replies + self.outstanding < self.required
+
+    def error(self, what: str) -> CoordinatorError:
+        """The error for a quorum that was not met.
+
+        :class:`QuorumUnavailable` when replicas failed outright so that the quorum is lost;
+        :class:`QuorumTimeout` when it is not lost yet (the deadline passed) or when a
+        replica that was too slow is one of the reasons it is lost.
+        """
+        message = (
+            f"{what}: {self.replies} of {self.required} required replies "
+            f"({self.outstanding} outstanding)"
+        )
+        if self.timed_out or not self.lost:
+            return QuorumTimeout(message)
+        return QuorumUnavailable(message)
+
+
+class ReadRound:
+    """One quorum read of one or more keys: every replica's answer, merged per key.
+
+    Each key has its own quorum (its own replicas and R); a replica is asked once for all
+    the keys it holds, so one reply or failure counts towards every key in its batch.
+
+    Args:
+        keys: the keys read, without duplicates.
+        replicas: for each key, the nodes that hold it (its primaries).
+        r: the read quorum; capped at each key's replica count.
+    """
+
+    def __init__(self, keys: Sequence[bytes], replicas: Sequence[Sequence[NodeId]], r: int) -> None:
+        self.keys = keys
+        self.tallies = [Tally(min(r, len(nodes)), len(nodes)) for nodes in replicas]
+        #: For each key, what each replica that answered holds.
+        self.answers: list[dict[NodeId, SiblingSet]] = [{} for _ in keys]
+        #: For each key, the merge of every answer so far.
+        self.merged: list[SiblingSet] = [() for _ in keys]
+        #: For each replica, the indices of the keys it is asked for, in the order asked.
+        self.batches: dict[NodeId, list[int]] = {}
+        for index, nodes in enumerate(replicas):
+            for node in nodes:
+                self.batches.setdefault(node, []).append(index)
+        self.unmet = sum(1 for tally in self.tallies if not tally.met)
+        self.lost_index: int | None = None
+
+    def batch(self, node: NodeId) -> list[bytes]:
+        """The keys to ask ``node`` for."""
+        keys = self.keys
+        return [keys[index] for index in self.batches.get(node, ())]
+
+    def record_reply(self, node: NodeId, sibling_sets: Sequence[SiblingSet]) -> None:
+        """Count ``node``'s answer: one sibling set per key of its batch, in batch order.
+
+        Raises:
+            ValueError: the answer does not have one set per key of the batch.
+        """
+        indices = self.batches.get(node, [])
+        if len(sibling_sets) != len(indices):
+            raise ValueError(f"{node} answered {len(sibling_sets)} keys, not {len(indices)}")
+        for index, siblings in zip(indices, sibling_sets, strict=True):
+            answers = self.answers[index]
+            if node in answers:
+                continue  # a duplicated answer must not count twice
+            answers[node] = siblings
+            if siblings:
+                self.merged[index] = merge(self.merged[index], siblings)
+            tally = self.tallies[index]
+            was_met = tally.met
+            tally.reply()
+            if tally.met and not was_met:
+                self.unmet -= 1
+
+    def record_failure(self, node: NodeId, *, timed_out: bool) -> None:
+        """Count ``node`` as unable to answer any key of its batch."""
+        for index in self.batches.get(node, ()):
+            if node in self.answers[index]:
+                continue
+            tally = self.tallies[index]
+            tally.fail(timed_out=timed_out)
+            if tally.lost and self.lost_index is None:
+                self.lost_index = index
+
+    @property
+    def decided(self) -> bool:
+        """Whether every key met its quorum, or some key never can."""
+        return self.unmet == 0 or self.lost_index is not None
+
+    def error(self) -> CoordinatorError | None:
+        """Why the read fails (a key lost its quorum, or not every key met it yet), or None."""
+        if self.lost_index is not None:
+            return self.tallies[self.lost_index].error(f"read of {self.keys[self.lost_index]!r}")
+        for index, tally in enumerate(self.tallies):
+            if not tally.met:
+                return tally.error(f"read of {self.keys[index]!r}")
+        return None
+
+    def stale_replicas(self) -> Iterator[tuple[int, NodeId]]:
+        """``(key index, replica)`` for every replica that answered with less than the merge.
+
+        A replica that answered not-found for a key others hold is stale too; replicas that
+        did not answer are not listed (what they hold is unknown).
+        """
+        for index, answers in enumerate(self.answers):
+            merged = self.merged[index]
+            if not merged:
+                continue
+            for node, siblings in answers.items():
+                if siblings != merged:
+                    yield index, node

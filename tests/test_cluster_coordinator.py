@@ -1,0 +1,596 @@
+"""The quorum coordinator over an in-test network: forwarding, quorums, timeouts, read repair.
+
+Every test runs in virtual time (``autojump_clock``). The network routes each call to the
+target node's handlers after a msgpack round trip of params and results, so the handlers see
+realistic wire types; it can cut links, hang or delay nodes. Background work (replication,
+late replies, read repair) runs in a nursery the test owns: leaving it waits for exactly that
+work, so checks after it need no sleeps.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import msgpack
+import pytest
+import trio
+import trio.testing
+
+from kai.cluster.coordinator import ClusterCoordinator
+from kai.cluster.quorum import ReadRound
+from kai.config import Quorum
+from kai.errors import (
+    QuorumTimeout,
+    QuorumUnavailable,
+    RpcBadRequest,
+    RpcConnectionError,
+    RpcError,
+    TooManySiblings,
+)
+from kai.replica import LocalReplica, Payload
+from kai.ring import NodeId, Ring
+from kai.stats import NodeStats
+from kai.storage.memory import MemoryEngine
+from kai.vclock import VClock
+from kai.versions import Version, encode_siblings
+
+TIMEOUT = 5.0
+BUCKETS = 64
+EPOCH = 1_700_000_000.0
+
+Handler = Callable[..., Awaitable[object]]
+
+
+def wall_clock() -> float:
+    return EPOCH + trio.current_time()
+
+
+class Network:
+    """Routes calls between in-process nodes, msgpack-encoding params and results."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[NodeId, dict[str, Handler]] = {}
+        self.cut: set[frozenset[NodeId]] = set()
+        self.unreachable: set[NodeId] = set()
+        self.hung: set[NodeId] = set()
+        self.delays: dict[NodeId, float] = {}
+        self.calls: list[tuple[NodeId, NodeId, str]] = []
+
+    def partition(self, *groups: set[NodeId]) -> None:
+        """Cut every link between nodes of different groups."""
+        for index, group in enumerate(groups):
+            for other in groups[index + 1 :]:
+                self.cut.update(frozenset((a, b)) for a in group for b in other)
+
+    def heal(self) -> None:
+        self.cut.clear()
+        self.unreachable.clear()
+        self.hung.clear()
+        self.delays.clear()
+
+    def calls_of(self, method: str, caller: NodeId | None = None) -> list[tuple[NodeId, NodeId]]:
+        return [
+            (source, target)
+            for source, target, name in self.calls
+            if name == method and (caller is None or source == caller)
+        ]
+
+    async def call(self, caller: NodeId, peer: NodeId, method: str, *params: object) -> object:
+        self.calls.append((caller, peer, method))
+        if peer in self.unreachable or frozenset((caller, peer)) in self.cut:
+            raise RpcConnectionError(f"{peer} is unreachable from {caller}")
+        if peer in self.hung:
+            await trio.sleep_forever()
+        await trio.sleep(self.delays.get(peer, 0.0))
+        wire_params = msgpack.unpackb(msgpack.packb(list(params), use_bin_type=True), raw=False)
+        handler = self.handlers[peer][method]
+        try:
+            result = await handler(*wire_params)
+        except RpcError as exc:  # what the caller rebuilds from [code, message]
+            raise RpcError.for_code(exc.code, str(exc)) from None
+        return msgpack.unpackb(msgpack.packb(result, use_bin_type=True), raw=False)
+
+
+class NodeTransport:
+    def __init__(self, network: Network, node: NodeId) -> None:
+        self.network = network
+        self.node = node
+
+    async def call(self, peer: NodeId, method: str, *params: object) -> object:
+        return await self.network.call(self.node, peer, method, *params)
+
+
+class Cluster:
+    """Nodes 127.0.0.1:11011.. sharing one ring, network and background nursery."""
+
+    def __init__(
+        self,
+        background: trio.Nursery,
+        size: int,
+        quorum: Quorum,
+        *,
+        down: set[NodeId] | None = None,
+        siblings_maximum: int = 100,
+    ) -> None:
+        self.network = Network()
+        self.nodes = [NodeId("127.0.0.1", 11011 + index) for index in range(size)]
+        self.ring = Ring(self.nodes, buckets=BUCKETS, virtual_nodes=16)
+        self.down = down if down is not None else set()
+        self.failures: list[NodeId] = []
+        self.successes: list[NodeId] = []
+        self.flushes: list[tuple[NodeId, int]] = []
+        self.coordinators: dict[NodeId, ClusterCoordinator] = {}
+        for index, node in enumerate(self.nodes):
+            replica = LocalReplica(
+                MemoryEngine(),
+                actor=f"actor-{index}".encode(),
+                buckets=BUCKETS,
+                stats=NodeStats(),
+                siblings_maximum=siblings_maximum,
+                wall_clock=wall_clock,
+            )
+            coordinator = ClusterCoordinator(
+                self_node=node,
+                replica=replica,
+                transport=NodeTransport(self.network, node),
+                ring=lambda: self.ring,
+                quorum=quorum,
+                is_up=lambda peer: peer not in self.down,
+                on_success=self.successes.append,
+                on_failure=self.failures.append,
+                request_timeout=TIMEOUT,
+                on_flush=self._flush_recorder(node),
+                background=background,
+                wall_clock=wall_clock,
+            )
+            self.coordinators[node] = coordinator
+            self.network.handlers[node] = coordinator.handlers()
+
+    def _flush_recorder(self, node: NodeId) -> Callable[[int], None]:
+        return lambda at: self.flushes.append((node, at))
+
+    def __getitem__(self, node: NodeId) -> ClusterCoordinator:
+        return self.coordinators[node]
+
+    def primaries(self, key: bytes) -> tuple[NodeId, ...]:
+        return self.ring.primaries(self.ring.partition_for_key(key), 3)
+
+    def others(self, key: bytes) -> list[NodeId]:
+        primaries = self.primaries(key)
+        return [node for node in self.nodes if node not in primaries]
+
+    def stored(self, node: NodeId, key: bytes) -> tuple[Version, ...]:
+        return self.coordinators[node].replica.read(key)
+
+
+@asynccontextmanager
+async def cluster_of(
+    size: int, quorum: Quorum | None = None, **kwargs: object
+) -> AsyncIterator[Cluster]:
+    """A cluster whose background work has all finished when the block is left."""
+    async with trio.open_nursery() as background:
+        yield Cluster(background, size, quorum or Quorum(3, 2, 2), **kwargs)  # type: ignore[arg-type]
+
+
+def values(result_siblings: tuple[Version, ...]) -> set[bytes | None]:
+    return {version.value for version in result_siblings}
+
+
+# --- writes -----------------------------------------------------------------------------------
+
+
+async def test_a_write_via_a_non_primary_is_forwarded_once_and_lands_on_n_replicas(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with cluster_of(4) as cluster:
+        key = b"forwarded"
+        outsider = cluster.others(key)[0]
+        written = await cluster[outsider].put(key, Payload(7, 0, b"v"), context=None)
+        assert trio.current_time() == 0
+    assert trio.current_time() == 0  # replication finished without any waiting
+    assert cluster.network.calls_of("coordinate_put") == [(outsider, cluster.primaries(key)[0])]
+    assert cluster[outsider].statistics()[1] == ("kai_forwarded_writes", 1)
+    for node in cluster.primaries(key):
+        assert cluster.stored(node, key) == (written,)
+    assert cluster.stored(outsider, key) == ()
+    assert written.flags == 7
+    assert written.actor == cluster[cluster.primaries(key)[0]].replica.actor
+
+
+async def test_forwarding_skips_a_primary_that_is_down_and_fails_over_on_connection_errors(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    key = b"failover"
+    async with cluster_of(4) as cluster:
+        first, second, third = cluster.primaries(key)
+        outsider = cluster.others(key)[0]
+        cluster.down.add(first)
+        cluster.network.unreachable.add(second)
+        written = await cluster[outsider].put(key, Payload(0, 0, b"v"), context=None)
+        cluster.network.heal()
+    # Up primaries first (second, third), the one marked down last.
+    assert cluster.network.calls_of("coordinate_put") == [(outsider, second), (outsider, third)]
+    assert written.actor == cluster[third].replica.actor
+    assert second in cluster.failures
+
+
+async def test_a_forwarded_write_reports_the_primarys_quorum_failure(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    key = b"lonely primary"
+    async with cluster_of(4) as cluster:
+        first, second, third = cluster.primaries(key)
+        outsider = cluster.others(key)[0]
+        cluster.network.partition({first}, {second, third})
+        cluster.down.update({second, third})
+        with pytest.raises(QuorumUnavailable):
+            await cluster[outsider].put(key, Payload(0, 0, b"v"), context=None)
+        assert trio.current_time() == 0
+    # The primary stored it (the Dynamo contract: a failed write may have landed).
+    assert values(cluster.stored(first, key)) == {b"v"}
+
+
+async def test_a_forwarded_write_that_would_add_too_many_siblings_is_refused_as_such(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    key = b"crowded"
+    async with cluster_of(4, Quorum(3, 2, 3), siblings_maximum=1) as cluster:
+        outsider = cluster.others(key)[0]
+        await cluster[cluster.primaries(key)[1]].put(key, Payload(0, 0, b"one"), context=None)
+        # Forwarded to the first primary, whose new version with an empty context is
+        # concurrent with "one" (another actor's write).
+        with pytest.raises(TooManySiblings):
+            await cluster[outsider].put(key, Payload(0, 0, b"two"), context=VClock())
+    for node in cluster.primaries(key):
+        assert values(cluster.stored(node, key)) == {b"one"}
+
+
+async def test_a_primary_coordinates_a_forwarded_write_even_when_rings_disagree(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    key = b"ring moved"
+    async with cluster_of(4) as cluster:
+        outsider = cluster.others(key)[0]
+        record = await cluster[outsider].handlers()["coordinate_put"](key, 1, 0, b"v", None)
+    assert cluster.network.calls_of("coordinate_put") == []  # never forwarded again
+    assert values(cluster.stored(outsider, key)) == {b"v"}
+    for node in cluster.primaries(key):
+        assert cluster.stored(node, key) == cluster.stored(outsider, key)
+    assert isinstance(record, bytes)
+
+
+async def test_unreachable_replicas_fail_a_write_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    key = b"k"
+    async with cluster_of(3) as cluster:
+        coordinator, *others = cluster.primaries(key)
+        cluster.network.unreachable.update(others)
+        with pytest.raises(QuorumUnavailable):
+            await cluster[coordinator].put(key, Payload(0, 0, b"v"), context=None)
+        assert trio.current_time() == 0
+        assert sorted(cluster.failures) == sorted(others)
+
+
+async def test_hung_replicas_time_a_write_out_after_exactly_the_request_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    key = b"k"
+    async with cluster_of(3) as cluster:
+        coordinator, *others = cluster.primaries(key)
+        cluster.network.hung.update(others)
+        with pytest.raises(QuorumTimeout):
+            await cluster[coordinator].put(key, Payload(0, 0, b"v"), context=None)
+        assert trio.current_time() == TIMEOUT
+    assert cluster[coordinator].statistics()[2] == ("kai_replica_timeouts", 2)
+
+
+async def test_a_forwarded_write_to_hung_primaries_times_out_within_the_request_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    key = b"k"
+    async with cluster_of(4) as cluster:
+        cluster.network.hung.update(cluster.primaries(key))
+        with pytest.raises(QuorumTimeout):
+            await cluster[cluster.others(key)[0]].put(key, Payload(0, 0, b"v"), context=None)
+        assert trio.current_time() == TIMEOUT
+
+
+async def test_a_write_answers_after_w_acks_without_waiting_for_slow_replicas(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    key = b"k"
+    async with cluster_of(3) as cluster:
+        coordinator, slow, hung = cluster.primaries(key)
+        cluster.network.delays[slow] = 0.25
+        cluster.network.hung.add(hung)
+        written = await cluster[coordinator].put(key, Payload(0, 0, b"v"), context=None)
+        assert trio.current_time() == 0.25
+    assert trio.current_time() == TIMEOUT  # the hung replica's call was bounded
+    assert cluster.stored(slow, key) == (written,)
+    assert cluster.stored(hung, key) == ()
+
+
+# --- reads ------------------------------------------------------------------------------------
+
+
+async def test_read_your_write_from_every_node(autojump_clock: trio.testing.MockClock) -> None:
+    async with cluster_of(4) as cluster:
+        key = b"everywhere"
+        written = await cluster[cluster.nodes[0]].put(key, Payload(3, 0, b"hello"), context=None)
+        for node in cluster.nodes:
+            result = await cluster[node].get(key)
+            assert result.siblings == (written,)
+            assert result.cas_unique == (await cluster[cluster.nodes[0]].get(key)).cas_unique
+        missing = await cluster[cluster.nodes[1]].get(b"never written")
+        assert missing.siblings == ()
+        assert trio.current_time() == 0
+
+
+async def test_a_read_repairs_a_stale_and_a_missing_replica(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    stale_key, missing_key = b"stale", b"missing"
+    async with cluster_of(3, Quorum(3, 2, 2)) as cluster:
+        a, b, c = cluster.nodes  # with three nodes, every node is a primary of every key
+        old = cluster[a].replica.coordinate_write(stale_key, Payload(0, 0, b"old"), None)
+        for node in (b, c):
+            cluster[node].replica.apply(stale_key, (old,))
+        cluster.network.unreachable.add(c)
+        new = await cluster[a].put(stale_key, Payload(0, 0, b"new"), context=None)
+        only = await cluster[a].put(missing_key, Payload(0, 0, b"x"), context=None)
+        cluster.network.heal()
+        assert values(cluster.stored(c, stale_key)) == {b"old"}
+        assert cluster.stored(c, missing_key) == ()
+        # c answers late: the read is answered by a and b, c's reply arrives afterwards.
+        cluster.network.delays[c] = 1.0
+        results = await cluster[b].get_many([stale_key, missing_key])
+        assert trio.current_time() == 0
+        assert [result.siblings for result in results] == [(new,), (only,)]
+    # One second for c's late reply, then one more for each repair (sent one after the other).
+    assert trio.current_time() == 3.0
+    assert cluster.stored(c, stale_key) == (new,)
+    assert cluster.stored(c, missing_key) == (only,)
+    assert ("kai_read_repairs", 2) in cluster[b].statistics()
+
+
+async def test_a_read_repairs_the_coordinators_own_replica(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    key = b"k"
+    async with cluster_of(3) as cluster:
+        a, b, _ = cluster.nodes
+        cluster.network.unreachable.add(a)
+        written = await cluster[b].put(key, Payload(0, 0, b"v"), context=None)
+        cluster.network.heal()
+        assert (await cluster[a].get(key)).siblings == (written,)
+    assert cluster.stored(a, key) == (written,)
+    assert ("kai_read_repairs", 1) in cluster[a].statistics()
+
+
+async def test_unreachable_replicas_fail_a_read_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    key = b"k"
+    async with cluster_of(3) as cluster:
+        reader, *others = cluster.primaries(key)
+        cluster.network.unreachable.update(others)
+        with pytest.raises(QuorumUnavailable):
+            await cluster[reader].get(key)
+        assert trio.current_time() == 0
+
+
+async def test_hung_replicas_time_a_read_out_after_exactly_the_request_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    key = b"k"
+    async with cluster_of(3) as cluster:
+        reader, *others = cluster.primaries(key)
+        cluster.network.hung.update(others)
+        with pytest.raises(QuorumTimeout):
+            await cluster[reader].get_many([key, b"other"])
+        assert trio.current_time() == TIMEOUT
+
+
+async def test_hung_and_down_replicas_do_not_delay_a_read_past_the_first_r_replies(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    key = b"k"
+    async with cluster_of(5) as cluster:
+        first, second, third = cluster.primaries(key)
+        reader = cluster.others(key)[0]
+        await cluster[first].put(key, Payload(0, 0, b"v"), context=None)
+        start = trio.current_time()
+        cluster.network.delays.update({first: 0.5, second: 0.25})
+        cluster.network.hung.add(third)
+        cluster.down.add(third)
+        result = await cluster[reader].get(key)
+        assert trio.current_time() == start + 0.5
+        assert values(result.siblings) == {b"v"}
+    assert (reader, third) in cluster.network.calls_of("replica_read")  # it might be back
+
+
+async def test_get_many_of_two_thousand_keys_makes_one_call_per_peer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    keys = [b"key-%d" % index for index in range(2000)]
+    async with cluster_of(5, Quorum(3, 2, 3)) as cluster:  # W=3: no replica lags behind
+        writer = cluster.nodes[0]
+        for key in keys[:50]:
+            await cluster[writer].put(key, Payload(0, 0, key), context=None)
+        reader = cluster.nodes[1]
+        cluster.network.calls.clear()
+        results = await cluster[reader].get_many([*keys, keys[0]])
+    reads = cluster.network.calls_of("replica_read")
+    assert sorted(target for _, target in reads) == sorted(set(cluster.nodes) - {reader})
+    assert all(source == reader for source, _ in reads)
+    assert [values(result.siblings) for result in results[:50]] == [{key} for key in keys[:50]]
+    assert all(result.siblings == () for result in results[50:-1])
+    assert results[-1] == results[0]
+    assert cluster.network.calls_of("replica_apply") == []  # nothing was stale
+
+
+# --- siblings ---------------------------------------------------------------------------------
+
+
+async def test_partitioned_writes_become_siblings_and_a_write_with_the_context_resolves_them(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    key = b"contended"
+    # W=1 lets both sides of the partition write; R=3 makes the read see every replica
+    # whatever order the replies (and b's background replication to c) come in.
+    async with cluster_of(3, Quorum(3, 3, 1)) as cluster:
+        a, b, c = cluster.nodes
+        cluster.network.partition({a}, {b, c})
+        left = await cluster[a].put(key, Payload(0, 0, b"left"), context=None)
+        right = await cluster[b].put(key, Payload(0, 0, b"right"), context=None)
+        cluster.network.heal()
+        result = await cluster[a].get(key)
+        assert set(result.siblings) == {left, right}
+        assert result.context.descends(left.clock)
+        assert result.context.descends(right.clock)
+        resolved = await cluster[c].put(key, Payload(0, 0, b"both"), context=result.context)
+    for node in cluster.nodes:
+        assert cluster.stored(node, key) == (resolved,)
+    assert resolved.clock.descends(left.clock)
+    assert resolved.clock.descends(right.clock)
+
+
+async def test_a_late_stale_replica_apply_is_dropped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    key = b"k"
+    async with cluster_of(3) as cluster:
+        a, b, _ = cluster.nodes
+        first = await cluster[a].put(key, Payload(0, 0, b"1"), context=None)
+        second = await cluster[a].put(key, Payload(0, 0, b"2"), context=None)
+    late = encode_siblings((first,))
+    stored = await cluster.network.call(a, b, "replica_apply", key, late)
+    assert stored is False
+    assert cluster.stored(b, key) == (second,)
+
+
+# --- flush_all and a cluster of one -----------------------------------------------------------
+
+
+async def test_flush_all_reaches_every_member_and_does_not_wait_for_down_ones(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    at = int(EPOCH * 1_000_000)
+    async with cluster_of(4) as cluster:
+        a, b, c, d = cluster.nodes
+        cluster.network.hung.add(d)
+        cluster.down.add(d)
+        await cluster[a].flush_all(at)
+        assert trio.current_time() == 0
+        assert cluster.flushes == [(a, at)]
+        for node in (a, b, c):
+            assert cluster[node].flushed_before(EPOCH + 1) == at
+        assert cluster[d].flushed_before(EPOCH + 1) == 0  # gossip's job
+
+
+async def test_a_cluster_of_one_never_uses_the_transport(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    node = NodeId("127.0.0.1", 11011)
+
+    class NoTransport:
+        async def call(self, peer: NodeId, method: str, *params: object) -> object:
+            raise AssertionError("a cluster of one must not call peers")
+
+    async with trio.open_nursery() as background:
+        coordinator = ClusterCoordinator(
+            self_node=node,
+            replica=LocalReplica(MemoryEngine(), actor=b"solo", buckets=BUCKETS, stats=NodeStats()),
+            transport=NoTransport(),
+            ring=lambda: Ring([node], buckets=BUCKETS),
+            quorum=Quorum(3, 2, 2),
+            background=background,
+        )
+        written = await coordinator.put(b"k", Payload(0, 0, b"v"), context=None)
+        assert (await coordinator.get(b"k")).siblings == (written,)
+        assert [r.siblings for r in await coordinator.get_many([b"k", b"x"])] == [(written,), ()]
+        await coordinator.flush_all(1)
+        assert coordinator.members() == ["127.0.0.1:11011"]
+
+
+# --- handlers ---------------------------------------------------------------------------------
+
+GOOD_RECORD = encode_siblings(())
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("replica_read", ("not a list",)),
+        ("replica_read", ([b""],)),
+        ("replica_read", ([b"x" * 251],)),
+        ("replica_read", (["text"],)),
+        ("replica_apply", (b"k", "text")),
+        ("replica_apply", ("k", GOOD_RECORD)),
+        ("replica_apply", (b"k", b"\x09garbage")),
+        ("replica_apply", (b"k", b"\x01\xc1")),
+        ("replica_apply", (b"k", b"\x01" + msgpack.packb([[[], 1, b"a", 0, 0]]))),
+        ("replica_apply", (b"k", b"\x01" + msgpack.packb([[[[b"a", 0, 1]], 1, b"a", 0, 0, b"v"]]))),
+        ("replica_apply", (b"k", b"\x01" + msgpack.packb([[[["a", 1, 1]], 1, b"a", 0, 0, b"v"]]))),
+        ("replica_apply", (b"k", b"\x01" + msgpack.packb([[[], 1, b"a", 0, 0, "text"]]))),
+        ("coordinate_put", (b"k", -1, 0, b"v", None)),
+        ("coordinate_put", (b"k", 0, True, b"v", None)),
+        ("coordinate_put", (b"k", 0, 0, "text", None)),
+        ("coordinate_put", (b"k", 0, 0, b"v", [[b"a", 1]])),
+        ("coordinate_put", (b"k", 0, 0, b"v", [[b"a", 1, 1], [b"a", 2, 1]])),
+        ("coordinate_put", (b"k", 0, 0, b"v", "clock")),
+        ("flush", ("soon",)),
+        ("flush", (-1,)),
+    ],
+)
+async def test_bad_handler_params_are_bad_requests(
+    autojump_clock: trio.testing.MockClock, method: str, params: tuple[object, ...]
+) -> None:
+    async with cluster_of(3) as cluster:
+        a, b, _ = cluster.nodes
+        with pytest.raises(RpcBadRequest):
+            await cluster.network.call(a, b, method, *params)
+        assert len(cluster.network.calls) == 1  # refused without side effects
+        assert cluster.stored(b, b"k") == ()
+
+
+async def test_too_many_siblings_in_a_replica_apply_is_a_bad_request(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    key = b"k"
+    async with cluster_of(3, siblings_maximum=1) as cluster:
+        a, b, _ = cluster.nodes
+        cluster[a].replica.coordinate_write(key, Payload(0, 0, b"a"), None)
+        concurrent = cluster[b].replica.coordinate_write(key, Payload(0, 0, b"b"), None)
+        with pytest.raises(RpcBadRequest):
+            await cluster[a].handlers()["replica_apply"](key, encode_siblings((concurrent,)))
+
+
+def test_a_read_round_counts_each_replica_once_per_key() -> None:
+    a, b, c = (NodeId("127.0.0.1", port) for port in (1, 2, 3))
+    round_ = ReadRound([b"x", b"y"], [(a, b, c), (a, b)], r=2)
+    assert round_.batch(a) == [b"x", b"y"]
+    assert round_.batch(c) == [b"x"]
+    round_.record_reply(a, [(), ()])
+    round_.record_reply(a, [(), ()])
+    assert (round_.unmet, round_.lost_index) == (2, None)  # a's second answer did not count
+    round_.record_failure(c, timed_out=False)
+    assert (round_.unmet, round_.lost_index) == (2, None)
+    round_.record_failure(b, timed_out=False)
+    assert round_.decided
+    assert isinstance(round_.error(), QuorumUnavailable)
+
+
+def test_the_quorum_bookkeeping_is_pure() -> None:
+    code = (
+        "import sys, kai.cluster.quorum\n"
+        "print(','.join(sorted(m for m in ('trio', 'plyvel', 'socket') if m in sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == ""
