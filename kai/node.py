@@ -10,22 +10,24 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
 
 from kai import __version__
+from kai.cluster.wiring import Cluster
 from kai.config import Config
-from kai.coordinator import LocalCoordinator
 from kai.memcache.commands import CommandExecutor, NodeInfo
 from kai.memcache.server import MemcacheServer
+from kai.node_admin import AdminHandlers
 from kai.replica import LocalReplica
-from kai.ring import NodeId, Ring
+from kai.ring import NodeId
 from kai.rpc.secret import load_or_create_secret
 from kai.rpc.server import serve_rpc
 from kai.stats import NodeStats
 from kai.storage.engine import StorageEngine, open_engine
+from kai.transport import RpcTransport
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class Node:
         self._server: MemcacheServer | None = None
         self.replica: LocalReplica | None = None
         self.executor: CommandExecutor | None = None
+        self.cluster: Cluster | None = None
         self.started_at = time.time()
 
     def shut_down(self) -> None:
@@ -117,56 +120,40 @@ class Node:
             time.monotonic() - started,
         )
         self.replica = replica
-        coordinator = LocalCoordinator(replica, node_name=self.name)
-        info = NodeInfo(
-            node=self.name,
-            quorum=str(config.quorum.capped(1)),
-            buckets=config.buckets,
-            virtual_nodes=config.virtual_nodes,
-            store=engine.name,
-            max_connections=config.max_connections,
-            max_item_size=config.max_item_size,
-            settings=config.to_dict(),
-            started_at=self.started_at,
-        )
-        self.executor = CommandExecutor(
-            coordinator,
-            self.stats,
-            info,
-            item_counts=lambda: (replica.items, replica.item_bytes),
-            extra_stats=lambda: [
-                ("kai_cache_bytes", replica.cache.size),
-                ("kai_cache_entries", len(replica.cache)),
-                ("kai_cache_hits", replica.cache.hits),
-                ("kai_cache_misses", replica.cache.misses),
-            ],
-            all_siblings=config.siblings == "all",
-        )
-        server = MemcacheServer(
-            self.executor,
-            self.stats,
-            max_connections=config.max_connections,
-            max_item_size=config.max_item_size,
-        )
-        self._server = server
         for warning in config.warnings():
             logger.warning("%s", warning)
+        handlers: dict[str, Callable[..., Awaitable[object]]] = {}
         async with trio.open_nursery() as services:
+            # The RPC address is the node's identity: bind it first (port 0 picks one).
             rpc_listeners = await services.start(
-                serve_rpc, config.rpc.host, config.rpc.port, secret, self._rpc_handlers()
+                serve_rpc, config.rpc.host, config.rpc.port, secret, handlers
             )
             rpc_address = rpc_listeners[0].socket.getsockname()[:2]
-            if config.rpc.port == 0:  # an ephemeral port (tests): name the node by the real one
-                self.name = coordinator.node_name = f"{rpc_address[0]}:{rpc_address[1]}"
-                self.executor.info = attrs.evolve(info, node=self.name)
+            self_node = NodeId(rpc_address[0], rpc_address[1])
+            self.name = str(self_node)
+            transport = RpcTransport(secret, services)
+            cluster = Cluster(config, engine, replica, self_node, transport, services)
+            self.cluster = cluster
+            handlers.update(cluster.handlers())
+            handlers.update(AdminHandlers(self, cluster).handlers())
+            executor = self._executor(cluster, engine)
+            self.executor = executor
+            server = MemcacheServer(
+                executor,
+                self.stats,
+                max_connections=config.max_connections,
+                max_item_size=config.max_item_size,
+            )
+            self._server = server
+            await services.start(cluster.membership.run)
             async with trio.open_nursery() as front:
                 addresses = await front.start(server.serve, config.listen.host, config.listen.port)
                 memcache_address = addresses[0]
                 logger.info(
-                    "kai %s serving memcached on %s:%s, rpc on %s:%s (store %s, actor %s)",
+                    "kai %s serving memcached on %s:%s, rpc on %s (store %s, actor %s)",
                     __version__,
                     *memcache_address,
-                    *rpc_address,
+                    self_node,
                     engine.name,
                     actor.hex(),
                 )
@@ -177,88 +164,32 @@ class Node:
                 front.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
             services.cancel_scope.cancel()
 
-    # --- admin RPC ----------------------------------------------------------------------------
-
-    def _rpc_handlers(self) -> dict[str, Any]:
-        return {
-            "status": self._rpc_status,
-            "stats": self._rpc_stats,
-            "members": self._rpc_members,
-            "ring": self._rpc_ring,
-            "locate": self._rpc_locate,
-        }
-
-    def _ring(self) -> Ring:
-        return Ring(
-            [NodeId.parse(self.name)],
-            buckets=self.config.buckets,
-            virtual_nodes=self.config.virtual_nodes,
+    def _executor(self, cluster: Cluster, engine: StorageEngine) -> CommandExecutor:
+        config = self.config
+        replica = cluster.replica
+        info = NodeInfo(
+            node=self.name,
+            quorum=str(config.quorum),
+            buckets=config.buckets,
+            virtual_nodes=config.virtual_nodes,
+            store=engine.name,
+            max_connections=config.max_connections,
+            max_item_size=config.max_item_size,
+            settings=config.to_dict(),
+            started_at=self.started_at,
         )
-
-    async def _rpc_status(self) -> dict[str, object]:
-        replica = self.replica
-        assert replica is not None
-        return {
-            "node": self.name,
-            "version": __version__,
-            "uptime": int(time.time() - self.started_at),
-            "members": [self.name],
-            "quorum": str(self.config.quorum),
-            "effective_quorum": str(self.config.quorum.capped(1)),
-            "store": self.config.store,
-            "data_dir": str(self.config.data_dir.resolve()),
-            "actor": replica.actor.hex(),
-            "items": replica.items,
-            "bytes": replica.item_bytes,
-            "connections": self.stats.curr_connections,
-        }
-
-    async def _rpc_stats(self) -> dict[str, object]:
-        assert self.executor is not None
-        return dict(self.executor.general_stats())
-
-    async def _rpc_members(self) -> list[dict[str, object]]:
-        return [{"node": self.name, "status": "valid", "reachable": True}]
-
-    async def _rpc_ring(self) -> dict[str, object]:
-        ring = self._ring()
-        owned: dict[str, int] = {}
-        for partition in range(ring.buckets):
-            for node in ring.primaries(partition, self.config.quorum.n):
-                owned[str(node)] = owned.get(str(node), 0) + 1
-        return {
-            "buckets": ring.buckets,
-            "virtual_nodes": ring.virtual_nodes,
-            "nodes": [str(node) for node in ring.nodes],
-            "partitions_per_node": owned,
-        }
-
-    async def _rpc_locate(self, key: bytes) -> dict[str, object]:
-        replica = self.replica
-        assert replica is not None
-        ring = self._ring()
-        partition = ring.partition_for_key(key)
-        siblings = replica.read(key)
-        return {
-            "key": key,
-            "partition": partition,
-            "preference_list": [str(node) for node in ring.preference_list(partition)],
-            "n": self.config.quorum.capped(len(ring.nodes)).n,
-            "replicas": [
-                {
-                    "node": self.name,
-                    "holds": bool(siblings),
-                    "versions": [
-                        {
-                            "clock": {
-                                actor.hex(): counter for actor, counter, _ in v.clock.entries
-                            },
-                            "timestamp": v.timestamp,
-                            "tombstone": v.value is None,
-                            "bytes": len(v.value or b""),
-                        }
-                        for v in siblings
-                    ],
-                }
+        return CommandExecutor(
+            cluster.coordinator,
+            self.stats,
+            info,
+            item_counts=lambda: (replica.items, replica.item_bytes),
+            extra_stats=lambda: [
+                ("kai_cache_bytes", replica.cache.size),
+                ("kai_cache_entries", len(replica.cache)),
+                ("kai_cache_hits", replica.cache.hits),
+                ("kai_cache_misses", replica.cache.misses),
+                ("kai_down_nodes", " ".join(map(str, cluster.detector.down_nodes())) or "-"),
+                *cluster.coordinator.statistics(),
             ],
-        }
+            all_siblings=config.siblings == "all",
+        )

@@ -286,6 +286,11 @@ class LocalReplica:
             # microsecond: move this node's write timestamps past the flush time.
             self._last_timestamp = max(self._last_timestamp, at)
 
+    @property
+    def flush_times(self) -> tuple[int, ...]:
+        """The flush_all times this replica knows (the latest past one and pending ones)."""
+        return tuple(self._flush_times)
+
     def flushed_before(self, now: float) -> int:
         """The flush cutoff (microseconds) in effect at unix time ``now`` (0 = none)."""
         now_us = now * 1_000_000

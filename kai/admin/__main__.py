@@ -44,7 +44,7 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
     "join": (
         "make the node join the cluster of SEED (an RPC HOST:PORT)",
         "kai-admin --node 127.0.0.1:11012 join 127.0.0.1:11011",
-        None,
+        "join",
     ),
     "leave": ("hand the node's data off, then retire it", "kai-admin leave", None),
     "remove": (
@@ -160,14 +160,18 @@ def main(argv: Sequence[str] | None = None, *, out: Callable[[str], object] | No
     _help, _example, method = COMMANDS[args.command]
     if method is None:
         sys.stderr.write(
-            f"kai-admin {args.command}: membership changes are not available in this version; "
-            "nodes run as single-node clusters\n"
+            f"kai-admin {args.command}: not available in this version: moving a node's data "
+            "off the ring (leave, remove) comes with ownership transfer\n"
         )
         return 2
     try:
         address = Address.parse(args.node, name="--node")
         secret = load_secret(_secret_path(args))
-        params: tuple[object, ...] = (args.key.encode(),) if args.command == "locate" else ()
+        params: tuple[object, ...] = ()
+        if args.command == "locate":
+            params = (args.key.encode(),)
+        elif args.command == "join":
+            params = (args.seed,)
         result = trio.run(call_node, address, secret, method, *params)
     except trio.TooSlowError:
         sys.stderr.write(f"kai-admin: {args.node} did not answer within {CALL_TIMEOUT:g}s\n")

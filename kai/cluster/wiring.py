@@ -1,0 +1,122 @@
+"""One node's part of the cluster: membership, ring, failure detector and coordinator, wired.
+
+Used by the real node (over authenticated TCP) and by the in-process test cluster (over the
+fault-injecting network), so both run the same wiring. Persists the membership view in the
+storage engine's metadata and rebuilds the ring when the members change. Never listens on
+sockets itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+
+import msgpack
+import trio
+
+from kai.cluster.coordinator import ClusterCoordinator
+from kai.config import Config
+from kai.membership.detector import FailureDetector
+from kai.membership.gossip import Membership
+from kai.membership.view import MembershipView
+from kai.replica import LocalReplica
+from kai.ring import NodeId, Ring
+from kai.storage.engine import StorageEngine
+from kai.transport import Transport
+
+logger = logging.getLogger(__name__)
+
+#: Metadata name of the persisted membership view.
+MEMBERSHIP_META = "membership"
+
+
+def load_view(engine: StorageEngine, self_node: NodeId) -> MembershipView:
+    """The persisted membership view, or a view of this node alone on first start."""
+    raw = engine.get_meta(MEMBERSHIP_META)
+    if raw is None:
+        return MembershipView.single(self_node)
+    try:
+        return MembershipView.from_wire(msgpack.unpackb(raw, raw=False))
+    except ValueError:
+        logger.warning("persisted membership view is unreadable; starting alone")
+        return MembershipView.single(self_node)
+
+
+class Cluster:
+    """This node's view of the cluster: membership, ring, failure detector, coordinator."""
+
+    def __init__(
+        self,
+        config: Config,
+        engine: StorageEngine,
+        replica: LocalReplica,
+        self_node: NodeId,
+        transport: Transport,
+        background: trio.Nursery,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.replica = replica
+        self.self_node = self_node
+        self.transport = transport
+        self.detector = FailureDetector()
+        view = load_view(engine, self_node)
+        self._ring = Ring(
+            view.ring_nodes() or (self_node,),
+            buckets=config.buckets,
+            virtual_nodes=config.virtual_nodes,
+        )
+        seeds = [NodeId(seed.host, seed.port) for seed in config.seeds]
+        self.membership = Membership(
+            self_node,
+            view,
+            transport=transport,
+            detector=self.detector,
+            seeds=[seed for seed in seeds if seed != self_node],
+            interval=config.membership_interval / 1000,
+            call_timeout=max(config.membership_interval / 1000, 1.0),
+            rng=rng if rng is not None else random.Random(),
+            on_change=self._on_view_change,
+        )
+        self.coordinator = ClusterCoordinator(
+            self_node=self_node,
+            replica=replica,
+            transport=transport,
+            ring=self.ring,
+            quorum=config.quorum,
+            is_up=self.detector.is_up,
+            on_success=self.detector.record_success,
+            on_failure=self.detector.record_failure,
+            request_timeout=config.request_timeout / 1000,
+            on_flush=self.membership.add_flush,
+            background=background,
+        )
+        self._on_view_change(self.membership.view)
+
+    def ring(self) -> Ring:
+        """The current ring (rebuilt whenever the members change)."""
+        return self._ring
+
+    def _on_view_change(self, view: MembershipView) -> None:
+        self.engine.put_meta(MEMBERSHIP_META, msgpack.packb(view.to_wire(), use_bin_type=True))
+        nodes = view.ring_nodes() or (self.self_node,)
+        if nodes != self._ring.nodes:
+            logger.info("members: %s", " ".join(str(node) for node in nodes))
+            self._ring = Ring(
+                nodes, buckets=self._ring.buckets, virtual_nodes=self._ring.virtual_nodes
+            )
+        known = set(self.replica.flush_times)
+        for at in view.flush_times:
+            if at not in known:
+                self.replica.flush(at)
+
+    def handlers(self) -> dict[str, Callable[..., Awaitable[object]]]:
+        """The peer-to-peer RPC methods: replication and gossip."""
+
+        async def gossip(wire: object) -> object:
+            return self.membership.handle_gossip(wire)
+
+        return {**self.coordinator.handlers(), "gossip": gossip}

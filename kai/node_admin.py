@@ -1,0 +1,168 @@
+"""The RPC methods ``kai-admin`` calls: status, stats, members, ring, locate, join.
+
+Reads the node's state and asks replicas over the transport; never changes data.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from kai import __version__
+from kai.errors import RpcBadRequest, RpcError
+from kai.ring import NodeId
+from kai.versions import SiblingSet, decode_siblings
+
+if TYPE_CHECKING:
+    from kai.cluster.wiring import Cluster
+    from kai.node import Node
+
+#: Seconds ``locate`` waits for each replica.
+LOCATE_TIMEOUT = 5.0
+
+
+def _describe(siblings: SiblingSet) -> list[dict[str, object]]:
+    return [
+        {
+            "clock": {actor.hex(): counter for actor, counter, _ in version.clock.entries},
+            "timestamp": version.timestamp,
+            "tombstone": version.value is None,
+            "bytes": len(version.value or b""),
+        }
+        for version in siblings
+    ]
+
+
+class AdminHandlers:
+    """The admin RPC methods of one node."""
+
+    def __init__(self, node: Node, cluster: Cluster) -> None:
+        self.node = node
+        self.cluster = cluster
+
+    def handlers(self) -> dict[str, Callable[..., Awaitable[object]]]:
+        """Method name -> handler, for the RPC server."""
+        return {
+            "status": self.status,
+            "stats": self.stats,
+            "members": self.members,
+            "ring": self.ring,
+            "locate": self.locate,
+            "join": self.join,
+            "ping": self.ping,
+        }
+
+    async def ping(self) -> str:
+        """Liveness probe for the failure detector."""
+        return "pong"
+
+    async def status(self) -> dict[str, object]:
+        """Identity, version, uptime, quorum and item counts."""
+        node, cluster = self.node, self.cluster
+        replica = cluster.replica
+        members = cluster.ring().nodes
+        return {
+            "node": str(cluster.self_node),
+            "version": __version__,
+            "uptime": int(time.time() - node.started_at),
+            "members": [str(member) for member in members],
+            "quorum": str(node.config.quorum),
+            "effective_quorum": str(node.config.quorum.capped(len(members))),
+            "store": node.config.store,
+            "data_dir": str(node.config.data_dir.resolve()),
+            "actor": replica.actor.hex(),
+            "items": replica.items,
+            "bytes": replica.item_bytes,
+            "connections": node.stats.curr_connections,
+        }
+
+    async def stats(self) -> dict[str, object]:
+        """The memcached-style ``stats`` fields."""
+        assert self.node.executor is not None
+        return dict(self.node.executor.general_stats())
+
+    async def members(self) -> list[dict[str, object]]:
+        """Every member in the gossiped view, with its status and local reachability."""
+        cluster = self.cluster
+        view = cluster.membership.view
+        return [
+            {
+                "node": str(member.node),
+                "status": member.status,
+                "version": member.version,
+                "reachable": member.node == cluster.self_node
+                or cluster.detector.is_up(member.node),
+            }
+            for member in view.members
+        ]
+
+    async def ring(self) -> dict[str, object]:
+        """Ring parameters and how many partitions each node is a primary for."""
+        ring = self.cluster.ring()
+        n = self.node.config.quorum.capped(len(ring.nodes)).n
+        owned = {str(node): 0 for node in ring.nodes}
+        for partition in range(ring.buckets):
+            for node in ring.primaries(partition, n):
+                owned[str(node)] += 1
+        return {
+            "buckets": ring.buckets,
+            "virtual_nodes": ring.virtual_nodes,
+            "n": n,
+            "nodes": [str(node) for node in ring.nodes],
+            "partitions_per_node": owned,
+        }
+
+    async def locate(self, key: object) -> dict[str, object]:
+        """Where ``key`` lives, and what each of its N replicas holds."""
+        if not isinstance(key, bytes) or not key:
+            raise RpcBadRequest("locate takes the key as non-empty bytes")
+        cluster = self.cluster
+        ring = cluster.ring()
+        partition = ring.partition_for_key(key)
+        n = self.node.config.quorum.capped(len(ring.nodes)).n
+        primaries = ring.primaries(partition, n)
+        replicas: list[dict[str, object]] = [{} for _ in primaries]
+
+        async def ask(index: int, node: NodeId) -> None:
+            entry: dict[str, object] = {"node": str(node)}
+            try:
+                if node == cluster.self_node:
+                    siblings = cluster.replica.read(key)
+                else:
+                    with trio.fail_after(LOCATE_TIMEOUT):
+                        reply = await cluster.transport.call(node, "replica_read", [key])
+                    if not isinstance(reply, list) or len(reply) != 1:
+                        raise ValueError(f"unexpected replica_read reply {reply!r}")
+                    record = reply[0]
+                    siblings = decode_siblings(record) if isinstance(record, bytes) else ()
+                entry["holds"] = bool(siblings)
+                entry["versions"] = _describe(siblings)
+            except (RpcError, trio.TooSlowError, ValueError) as error:
+                entry["holds"] = False
+                entry["error"] = f"{type(error).__name__}: {error}"
+            replicas[index] = entry
+
+        async with trio.open_nursery() as nursery:
+            for index, node in enumerate(primaries):
+                nursery.start_soon(ask, index, node)
+        return {
+            "key": key,
+            "partition": partition,
+            "preference_list": [str(node) for node in ring.preference_list(partition)],
+            "n": n,
+            "replicas": replicas,
+        }
+
+    async def join(self, seed: object) -> dict[str, object]:
+        """Join the cluster that ``seed`` (an RPC ``host:port``) belongs to."""
+        if not isinstance(seed, str):
+            raise RpcBadRequest("join takes the seed as a HOST:PORT string")
+        try:
+            seed_node = NodeId.parse(seed)
+        except ValueError as error:
+            raise RpcBadRequest(str(error)) from error
+        await self.cluster.membership.join(seed_node)
+        return {"members": [str(node) for node in self.cluster.ring().nodes]}
