@@ -107,3 +107,25 @@ class RpcBadRequest(RpcError):
     """The parameters were not acceptable to the remote handler."""
 
     code = 7
+
+
+# A forwarded write can fail on the primary in ways the client must hear about exactly as if
+# it had been coordinated where it arrived; these carry them across the wire.
+
+
+class RpcQuorumTimeout(RpcError):
+    """The primary coordinating a forwarded write did not get W acks in time."""
+
+    code = 40
+
+
+class RpcQuorumUnavailable(RpcError):
+    """The primary coordinating a forwarded write cannot reach W replicas."""
+
+    code = 41
+
+
+class RpcTooManySiblings(RpcError):
+    """The forwarded write would leave too many siblings; resolve them first."""
+
+    code = 42

@@ -25,12 +25,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import ClassVar, TypeGuard
+from typing import TypeGuard
 
 import msgpack
 import trio
 
-from kai.errors import QuorumTimeout, QuorumUnavailable, RpcBadRequest, RpcError, TooManySiblings
+from kai.errors import (
+    QuorumTimeout,
+    QuorumUnavailable,
+    RpcBadRequest,
+    RpcError,
+    RpcQuorumTimeout,
+    RpcQuorumUnavailable,
+    RpcTooManySiblings,
+    TooManySiblings,
+)
 from kai.replica import LocalReplica, Payload
 from kai.vclock import VClock
 from kai.versions import SiblingSet, Version, decode_siblings, encode_siblings
@@ -56,24 +65,6 @@ CoordinateWrite = Callable[[bytes, Payload, VClock | None], Awaitable[Version]]
 # A forwarded ``coordinate_put`` can fail on the primary in ways the client must hear about
 # exactly as if the write had been coordinated where it arrived. These RPC errors carry them
 # across the wire; :func:`raise_forwarded` turns them back into the coordinator's errors.
-
-
-class RpcQuorumTimeout(RpcError):
-    """The primary coordinating a forwarded write did not get W acks in time."""
-
-    code: ClassVar[int] = 40
-
-
-class RpcQuorumUnavailable(RpcError):
-    """The primary coordinating a forwarded write cannot reach W replicas."""
-
-    code: ClassVar[int] = 41
-
-
-class RpcTooManySiblings(RpcError):
-    """The forwarded write would leave too many siblings; resolve them first."""
-
-    code: ClassVar[int] = 42
 
 
 def raise_forwarded(error: RpcError) -> None:
