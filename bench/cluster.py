@@ -1,0 +1,569 @@
+"""Benchmark a local kai cluster in the original Kai's published setting, in one command.
+
+The setting: N=3 R=2 W=2, 80% get / 20% set, 1 KB values (the original Kai reported
+14,212 ops/s on five 4-core servers). For each cluster size it starts fresh kai nodes on free
+loopback ports (one temporary data directory each; the first node's cluster secret is copied
+to the others, which join through it as their seed), waits until every node lists every
+member in ``stats``, sets every key with ``loadgen.py --preload``, then runs ``loadgen.py``
+with its connections spread over all the nodes' memcached ports while it accounts the CPU
+used by the nodes, the generator and everything else on the machine. It records each node's
+resident memory and counters, stops the nodes, prints a markdown table and writes JSON under
+``bench/results/``. Nodes and temporary directories are always cleaned up, and every wait
+has a deadline.
+
+Example::
+
+    python bench/cluster.py                           # 3 nodes, 1 + 10 s of load
+    python bench/cluster.py --scaling --duration 5    # 1, 3, then 5 nodes
+    python bench/cluster.py --nodes 5 --connections 60 --update-readme
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from _common import format_count, format_ms, markdown_table
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+sys.path.insert(0, str(REPO_DIR))
+
+from kai.testing.process import KaiProcess, free_port  # noqa: E402  (needs the repo on sys.path)
+
+HOST = "127.0.0.1"
+SCALING_SIZES = (1, 3, 5)
+#: Seconds to wait for the first node's secret file and for the cluster to form.
+SECRET_TIMEOUT = 10.0
+FORM_TIMEOUT = 60.0
+#: Seconds one ``stats`` request may take.
+STATS_TIMEOUT = 5.0
+#: Seconds loadgen may need beyond warmup + duration (connecting, preloading, reporting).
+LOADGEN_SLACK = 120.0
+#: The per-node counters kept in the JSON (and checked for trouble) after each run.
+NODE_COUNTERS = (
+    "cmd_get",
+    "cmd_set",
+    "get_hits",
+    "get_misses",
+    "curr_connections",
+    "curr_items",
+    "kai_quorum_failures",
+    "kai_unreconciled_get",
+    "kai_sibling_warnings",
+    "kai_sibling_rejections",
+    "rusage_user",
+    "rusage_system",
+)
+TARGET_OPS = 10_000
+TARGET_P999_MS = 20.0
+#: README blocks replaced by ``--update-readme``: one for a single size, one for ``--scaling``.
+README_BLOCKS = {False: "cluster results", True: "cluster scaling results"}
+HEADER = (
+    "nodes",
+    "N,R,W used",
+    "ops/s",
+    "p50 ms",
+    "p99 ms",
+    "p99.9 ms",
+    "misses+errors",
+    "RSS per node (MiB)",
+    "preload sets/s (1 conn, pipelined)",
+    "load avg before",
+    "other CPU (cores)",
+)
+
+
+def parse_quorum(text: str) -> tuple[int, int, int]:
+    """``N,R,W`` as three integers with 1 <= R, W <= N (raise ValueError otherwise)."""
+    parts = text.split(",")
+    if len(parts) != 3 or not all(part.strip().isdigit() for part in parts):
+        raise ValueError(f"expected N,R,W (three integers), got {text!r}")
+    n, r, w = (int(part) for part in parts)
+    if n < 1 or not (1 <= r <= n and 1 <= w <= n):
+        raise ValueError(f"need 1 <= R, W <= N, got {text!r}")
+    return n, r, w
+
+
+def effective_quorum(text: str, members: int) -> str:
+    """The quorum a cluster of ``members`` nodes uses: each of N, R, W capped at ``members``."""
+    return ",".join(str(min(value, members)) for value in parse_quorum(text))
+
+
+def node_config(quorum: str, membership_interval: int) -> str:
+    """The TOML every node of the cluster is started with."""
+    return f'quorum = "{quorum}"\nmembership_interval = {membership_interval}\n'
+
+
+def memcache_stats(port: int) -> dict[str, str]:
+    """The node's general ``stats`` as name -> value (values may contain spaces)."""
+    deadline = time.monotonic() + STATS_TIMEOUT
+    with socket.create_connection((HOST, port), timeout=STATS_TIMEOUT) as sock:
+        sock.sendall(b"stats\r\n")
+        reply = b""
+        while not reply.endswith((b"END\r\n", b"ERROR\r\n")):
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    fields = {}
+    for line in reply.decode("utf-8", "replace").split("\r\n"):
+        if line.startswith("STAT "):
+            name, _, value = line[5:].partition(" ")
+            fields[name] = value
+    return fields
+
+
+def members_seen_by(node: KaiProcess) -> set[str]:
+    """The RPC addresses a node lists in ``kai_curr_nodes`` (empty if it does not answer)."""
+    try:
+        return set(memcache_stats(node.port).get("kai_curr_nodes", "").split())
+    except OSError:
+        return set()
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process from /proc, in KiB (empty if unavailable)."""
+    found = {}
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return found
+    for line in status.splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            found[name] = int(value.split()[0])
+    return found
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all cores, from /proc/stat)."""
+    # user nice system idle iowait irq softirq steal (guest time is already inside user)
+    ticks = [int(value) for value in Path("/proc/stat").read_text().split()[1:9]]
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one running process (0.0 if it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rpartition(")")[2].split()  # fields after the command name, from state on
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process plus its reaped children (loadgen and its workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class CpuMeter:
+    """The machine's CPU use over a stretch of time: kai nodes, generator, everything else.
+
+    "Everything else" is what other processes on the machine took while the benchmark ran,
+    so a run disturbed by other work shows it.
+    """
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+        self.started = time.monotonic()
+        self.busy = machine_busy_seconds()
+        self.own = own_cpu_seconds()
+        self.nodes = [process_cpu_seconds(pid) for pid in self.pids]
+
+    def read(self) -> dict[str, float]:
+        """Average cores used since construction: ``nodes``, ``generator``, ``other``."""
+        wall = max(time.monotonic() - self.started, 1e-9)
+        nodes = sum(process_cpu_seconds(pid) for pid in self.pids) - sum(self.nodes)
+        generator = own_cpu_seconds() - self.own
+        other = machine_busy_seconds() - self.busy - nodes - generator
+        return {
+            "seconds": wall,
+            "nodes": nodes / wall,
+            "generator": generator / wall,
+            "other": max(other, 0.0) / wall,
+        }
+
+
+def wait_for_file(path: Path, timeout: float) -> bytes:
+    """The contents of ``path`` once it exists and is non-empty (raise after ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and (data := path.read_bytes()):
+            return data
+        time.sleep(0.05)  # poll interval of a deadline-bounded wait
+    raise TimeoutError(f"{path} did not appear in {timeout:g} s")
+
+
+def write_secret(path: Path, secret: bytes) -> None:
+    """Write a cluster secret readable by its owner only (mode 0600 from the start)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(secret)
+
+
+def start_cluster(size: int, base: Path, config: str, nodes: list[KaiProcess]) -> None:
+    """Start ``size`` nodes under ``base``, appending each to ``nodes`` (the caller stops them).
+
+    Node 1 creates the cluster secret; every other node gets a copy before it starts and
+    joins with node 1's RPC address as its seed.
+    """
+    first = KaiProcess(base / "n1", port=free_port(), rpc_port=free_port(), config=config)
+    nodes.append(first)
+    first.start()
+    secret = wait_for_file(first.data_dir / "cluster.secret", SECRET_TIMEOUT)
+    for index in range(2, size + 1):
+        data_dir = base / f"n{index}"
+        data_dir.mkdir(parents=True)
+        write_secret(data_dir / "cluster.secret", secret)
+        node = KaiProcess(
+            data_dir,
+            port=free_port(),
+            rpc_port=free_port(),
+            config=config,
+            extra_args=["--seed", f"{HOST}:{first.rpc_port}"],
+        )
+        nodes.append(node)
+        node.start()
+
+
+def wait_until_formed(nodes: Sequence[KaiProcess], timeout: float) -> float:
+    """Poll until every node lists every member; the seconds it took (raise on timeout)."""
+    everyone = {f"{HOST}:{node.rpc_port}" for node in nodes}
+    started = time.monotonic()
+    deadline = started + timeout
+    waiting = list(nodes)
+    seen: set[str] = set()
+    while waiting:
+        for node in nodes:
+            if node.process is not None and node.process.poll() is not None:
+                raise RuntimeError(f"node {node.rpc_port} exited with {node.process.returncode}")
+        seen = members_seen_by(waiting[0])
+        if seen == everyone:
+            waiting.pop(0)
+            continue
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"cluster did not form in {timeout:g} s: node {waiting[0].rpc_port} sees "
+                f"{sorted(seen) or 'nothing'}, expected {sorted(everyone)}"
+            )
+        time.sleep(0.05)  # poll interval of a deadline-bounded wait
+    return time.monotonic() - started
+
+
+def run_loadgen(
+    ports: Sequence[int], args: argparse.Namespace, output: Path, *, preload: bool
+) -> dict[str, Any]:
+    """One loadgen run over all ``ports``; its JSON result or an ``error`` entry.
+
+    With ``preload`` it only sets every key (and sends one request), so that the measured run
+    that follows, and the CPU accounting around it, contains nothing but the workload.
+    """
+    command = [
+        sys.executable,
+        str(BENCH_DIR / "loadgen.py"),
+        "--servers=" + ",".join(f"{HOST}:{port}" for port in ports),
+        f"--connections={args.connections}",
+        f"--processes={args.processes}",
+        f"--pipeline={args.pipeline}",
+        f"--get-ratio={args.get_ratio}",
+        f"--keys={args.keys}",
+        f"--value-size={args.value_size}",
+        f"--json={output}",
+    ]
+    if preload:
+        command += ["--preload", "--max-ops=1", "--warmup=0", "--duration=0.1"]
+        timeout = LOADGEN_SLACK
+    else:
+        command += [f"--warmup={args.warmup}", f"--duration={args.duration}"]
+        timeout = args.warmup + args.duration + LOADGEN_SLACK
+    print("$", " ".join(command[1:]), flush=True)
+    try:
+        completed = subprocess.run(
+            command, timeout=timeout, check=False, stdout=subprocess.DEVNULL if preload else None
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"loadgen did not finish in {timeout:g} s"}
+    if not output.exists():
+        return {"error": f"loadgen exited with {completed.returncode} and wrote no result"}
+    result: dict[str, Any] = json.loads(output.read_text())
+    return result
+
+
+def node_report(node: KaiProcess) -> dict[str, Any]:
+    """A node's memory, counters and logged warnings, taken while it still runs."""
+    report: dict[str, Any] = {
+        "memcached_port": node.port,
+        "rpc": f"{HOST}:{node.rpc_port}",
+        "pid": node.pid,
+        "memory_kib": memory_kib(node.pid),
+    }
+    try:
+        fields = memcache_stats(node.port)
+    except OSError as error:
+        report["stats_error"] = str(error)
+    else:
+        report["quorum"] = fields.get("kai_quorum")
+        report["stats"] = {name: fields[name] for name in NODE_COUNTERS if name in fields}
+    problems = [
+        line for line in node.log_text().splitlines() if " WARNING " in line or " ERROR " in line
+    ]
+    report["log_warnings"] = len(problems)
+    report["log_warning_sample"] = problems if len(problems) <= 10 else problems[:5] + problems[-5:]
+    return report
+
+
+def print_node_reports(reports: Sequence[dict[str, Any]]) -> None:
+    """One line per node: memory after the run, requests it coordinated, trouble it logged."""
+    for report in reports:
+        memory = report["memory_kib"]
+        stats = report.get("stats", {})
+        counters = ", ".join(
+            f"{name} {stats[name]}"
+            for name in ("cmd_get", "cmd_set", "get_misses", "kai_quorum_failures")
+            if name in stats
+        )
+        print(
+            f"node {report['rpc']} (pid {report['pid']}): "
+            f"RSS {memory.get('VmRSS', 0) / 1024:.1f} MiB (peak {memory.get('VmHWM', 0) / 1024:.1f}"
+            f" MiB); {counters or report.get('stats_error', 'no stats')}; "
+            f"{report['log_warnings']} warning/error log lines",
+            flush=True,
+        )
+        for line in report["log_warning_sample"]:
+            print(f"    {line}", flush=True)
+
+
+def measure_cluster(size: int, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    """Start a fresh cluster of ``size`` nodes, load it, report on it, and always stop it."""
+    print(f"\n== {size} node(s), quorum {args.quorum} ==", flush=True)
+    base = scratch / f"cluster-{size}"
+    base.mkdir()
+    config = node_config(args.quorum, args.membership_interval)
+    run: dict[str, Any] = {"nodes": size, "configured_quorum": args.quorum}
+    nodes: list[KaiProcess] = []
+    try:
+        start = time.monotonic()
+        start_cluster(size, base, config, nodes)
+        run["start_seconds"] = time.monotonic() - start
+        run["form_seconds"] = wait_until_formed(nodes, args.form_timeout)
+        print(
+            f"cluster formed: {size} node(s) started in {run['start_seconds']:.1f} s, "
+            f"all members seen after {run['form_seconds']:.1f} s more",
+            flush=True,
+        )
+        run["load_average_before"] = os.getloadavg()[0]
+        ports = [node.port for node in nodes]
+        start = time.monotonic()
+        preloaded = run_loadgen(ports, args, base / "preload.json", preload=True)
+        run["preload_seconds"] = time.monotonic() - start
+        if "error" in preloaded:
+            raise RuntimeError(f"preload failed: {preloaded['error']}")
+        if preloaded["error_count"] or preloaded["get_misses"]:
+            raise RuntimeError(
+                f"preload failed: errors {preloaded['errors']}, {preloaded['get_misses']} misses"
+            )
+        run["preload_sets_per_sec"] = args.keys / run["preload_seconds"]
+        print(
+            f"preloaded {args.keys:,} keys in {run['preload_seconds']:.1f} s "
+            f"({format_count(run['preload_sets_per_sec'])} pipelined sets/s)",
+            flush=True,
+        )
+        meter = CpuMeter([node.pid for node in nodes])
+        run["load"] = run_loadgen(ports, args, base / "loadgen.json", preload=False)
+        run["cpu_cores"] = meter.read()
+        run["load_average_after"] = os.getloadavg()[0]
+        cores = run["cpu_cores"]
+        print(
+            f"CPU during the run (cores): kai nodes {cores['nodes']:.2f}, load generator "
+            f"{cores['generator']:.2f}, other processes {cores['other']:.2f}",
+            flush=True,
+        )
+        run["node_reports"] = [node_report(node) for node in nodes]
+        print_node_reports(run["node_reports"])
+    except (OSError, RuntimeError, TimeoutError) as error:
+        run["error"] = str(error)
+        print(f"cluster of {size}: {error}", file=sys.stderr)
+    finally:
+        exit_codes = []
+        for node in nodes:
+            exit_codes.append(node.stop())
+        run["exit_codes"] = exit_codes
+        for node, code in zip(nodes, exit_codes, strict=True):
+            if code not in (0, None):
+                tail = node.log_text().splitlines()[-12:]
+                run.setdefault("log_tails", {})[str(node.rpc_port)] = tail
+                print(f"node {node.rpc_port} exited with {code}; end of its log:", file=sys.stderr)
+                print("\n".join(tail), file=sys.stderr)
+    return run
+
+
+def describe_problems(load: dict[str, Any]) -> str:
+    """Misses plus errors as a count, with the kinds when there are any."""
+    kinds = dict(load["errors"])
+    if load["get_misses"]:
+        kinds["miss"] = load["get_misses"]
+    total = sum(kinds.values())
+    if not total:
+        return "0"
+    detail = ", ".join(f"{kind} {format_count(count)}" for kind, count in sorted(kinds.items()))
+    return f"{format_count(total)} ({detail})"
+
+
+def table_row(run: dict[str, Any]) -> list[str]:
+    """One markdown row for a cluster run."""
+    reports = run.get("node_reports", [])
+    quorum = effective_quorum(run["configured_quorum"], run["nodes"])
+    load = run.get("load", {})
+    error = run.get("error") or load.get("error")
+    if error:
+        return [str(run["nodes"]), quorum, f"failed: {error}"] + [""] * (len(HEADER) - 3)
+    latency = load["latency_ms"]
+    rss = " / ".join(
+        f"{report['memory_kib']['VmRSS'] / 1024:.0f}"
+        for report in reports
+        if "VmRSS" in report["memory_kib"]
+    )
+    return [
+        str(run["nodes"]),
+        quorum,
+        format_count(load["ops_per_sec"]),
+        *(format_ms(latency[key]) for key in ("p50", "p99", "p99.9")),
+        describe_problems(load),
+        rss or "?",
+        format_count(run["preload_sets_per_sec"]),
+        f"{run['load_average_before']:.2f}",
+        f"{run['cpu_cores']['other']:.2f}",
+    ]
+
+
+def target_verdict(runs: Sequence[dict[str, Any]]) -> str | None:
+    """Whether the 3-node run met the target throughput and tail latency, as one line."""
+    for run in runs:
+        load = run.get("load", {})
+        if run["nodes"] != 3 or "ops_per_sec" not in load:
+            continue
+        ops, p999 = load["ops_per_sec"], load["latency_ms"]["p99.9"]
+        met = ops >= TARGET_OPS and p999 <= TARGET_P999_MS and not load["error_count"]
+        return (
+            f"3-node target (>= {format_count(TARGET_OPS)} ops/s, p99.9 <= "
+            f"{TARGET_P999_MS:g} ms, no errors): {'met' if met else 'NOT met'} "
+            f"({format_count(ops)} ops/s, p99.9 {format_ms(p999)} ms)"
+        )
+    return None
+
+
+def update_readme(name: str, summary: str, table: str) -> None:
+    """Replace the block between the ``<!-- name start/end -->`` markers in bench/README.md."""
+    readme = BENCH_DIR / "README.md"
+    text = readme.read_text()
+    start_marker, end_marker = f"<!-- {name} start -->", f"<!-- {name} end -->"
+    start, end = text.find(start_marker), text.find(end_marker)
+    if start < 0 or end < start:
+        print(f"README.md has no {start_marker} block; not updated", file=sys.stderr)
+        return
+    block = f"{start_marker}\n{summary}\n\n{table}\n"
+    readme.write_text(text[:start] + block + text[end:])
+    print(f"updated {readme}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Benchmark a local kai cluster (N=3 R=2 W=2, 80%% get, 1 KB values).",
+        epilog="example: python bench/cluster.py --scaling --duration 5",
+    )
+    add = parser.add_argument
+    add("--nodes", type=int, default=3, help="cluster size (3)")
+    add("--scaling", action="store_true", help="run 1, 3 and 5 nodes in turn (ignores --nodes)")
+    add("--quorum", default="3,2,2", help="N,R,W; capped at the member count by kai (3,2,2)")
+    add("--duration", type=float, default=10.0, help="measured seconds per run (10)")
+    add("--warmup", type=float, default=1.0, help="unmeasured seconds per run (1)")
+    add("--connections", type=int, default=30, help="client connections, spread over nodes (30)")
+    add("--processes", type=int, default=1, help="loadgen worker processes (1)")
+    add("--pipeline", type=int, default=1, help="requests in flight per connection (1)")
+    add("--get-ratio", type=float, default=0.8, help="fraction of gets (0.8)")
+    add("--keys", type=int, default=10_000, help="distinct keys (10000)")
+    add("--value-size", type=int, default=1024, help="value bytes (1024)")
+    add("--membership-interval", type=int, default=200, help="membership round, ms (200)")
+    add("--form-timeout", type=float, default=FORM_TIMEOUT, help="seconds to wait for the ring")
+    add("--results-dir", type=Path, default=BENCH_DIR / "results", help="JSON output dir")
+    add("--update-readme", action="store_true", help="write the table into bench/README.md")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.nodes < 1:
+        parser.error("--nodes must be at least 1")
+    try:
+        parse_quorum(args.quorum)
+    except ValueError as error:
+        parser.error(f"--quorum: {error}")
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the nodes are still stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    sizes = SCALING_SIZES if args.scaling else (args.nodes,)
+    load_before = os.getloadavg()[0]
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    scratch = Path(tempfile.mkdtemp(prefix="kai-cluster-bench-"))
+    runs: list[dict[str, Any]] = []
+    try:
+        for size in sizes:
+            runs.append(measure_cluster(size, args, scratch))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    load_after = os.getloadavg()[0]
+    table = markdown_table(HEADER, [table_row(run) for run in runs])
+    summary = (
+        f"{started}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+        f"cluster and load generator on one machine over loopback; "
+        f"{args.connections} connections spread over the nodes, pipeline {args.pipeline}, "
+        f"{args.processes} loadgen process(es); {args.get_ratio:.0%} get, "
+        f"{args.keys:,} keys, {args.value_size}-byte values, "
+        f"{args.warmup:g} + {args.duration:g} s per run; "
+        f"load average {load_before:.2f} before, {load_after:.2f} after"
+    )
+    verdict = target_verdict(runs)
+    if verdict:
+        summary += f"\n\n{verdict}"
+    print(f"\n{summary}\n\n{table}")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    output = args.results_dir / f"cluster-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    document = {
+        "started": started,
+        "summary": summary,
+        "arguments": {key: str(value) for key, value in vars(args).items()},
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "runs": runs,
+        "markdown": table,
+    }
+    output.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"wrote {output}")
+    if args.update_readme:
+        update_readme(README_BLOCKS[args.scaling], summary, table)
+    failed = any("error" in run or "error" in run.get("load", {}) for run in runs)
+    failed = failed or any(run.get("load", {}).get("error_count") for run in runs)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
