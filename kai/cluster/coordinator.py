@@ -99,6 +99,7 @@ class ClusterCoordinator(Coordinator):
         self.transport = transport
         self.ring = ring
         self.quorum = quorum
+        self._capped: dict[int, Quorum] = {}
         self.is_up = is_up
         self.on_success = on_success
         self.on_failure = on_failure
@@ -140,6 +141,8 @@ class ClusterCoordinator(Coordinator):
 
     async def get(self, key: bytes) -> ReadResult:
         """Quorum-read one key (see :meth:`get_many`)."""
+        if self._alone():
+            return ReadResult(self.replica.read(key))
         return (await self.get_many((key,)))[0]
 
     async def get_many(self, keys: Sequence[bytes]) -> list[ReadResult]:
@@ -277,6 +280,8 @@ class ClusterCoordinator(Coordinator):
             QuorumTimeout: W acks did not arrive within ``request_timeout``.
             TooManySiblings: the write would leave too many siblings.
         """
+        if self._alone():
+            return self.replica.coordinate_write(key, payload, context)
         ring, quorum = self._ring_and_quorum()
         primaries = ring.primaries(ring.partition_for_key(key), quorum.n)
         if self.self_node in primaries:
@@ -370,8 +375,17 @@ class ClusterCoordinator(Coordinator):
 
     # --- plumbing -----------------------------------------------------------------------------
 
+    def _alone(self) -> bool:
+        """Whether this node is the only member: then every request is purely local."""
+        nodes = self.ring().nodes
+        return len(nodes) == 1 and nodes[0] == self.self_node
+
     def _ring_and_quorum(self) -> tuple[Ring, Quorum]:
         ring = self.ring()
-        if not ring.nodes:
+        members = len(ring.nodes)
+        if not members:
             raise QuorumUnavailable("the ring has no members")
-        return ring, self.quorum.capped(len(ring.nodes))
+        quorum = self._capped.get(members)
+        if quorum is None:
+            quorum = self._capped[members] = self.quorum.capped(members)
+        return ring, quorum
