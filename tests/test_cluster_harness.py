@@ -115,3 +115,23 @@ async def test_acknowledged_writes_survive_a_terrible_network(autojump_clock) ->
             # visible is that write or one attempted after it.
             positions = [attempts[key].index(value) for value in shown]
             assert max(positions) >= acknowledged_at, (key, shown, attempts[key][acknowledged_at])
+
+
+async def test_flush_all_reaches_every_node_even_one_that_was_down(autojump_clock) -> None:
+    async with InProcessCluster.running(3) as cluster:
+        assert await cluster.request(0, b"set k 0 0 1\r\nx\r\n") == b"STORED\r\n"
+        cluster.crash(2)
+        assert await cluster.request(0, b"flush_all\r\n") == b"OK\r\n"
+        assert await cluster.request(1, b"get k\r\n") == b"END\r\n"
+        await cluster.start_node(2)  # it missed the flush: gossip brings it
+        with trio.fail_after(30):
+            while not cluster.nodes[2].replica.flush_times:  # noqa: ASYNC110 - set by gossip
+                await trio.sleep(0.1)
+        assert await cluster.request(2, b"get k\r\n") == b"END\r\n"
+        # Its own replica, read directly, holds only a version the flush hides.
+        (version,) = cluster.nodes[2].replica.read(b"k")
+        assert not version.is_live(
+            cluster.wall_clock(), cluster.nodes[2].replica.flushed_before(cluster.wall_clock())
+        )
+        assert await cluster.request(2, b"set k 0 0 1\r\ny\r\n") == b"STORED\r\n"
+        assert await cluster.request(0, b"get k\r\n") == b"VALUE k 0 1\r\ny\r\nEND\r\n"

@@ -308,3 +308,29 @@ def test_a_client_without_the_secret_can_do_nothing(cluster: list[KaiProcess]) -
     finally:
         client.close()
     assert members_seen_by(node) == {f"127.0.0.1:{n.rpc_port}" for n in cluster}
+
+
+def test_kai_admin_join_adds_a_running_node(cluster: list[KaiProcess], tmp_path: Path) -> None:
+    data_dir = tmp_path / "n4"
+    data_dir.mkdir()
+    secret = data_dir / "cluster.secret"
+    secret.write_bytes((cluster[0].data_dir / "cluster.secret").read_bytes())
+    secret.chmod(0o600)
+    fourth = KaiProcess(data_dir, config=CONFIG)
+    fourth.start()
+    try:
+        assert members_seen_by(fourth) == {f"127.0.0.1:{fourth.rpc_port}"}
+        joined = admin(fourth, "join", f"127.0.0.1:{cluster[0].rpc_port}")
+        assert joined.returncode == 0, joined.stderr
+        everyone = {f"127.0.0.1:{node.rpc_port}" for node in [*cluster, fourth]}
+        for node in [*cluster, fourth]:
+            wait_for(
+                lambda node=node: members_seen_by(node) == everyone,  # type: ignore[misc]
+                timeout=30,
+                what=f"node {node.rpc_port} to see the fourth member",
+            )
+        members = json.loads(admin(cluster[1], "--json", "members").stdout)
+        assert sorted(member["node"] for member in members) == sorted(everyone)
+        assert all(member["status"] == "valid" for member in members)
+    finally:
+        fourth.stop()
