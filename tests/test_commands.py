@@ -7,11 +7,11 @@ import pytest
 
 from kai.coordinator import Coordinator, LocalCoordinator, ReadResult
 from kai.errors import QuorumTimeout
-from kai.memcache import protocol as mc
 from kai.memcache.commands import CommandExecutor, NodeInfo, parse_counter
 from kai.replica import LocalReplica, Payload
 from kai.stats import NodeStats
 from kai.storage.memory import MemoryEngine
+from kai.testing.memcache import execute_raw
 from kai.vclock import VClock
 from kai.versions import Version
 
@@ -35,15 +35,7 @@ class Harness:
 
     async def send(self, raw: bytes) -> bytes:
         """Parse ``raw`` (one or more commands) and return the concatenated replies."""
-        parser = mc.MemcacheParser(max_item_size=1024)
-        parser.receive_data(raw)
-        replies: list[bytes] = []
-        while True:
-            event = parser.next_event()
-            if event is mc.NEED_DATA or event is mc.CLOSED:
-                return b"".join(replies)
-            assert not isinstance(event, type)
-            replies.append(await self.executor.execute(event))
+        return await execute_raw(self.executor, raw, max_item_size=1024)
 
 
 def make_harness(*, all_siblings: bool = False, siblings_maximum: int = 100) -> Harness:

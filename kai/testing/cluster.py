@@ -19,12 +19,12 @@ import trio
 
 from kai.cluster.wiring import Cluster
 from kai.config import Address, Config, Quorum
-from kai.memcache import protocol as mc
 from kai.memcache.commands import CommandExecutor, NodeInfo
 from kai.replica import LocalReplica
 from kai.ring import NodeId
 from kai.stats import NodeStats
 from kai.storage.memory import MemoryEngine
+from kai.testing.memcache import execute_raw
 from kai.testing.network import FakeNetwork, Faults
 
 #: The virtual unix time the harness's wall clock starts at.
@@ -199,12 +199,4 @@ class InProcessCluster:
         """Send memcached protocol bytes to node ``index``; the concatenated replies."""
         node = self.nodes[index]
         executor = node.all_siblings_executor if all_siblings else node.executor
-        parser = mc.MemcacheParser()
-        parser.receive_data(raw)
-        replies: list[bytes] = []
-        while True:
-            event = parser.next_event()
-            if event is mc.NEED_DATA or event is mc.CLOSED:
-                return b"".join(replies)
-            assert not isinstance(event, type)
-            replies.append(await executor.execute(event))
+        return await execute_raw(executor, raw)
