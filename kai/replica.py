@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 import attrs
@@ -63,7 +64,9 @@ class SiblingCache:
         self.size = 0
         self.hits = 0
         self.misses = 0
-        self._entries: dict[bytes, tuple[SiblingSet, int]] = {}
+        # An OrderedDict, not a dict: evicting from the front of a plain dict gets slower with
+        # every eviction (iteration skips the holes left behind), popitem(last=False) does not.
+        self._entries: OrderedDict[bytes, tuple[SiblingSet, int]] = OrderedDict()
 
     def _cost(self, key: bytes, siblings: SiblingSet) -> int:
         cost = self.OVERHEAD + len(key)
@@ -92,8 +95,8 @@ class SiblingCache:
         if cost > self.budget // 4:
             return  # one entry may not take over the cache
         while self.size + cost > self.budget and entries:
-            oldest = next(iter(entries))  # dicts keep insertion order
-            self.size -= entries.pop(oldest)[1]
+            _, (_, evicted_cost) = entries.popitem(last=False)  # the oldest entry
+            self.size -= evicted_cost
         entries[key] = (siblings, cost)
         self.size += cost
 
