@@ -1,6 +1,7 @@
 """Pure parts of the benchmark tools: run configuration, workload, reply parsing, results.
 
 Nothing here opens a socket or starts a process; ``loadgen.py`` is the I/O shell around it.
+(:func:`wait_for_quiet_machine` only reads the load average and sleeps.)
 The workload is fully determined by its parameters and seed, so every worker process can
 rebuild the same keys, values and request bytes without shipping them between processes.
 """
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import random
+import time
 import zlib
 from array import array
 from collections.abc import Sequence
@@ -210,6 +213,26 @@ def latency_summary(latencies_s: list[float]) -> dict[str, float]:
     summary["max"] = latencies_s[-1] * 1e3 if latencies_s else 0.0
     summary["mean"] = sum(latencies_s) / len(latencies_s) * 1e3 if latencies_s else 0.0
     return summary
+
+
+def wait_for_quiet_machine(max_load: float, timeout: float, poll: float = 5.0) -> dict[str, float]:
+    """Wait until the 1-minute load average is at most ``max_load``, for up to ``timeout`` s.
+
+    Other work on the machine makes every measurement noisy, so a benchmark waits for a quiet
+    moment before measuring, but never for ever: after ``timeout`` it goes ahead anyway.
+    Returns the load average at the start and at the end, and the seconds waited.
+    """
+    started = time.monotonic()
+    first = load = os.getloadavg()[0]
+    if load > max_load:
+        print(f"load average {load:.2f} > {max_load:g}: waiting up to {timeout:g} s", flush=True)
+    while load > max_load and time.monotonic() - started < timeout:
+        time.sleep(min(poll, max(0.0, timeout - (time.monotonic() - started))))
+        load = os.getloadavg()[0]
+    waited = time.monotonic() - started
+    if load > max_load:
+        print(f"load average still {load:.2f} after {waited:.0f} s; measuring anyway", flush=True)
+    return {"load_at_start": first, "load_at_measurement": load, "waited_seconds": waited}
 
 
 def format_count(value: float) -> str:

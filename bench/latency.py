@@ -1,0 +1,408 @@
+"""Latency under fixed offered loads, from light load up to saturation, in one command.
+
+For each target (one kai node; a 3-node cluster with N=3 R=2 W=2) it starts fresh servers on
+free loopback ports, sets every key, and measures the saturation throughput with a short
+closed-loop run (each connection sends its next request as soon as the reply arrives). Then
+it offers fixed rates in open loop -- by default 10%, 25%, 50%, 70%, 80%, 90%, 100% and 110%
+of that saturation figure -- and records, for each step, the latency percentiles measured
+from each request's *due* time (so queueing behind a slow reply is not hidden), the rate
+actually achieved, and how many requests were due but never sent. Around every step it
+splits the machine's CPU use into kai nodes, load generator and other processes.
+
+Default workloads: one node 90% get / 100-byte values over 16 connections (as
+``single_node.py``); the cluster 80% get / 1 KB values over 30 connections spread across the
+nodes (as ``cluster.py``). The load generator is ``loadgen.py``, run in this process.
+
+It prints a markdown table, writes JSON under ``bench/results/`` and, with
+``--update-readme``, fills the ``latency results`` block of ``bench/README.md``. Servers and
+temporary directories are always cleaned up, and every step is bounded in time (under two
+minutes in all with the defaults, plus any wait for a quiet machine).
+
+Example::
+
+    python bench/latency.py                          # both targets, 4 s per step
+    python bench/latency.py --only node --fractions 0.5,0.9,1.0 --step-duration 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    LoadConfig,
+    format_count,
+    format_ms,
+    markdown_table,
+    wait_for_quiet_machine,
+)
+from cluster import (
+    HOST,
+    CpuMeter,
+    effective_quorum,
+    node_config,
+    parse_quorum,
+    start_cluster,
+    update_readme,
+    wait_until_formed,
+)
+from loadgen import run_load
+from single_node import start_server
+
+from kai.testing.process import KaiProcess  # the repository is on sys.path via cluster.py
+
+BENCH_DIR = Path(__file__).resolve().parent
+FRACTIONS = (0.1, 0.25, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1)
+TARGETS = ("node", "cluster")
+#: A step "kept up" when it achieved at least this share of the offered rate and ended with
+#: fewer requests due but unsent than this share of the requests offered while measuring.
+KEPT_UP = 0.97
+MAX_UNSENT = 0.01
+README_BLOCK = "latency results"
+PERCENTILES = ("p50", "p90", "p99", "p99.9", "max")
+HEADER = (
+    "target",
+    "step",
+    "offered ops/s",
+    "achieved ops/s",
+    "kept up",
+    *(f"{name} ms" for name in PERCENTILES),
+    "due but unsent",
+    "misses+errors",
+    "load avg",
+    "CPU cores: kai / generator / other",
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What is measured: how many nodes, and the workload offered to them."""
+
+    name: str
+    nodes: int
+    connections: int
+    get_ratio: float
+    value_size: int
+
+    def describe(self, quorum: str) -> str:
+        kind = "1 kai node" if self.nodes == 1 else f"{self.nodes}-node cluster"
+        used = effective_quorum(quorum, self.nodes) if self.nodes > 1 else None
+        return (
+            f"{kind}{f' (N,R,W {used})' if used else ''}: {self.get_ratio:.0%} get, "
+            f"{self.value_size}-byte values, {self.connections} connections"
+        )
+
+
+def parse_fractions(text: str) -> tuple[float, ...]:
+    """Comma-separated positive fractions of the saturation throughput, e.g. ``0.5,0.9,1``."""
+    try:
+        fractions = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.5,0.9,1, got {text!r}") from None
+    if not fractions or any(not 0 < fraction <= 5 for fraction in fractions):
+        raise argparse.ArgumentTypeError("fractions must be in (0, 5]")
+    return fractions
+
+
+def load_config(
+    target: Target,
+    ports: Sequence[int],
+    args: argparse.Namespace,
+    *,
+    rate: float | None,
+    duration: float,
+    preload: bool = False,
+    max_ops: int | None = None,
+) -> LoadConfig:
+    """The loadgen configuration of one run against ``ports`` (closed loop if no rate)."""
+    return LoadConfig(
+        servers=tuple((HOST, port) for port in ports),
+        connections=target.connections,
+        processes=args.processes,
+        pipeline=args.pipeline,
+        get_ratio=target.get_ratio,
+        keys=args.keys,
+        key_size=32,
+        value_size=target.value_size,
+        distribution="uniform",
+        warmup=args.warmup,
+        duration=duration,
+        max_ops=max_ops,
+        rate=rate,
+        preload=preload,
+        seed=1,
+    )
+
+
+def measure_run(config: LoadConfig, pids: Sequence[int]) -> dict[str, Any]:
+    """One loadgen run with the machine's CPU split around it; the step's record."""
+    load_average = os.getloadavg()[0]
+    meter = CpuMeter(pids)
+    result = run_load(config)
+    return {
+        "offered_ops_per_sec": config.rate,
+        "achieved_ops_per_sec": result["ops_per_sec"],
+        "latency_ms": result["latency_ms"],
+        "per_op_latency_ms": {op: data["latency_ms"] for op, data in result["per_op"].items()},
+        "ops": result["ops"],
+        "sent": result["sent"],
+        "due_but_unsent": result["overdue_at_end"],
+        "outstanding_at_end": result["outstanding_at_end"],
+        "get_misses": result["get_misses"],
+        "errors": result["errors"],
+        "error_count": result["error_count"],
+        "generator_cpu_per_process": result["generator_cpu_per_process"],
+        "load_average_before": load_average,
+        "cpu_cores": meter.read(),
+    }
+
+
+def print_step(label: str, step: dict[str, Any]) -> None:
+    latency = step["latency_ms"]
+    offered = step["offered_ops_per_sec"]
+    print(
+        f"{label:>12}: offered {format_count(offered) if offered else 'closed loop':>11}, "
+        f"achieved {format_count(step['achieved_ops_per_sec']):>7} ops/s; "
+        + ", ".join(f"{name} {format_ms(latency[name])}" for name in PERCENTILES)
+        + f" ms; due but unsent {step['due_but_unsent']:,}; "
+        f"errors {step['error_count']:,}, misses {step['get_misses']:,}; "
+        f"other CPU {step['cpu_cores']['other']:.2f} cores",
+        flush=True,
+    )
+
+
+def start_target(target: Target, args: argparse.Namespace, scratch: Path) -> list[KaiProcess]:
+    """Start the target's nodes (the caller stops them, also when this raises)."""
+    nodes: list[KaiProcess] = []
+    base = scratch / target.name
+    base.mkdir()
+    if target.nodes == 1:
+        node = start_server("kai", base, args.kai_arg)
+        assert isinstance(node, KaiProcess)
+        nodes.append(node)
+        return nodes
+    config = node_config(args.quorum, args.membership_interval)
+    try:
+        start_cluster(target.nodes, base, config, nodes)
+        seconds = wait_until_formed(nodes, args.form_timeout)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    print(f"cluster of {target.nodes} formed after {seconds:.1f} s", flush=True)
+    return nodes
+
+
+def measure_target(target: Target, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    """Saturation, then the open-loop steps, against freshly started servers."""
+    print(f"\n== {target.describe(args.quorum)} ==", flush=True)
+    record: dict[str, Any] = {"target": asdict(target), "description": target.describe(args.quorum)}
+    record["machine"] = wait_for_quiet_machine(args.max_load, args.load_wait)
+    nodes: list[KaiProcess] = []
+    try:
+        nodes = start_target(target, args, scratch)
+        ports = [node.port for node in nodes]
+        pids = [node.pid for node in nodes]
+        started = time.monotonic()
+        # Set every key (the one request after it is not measured).
+        run_load(load_config(target, ports, args, rate=None, duration=0.1, preload=True, max_ops=1))
+        record["preload_seconds"] = time.monotonic() - started
+        closed = load_config(target, ports, args, rate=None, duration=args.saturation_duration)
+        record["saturation"] = measure_run(closed, pids)
+        print_step("closed loop", record["saturation"])
+        saturation = record["saturation"]["achieved_ops_per_sec"]
+        if not saturation:
+            raise RuntimeError("the closed-loop run completed no requests")
+        record["steps"] = []
+        for fraction in args.fractions:
+            config = load_config(
+                target, ports, args, rate=fraction * saturation, duration=args.step_duration
+            )
+            step = {"fraction": fraction, **measure_run(config, pids)}
+            record["steps"].append(step)
+            print_step(f"{fraction:.0%}", step)
+    except (OSError, RuntimeError, TimeoutError, ValueError) as error:
+        record["error"] = f"{type(error).__name__}: {error}"
+        print(f"{target.name}: {record['error']}", file=sys.stderr)
+    finally:
+        record["exit_codes"] = [node.stop() for node in nodes]
+        for node, code in zip(nodes, record["exit_codes"], strict=True):
+            if code not in (0, None):
+                tail = node.log_text().splitlines()[-12:]
+                record.setdefault("log_tails", {})[str(node.port)] = tail
+    return record
+
+
+def kept_up(run: dict[str, Any], duration: float) -> bool:
+    """Whether an open-loop run delivered the offered rate (no growing backlog at the end)."""
+    offered = run["offered_ops_per_sec"]
+    return (
+        run["achieved_ops_per_sec"] >= KEPT_UP * offered
+        and run["due_but_unsent"] <= MAX_UNSENT * offered * duration
+    )
+
+
+def table_rows(record: dict[str, Any], duration: float) -> list[list[str]]:
+    """Markdown rows of one target: the closed-loop run, then one per offered load."""
+    name = record["target"]["name"]
+    if "saturation" not in record:
+        return [[name, "failed", record.get("error", "?")] + [""] * (len(HEADER) - 3)]
+    rows = []
+    runs = [("closed loop", record["saturation"])]
+    runs += [(f"{step['fraction']:.0%}", step) for step in record.get("steps", [])]
+    for label, run in runs:
+        offered = run["offered_ops_per_sec"]
+        achieved = run["achieved_ops_per_sec"]
+        cores = run["cpu_cores"]
+        rows.append(
+            [
+                name,
+                label,
+                format_count(offered) if offered else "",
+                format_count(achieved),
+                "" if offered is None else ("yes" if kept_up(run, duration) else "no"),
+                *(format_ms(run["latency_ms"][key]) for key in PERCENTILES),
+                format_count(run["due_but_unsent"]) if offered else "",
+                format_count(run["get_misses"] + run["error_count"]),
+                f"{run['load_average_before']:.2f}",
+                f"{cores['nodes']:.2f} / {cores['generator']:.2f} / {cores['other']:.2f}",
+            ]
+        )
+    if "error" in record:
+        rows.append([name, "failed", record["error"]] + [""] * (len(HEADER) - 3))
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Latency percentiles of kai under fixed offered loads (open loop), "
+        "for one node and for a 3-node cluster.",
+        epilog="example: python bench/latency.py --only node --step-duration 3",
+    )
+    add = parser.add_argument
+    add("--only", choices=TARGETS, default=None, help="measure just one target")
+    add(
+        "--fractions",
+        type=parse_fractions,
+        default=FRACTIONS,
+        help="offered loads as fractions of the closed-loop throughput "
+        "(0.1,0.25,0.5,0.7,0.8,0.9,1.0,1.1)",
+    )
+    add("--step-duration", type=float, default=4.0, help="measured seconds per step (4)")
+    add("--saturation-duration", type=float, default=4.0, help="closed-loop seconds (4)")
+    add("--warmup", type=float, default=1.0, help="unmeasured seconds before each run (1)")
+    add("--keys", type=int, default=10_000, help="distinct keys, all set first (10000)")
+    add("--processes", type=int, default=1, help="loadgen worker processes (1)")
+    add("--pipeline", type=int, default=1, help="requests in flight per connection (1)")
+    add("--node-connections", type=int, default=16, help="connections to one node (16)")
+    add("--node-get-ratio", type=float, default=0.9, help="one node: fraction of gets (0.9)")
+    add("--node-value-size", type=int, default=100, help="one node: value bytes (100)")
+    add("--kai-arg", action="append", default=[], help="extra flag for the single node")
+    add("--cluster-nodes", type=int, default=3, help="cluster size (3)")
+    add("--cluster-connections", type=int, default=30, help="connections over the nodes (30)")
+    add("--cluster-get-ratio", type=float, default=0.8, help="cluster: fraction of gets (0.8)")
+    add("--cluster-value-size", type=int, default=1024, help="cluster: value bytes (1024)")
+    add("--quorum", default="3,2,2", help="cluster N,R,W (3,2,2)")
+    add("--membership-interval", type=int, default=200, help="membership round, ms (200)")
+    add("--form-timeout", type=float, default=60.0, help="seconds to wait for the ring (60)")
+    add("--max-load", type=float, default=1.5, help="wait for a load average below this (1.5)")
+    add("--load-wait", type=float, default=180.0, help="longest wait for it, seconds (180)")
+    add("--results-dir", type=Path, default=BENCH_DIR / "results", help="JSON output dir")
+    add("--update-readme", action="store_true", help="write the table into bench/README.md")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        parse_quorum(args.quorum)
+    except ValueError as error:
+        parser.error(f"--quorum: {error}")
+    if args.cluster_nodes < 2:
+        parser.error("--cluster-nodes must be at least 2 (use --only node for one node)")
+    targets = [
+        Target("node", 1, args.node_connections, args.node_get_ratio, args.node_value_size),
+        Target(
+            "cluster",
+            args.cluster_nodes,
+            args.cluster_connections,
+            args.cluster_get_ratio,
+            args.cluster_value_size,
+        ),
+    ]
+    targets = [target for target in targets if args.only in (None, target.name)]
+    try:  # validate the workload options before starting anything
+        for target in targets:
+            load_config(target, [1] * target.nodes, args, rate=None, duration=1.0)
+    except ValueError as error:
+        parser.error(str(error))
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the nodes are still stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    scratch = Path(tempfile.mkdtemp(prefix="kai-latency-bench-"))
+    records = []
+    try:
+        for target in targets:
+            records.append(measure_target(target, args, scratch))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    table = markdown_table(
+        HEADER, [row for record in records for row in table_rows(record, args.step_duration)]
+    )
+    lines = [
+        f"{started}, {os.cpu_count()} CPUs, Python {platform.python_version()}; servers and "
+        f"load generator on one machine over loopback; pipeline {args.pipeline}, "
+        f"{args.processes} loadgen process(es), {args.keys:,} keys; {args.warmup:g} s warmup, "
+        f"then {args.saturation_duration:g} s closed loop and {args.step_duration:g} s per "
+        "open-loop step; latency is measured from each request's due time",
+        "",
+    ]
+    for record in records:
+        machine = record["machine"]
+        lines.append(
+            f"- {record['target']['name']}: {record['description']}; load average "
+            f"{machine['load_at_measurement']:.2f} when it started"
+            + (
+                f" (waited {machine['waited_seconds']:.0f} s)"
+                if machine["waited_seconds"] > 1
+                else ""
+            )
+        )
+    summary = "\n".join(lines)
+    print(f"\n{summary}\n\n{table}")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    output = args.results_dir / f"latency-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    document = {
+        "started": started,
+        "summary": summary,
+        "arguments": {key: str(value) for key, value in vars(args).items()},
+        "targets": records,
+        "markdown": table,
+    }
+    output.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"wrote {output}")
+    if args.update_readme:
+        update_readme(README_BLOCK, summary, table)
+    failed = any("error" in record for record in records)
+    failed = failed or any(
+        run["error_count"]
+        for record in records
+        for run in [record.get("saturation", {"error_count": 0}), *record.get("steps", [])]
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
