@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import format_count, format_ms, markdown_table
+from _results import publish
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -471,20 +472,6 @@ def target_verdict(runs: Sequence[dict[str, Any]]) -> str | None:
     return None
 
 
-def update_readme(name: str, summary: str, table: str) -> None:
-    """Replace the block between the ``<!-- name start/end -->`` markers in bench/README.md."""
-    readme = BENCH_DIR / "README.md"
-    text = readme.read_text()
-    start_marker, end_marker = f"<!-- {name} start -->", f"<!-- {name} end -->"
-    start, end = text.find(start_marker), text.find(end_marker)
-    if start < 0 or end < start:
-        print(f"README.md has no {start_marker} block; not updated", file=sys.stderr)
-        return
-    block = f"{start_marker}\n{summary}\n\n{table}\n"
-    readme.write_text(text[:start] + block + text[end:])
-    print(f"updated {readme}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Benchmark a local kai cluster (N=3 R=2 W=2, 80%% get, 1 KB values).",
@@ -545,8 +532,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if verdict:
         summary += f"\n\n{verdict}"
     print(f"\n{summary}\n\n{table}")
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    output = args.results_dir / f"cluster-{time.strftime('%Y%m%d-%H%M%S')}.json"
     document = {
         "started": started,
         "summary": summary,
@@ -556,10 +541,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": runs,
         "markdown": table,
     }
-    output.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {output}")
-    if args.update_readme:
-        update_readme(README_BLOCKS[args.scaling], summary, table)
+    publish(
+        args.results_dir,
+        "cluster",
+        document,
+        readme_block=README_BLOCKS[args.scaling] if args.update_readme else None,
+    )
     failed = any("error" in run or "error" in run.get("load", {}) for run in runs)
     failed = failed or any(run.get("load", {}).get("error_count") for run in runs)
     return 1 if failed else 0

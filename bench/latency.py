@@ -27,7 +27,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -47,6 +46,7 @@ from _common import (
     markdown_table,
     wait_for_quiet_machine,
 )
+from _results import publish
 from cluster import (
     HOST,
     CpuMeter,
@@ -54,7 +54,6 @@ from cluster import (
     node_config,
     parse_quorum,
     start_cluster,
-    update_readme,
     wait_until_formed,
 )
 from loadgen import run_load
@@ -382,8 +381,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     summary = "\n".join(lines)
     print(f"\n{summary}\n\n{table}")
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    output = args.results_dir / f"latency-{time.strftime('%Y%m%d-%H%M%S')}.json"
     document = {
         "started": started,
         "summary": summary,
@@ -391,10 +388,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "targets": records,
         "markdown": table,
     }
-    output.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {output}")
-    if args.update_readme:
-        update_readme(README_BLOCK, summary, table)
+    publish(
+        args.results_dir,
+        "latency",
+        document,
+        readme_block=README_BLOCK if args.update_readme else None,
+    )
     failed = any("error" in record for record in records)
     failed = failed or any(
         run["error_count"]

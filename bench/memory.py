@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import platform
 import random
@@ -48,7 +47,8 @@ from _common import (
     markdown_table,
     wait_for_quiet_machine,
 )
-from cluster import HOST, CpuMeter, memcache_stats, memory_kib, update_readme
+from _results import publish
+from cluster import HOST, CpuMeter, memcache_stats, memory_kib
 from single_node import start_server
 
 from kai.testing.process import KaiProcess  # the repository is on sys.path via cluster.py
@@ -371,8 +371,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"load average when each run started: {loads}"
     )
     print(f"\n{summary}\n\n{table}")
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    output = args.results_dir / f"memory-{time.strftime('%Y%m%d-%H%M%S')}.json"
     document = {
         "started": started,
         "summary": summary,
@@ -380,10 +378,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": records,
         "markdown": table,
     }
-    output.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {output}")
-    if args.update_readme:
-        update_readme(README_BLOCK, summary, table)
+    publish(
+        args.results_dir,
+        "memory",
+        document,
+        readme_block=README_BLOCK if args.update_readme else None,
+    )
     return 1 if any("error" in record for record in records) else 0
 
 

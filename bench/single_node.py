@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import format_count, format_ms, markdown_table
+from _results import publish
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -47,8 +48,6 @@ WORKLOADS = (("read-heavy", 0.9), ("write-heavy", 0.1))
 SERVERS = ("memcached", "bare-trio", "kai")
 MEMCASLAP_CONFIG = "key\n32 32 1\nvalue\n100 100 1\ncmd\n0 0.1\n1 0.9\n"
 MEMCASLAP_TPS = re.compile(rb"Run time: ([\d.]+)s Ops: (\d+) TPS: (\d+)")
-README_START = "<!-- single_node results start -->"
-README_END = "<!-- single_node results end -->"
 
 
 def start_server(name: str, scratch: Path, kai_args: Sequence[str]) -> ServerProcess:
@@ -248,18 +247,6 @@ def table_rows(results: dict[str, dict[str, dict[str, Any]]]) -> list[list[str]]
 HEADER = ("workload", "tool", "server", "ops/s", "p50 ms", "p99 ms", "p99.9 ms", "misses+errors")
 
 
-def update_readme(table: str, summary: str) -> None:
-    """Replace the results block between the markers in bench/README.md."""
-    readme = BENCH_DIR / "README.md"
-    text = readme.read_text()
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
-        print("README.md has no results markers; not updated", file=sys.stderr)
-        return
-    block = f"{README_START}\n{summary}\n\n{table}\n"
-    readme.write_text(text[:start] + block + text[end:])
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Benchmark one kai node against memcached -t 1 with the same load.",
@@ -304,8 +291,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{summary}\n\n{table}")
     if load_before > 0.5:
         print("note: the machine was busy before the run; expect noisy numbers")
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    output = args.results_dir / f"single_node-{time.strftime('%Y%m%d-%H%M%S')}.json"
     document = {
         "started": started,
         "summary": summary,
@@ -314,10 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": results,
         "markdown": table,
     }
-    output.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {output}")
-    if args.update_readme:
-        update_readme(table, summary)
+    publish(
+        args.results_dir,
+        "single_node",
+        document,
+        readme_block="single_node results" if args.update_readme else None,
+    )
     failed = any("error" in run for server in results.values() for run in server.values())
     return 1 if failed else 0
 
