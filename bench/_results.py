@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -9,6 +10,16 @@ from pathlib import Path
 from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
+
+
+def add_output_options(parser: argparse.ArgumentParser, *, quiet_machine: bool = False) -> None:
+    """The options every scenario shares: where results go, and (optionally) waiting for quiet."""
+    add = parser.add_argument
+    if quiet_machine:
+        add("--max-load", type=float, default=1.5, help="wait for a load average below this (1.5)")
+        add("--load-wait", type=float, default=180.0, help="longest wait for it, seconds (180)")
+    add("--results-dir", type=Path, default=BENCH_DIR / "results", help="JSON output dir")
+    add("--update-readme", action="store_true", help="write the table into bench/README.md")
 
 
 def update_readme(name: str, summary: str, table: str) -> None:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import format_count, format_ms, markdown_table
-from _results import publish
+from _results import add_output_options, publish
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -491,8 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--value-size", type=int, default=1024, help="value bytes (1024)")
     add("--membership-interval", type=int, default=200, help="membership round, ms (200)")
     add("--form-timeout", type=float, default=FORM_TIMEOUT, help="seconds to wait for the ring")
-    add("--results-dir", type=Path, default=BENCH_DIR / "results", help="JSON output dir")
-    add("--update-readme", action="store_true", help="write the table into bench/README.md")
+    add_output_options(parser)
     return parser
 
 

@@ -46,7 +46,7 @@ from _common import (
     markdown_table,
     wait_for_quiet_machine,
 )
-from _results import publish
+from _results import add_output_options, publish
 from cluster import (
     HOST,
     CpuMeter,
@@ -315,10 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--quorum", default="3,2,2", help="cluster N,R,W (3,2,2)")
     add("--membership-interval", type=int, default=200, help="membership round, ms (200)")
     add("--form-timeout", type=float, default=60.0, help="seconds to wait for the ring (60)")
-    add("--max-load", type=float, default=1.5, help="wait for a load average below this (1.5)")
-    add("--load-wait", type=float, default=180.0, help="longest wait for it, seconds (180)")
-    add("--results-dir", type=Path, default=BENCH_DIR / "results", help="JSON output dir")
-    add("--update-readme", action="store_true", help="write the table into bench/README.md")
+    add_output_options(parser, quiet_machine=True)
     return parser
 
 

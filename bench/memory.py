@@ -47,7 +47,7 @@ from _common import (
     markdown_table,
     wait_for_quiet_machine,
 )
-from _results import publish
+from _results import add_output_options, publish
 from cluster import HOST, CpuMeter, memcache_stats, memory_kib
 from single_node import start_server
 
@@ -329,10 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"configurations, comma-separated, from {', '.join(RUNS)} (all)",
     )
     add("--kai-arg", action="append", default=[], help="extra kai flag for every run")
-    add("--max-load", type=float, default=1.5, help="wait for a load average below this (1.5)")
-    add("--load-wait", type=float, default=180.0, help="longest wait for it, seconds (180)")
-    add("--results-dir", type=Path, default=BENCH_DIR / "results", help="JSON output dir")
-    add("--update-readme", action="store_true", help="write the table into bench/README.md")
+    add_output_options(parser, quiet_machine=True)
     return parser
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import format_count, format_ms, markdown_table
-from _results import publish
+from _results import add_output_options, publish
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -263,8 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--only", choices=SERVERS, default=None, help="measure just one server")
     add("--kai-arg", action="append", default=[], help="extra kai flag (repeatable)")
     add("--no-memcaslap", dest="memcaslap", action="store_false", help="skip memcaslap")
-    add("--results-dir", type=Path, default=BENCH_DIR / "results", help="JSON output dir")
-    add("--update-readme", action="store_true", help="write the table into bench/README.md")
+    add_output_options(parser)
     return parser
 
 
