@@ -160,12 +160,15 @@ class LocalReplica:
         cached = self.cache.get(key)
         if cached is not None:
             return cached
-        return self._load(self.partition(key), key)
+        return self._fetch(self.partition(key), key)
 
     def _load(self, partition: int, key: bytes) -> SiblingSet:
         cached = self.cache.get(key)
         if cached is not None:
             return cached
+        return self._fetch(partition, key)
+
+    def _fetch(self, partition: int, key: bytes) -> SiblingSet:
         record = self.engine.get(partition, key)
         siblings = decode_siblings(record) if record is not None else ()
         self.cache.put(key, siblings)
