@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
@@ -24,7 +23,7 @@ from kai.node_admin import AdminHandlers
 from kai.replica import LocalReplica
 from kai.ring import NodeId
 from kai.rpc.secret import load_or_create_secret
-from kai.rpc.server import serve_rpc
+from kai.rpc.server import Handler, serve_rpc
 from kai.stats import NodeStats
 from kai.storage.engine import StorageEngine, open_engine
 from kai.transport import RpcTransport
@@ -122,7 +121,7 @@ class Node:
         self.replica = replica
         for warning in config.warnings():
             logger.warning("%s", warning)
-        handlers: dict[str, Callable[..., Awaitable[object]]] = {}
+        handlers: dict[str, Handler] = {}
         async with trio.open_nursery() as services:
             # The RPC address is the node's identity: bind it first (port 0 picks one).
             rpc_listeners = await services.start(

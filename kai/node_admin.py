@@ -6,7 +6,6 @@ Reads the node's state and asks replicas over the transport; never changes data.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -14,6 +13,7 @@ import trio
 from kai import __version__
 from kai.errors import RpcBadRequest, RpcError
 from kai.ring import NodeId
+from kai.rpc.server import Handler
 from kai.versions import SiblingSet, decode_siblings
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ class AdminHandlers:
         self.node = node
         self.cluster = cluster
 
-    def handlers(self) -> dict[str, Callable[..., Awaitable[object]]]:
+    def handlers(self) -> dict[str, Handler]:
         """Method name -> handler, for the RPC server."""
         return {
             "status": self.status,

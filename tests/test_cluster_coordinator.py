@@ -9,9 +9,10 @@ work, so checks after it need no sleeps.
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import msgpack
@@ -32,6 +33,7 @@ from kai.errors import (
 )
 from kai.replica import LocalReplica, Payload
 from kai.ring import NodeId, Ring
+from kai.rpc.server import Handler
 from kai.stats import NodeStats
 from kai.storage.memory import MemoryEngine
 from kai.vclock import VClock
@@ -40,8 +42,6 @@ from kai.versions import Version, encode_siblings
 TIMEOUT = 5.0
 BUCKETS = 64
 EPOCH = 1_700_000_000.0
-
-Handler = Callable[..., Awaitable[object]]
 
 
 def wall_clock() -> float:
@@ -88,7 +88,9 @@ class Network:
         wire_params = msgpack.unpackb(msgpack.packb(list(params), use_bin_type=True), raw=False)
         handler = self.handlers[peer][method]
         try:
-            result = await handler(*wire_params)
+            result = handler(*wire_params)
+            if inspect.isawaitable(result):
+                result = await result
         except RpcError as exc:  # what the caller rebuilds from [code, message]
             raise RpcError.for_code(exc.code, str(exc)) from None
         return msgpack.unpackb(msgpack.packb(result, use_bin_type=True), raw=False)
@@ -254,7 +256,9 @@ async def test_a_primary_coordinates_a_forwarded_write_even_when_rings_disagree(
     key = b"ring moved"
     async with cluster_of(4) as cluster:
         outsider = cluster.others(key)[0]
-        record = await cluster[outsider].handlers()["coordinate_put"](key, 1, 0, b"v", None)
+        pending = cluster[outsider].handlers()["coordinate_put"](key, 1, 0, b"v", None)
+        assert inspect.isawaitable(pending)
+        record = await pending
     assert cluster.network.calls_of("coordinate_put") == []  # never forwarded again
     assert values(cluster.stored(outsider, key)) == {b"v"}
     for node in cluster.primaries(key):
@@ -567,7 +571,7 @@ async def test_too_many_siblings_in_a_replica_apply_is_a_bad_request(
         cluster[a].replica.coordinate_write(key, Payload(0, 0, b"a"), None)
         concurrent = cluster[b].replica.coordinate_write(key, Payload(0, 0, b"b"), None)
         with pytest.raises(RpcBadRequest):
-            await cluster[a].handlers()["replica_apply"](key, encode_siblings((concurrent,)))
+            cluster[a].handlers()["replica_apply"](key, encode_siblings((concurrent,)))
 
 
 def test_a_read_round_counts_each_replica_once_per_key() -> None:

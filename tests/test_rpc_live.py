@@ -70,6 +70,23 @@ class Service:
         self.calls += 1
         return object()
 
+    def echo_now(self, *args: object) -> object:
+        """A handler that answers at once: it runs in the connection's reader."""
+        self.calls += 1
+        return list(args)
+
+    def fail_now(self, kind: str) -> None:
+        self.calls += 1
+        if kind == "bad-request":
+            raise RpcBadRequest("key too long")
+        if kind == "not-found":
+            raise RpcMethodNotFound("inner method missing")
+        raise ValueError("boom")
+
+    def unsendable_now(self) -> object:
+        self.calls += 1
+        return object()
+
     async def note(self, value: object) -> None:
         self.calls += 1
         self.notes.append(value)
@@ -82,6 +99,9 @@ class Service:
             "fail": self.fail,
             "unsendable": self.unsendable,
             "note": self.note,
+            "echo_now": self.echo_now,
+            "fail_now": self.fail_now,
+            "unsendable_now": self.unsendable_now,
         }
 
 
@@ -239,27 +259,51 @@ async def test_many_concurrent_calls_and_large_values_share_one_connection(
     assert listener.accepted == 1
 
 
-async def test_handler_errors_keep_their_codes(nursery: trio.Nursery) -> None:
+@pytest.mark.parametrize("suffix", ["", "_now"], ids=["async-handlers", "inline-handlers"])
+async def test_handler_errors_keep_their_codes(nursery: trio.Nursery, suffix: str) -> None:
     service = Service()
     listener = await start_tcp_server(nursery, service)
     with trio.fail_after(TCP_GUARD):
         async with RpcClient(LOCALHOST, listener.port, SECRET) as client:
             with pytest.raises(RpcBadRequest, match="key too long") as bad_request:
-                await client.call("fail", "bad-request")
+                await client.call("fail" + suffix, "bad-request")
             assert not bad_request.value.retriable
             with pytest.raises(RpcMethodNotFound, match="inner method missing"):
-                await client.call("fail", "not-found")
+                await client.call("fail" + suffix, "not-found")
             with pytest.raises(RpcRemoteError, match="ValueError: boom"):
-                await client.call("fail", "crash")
+                await client.call("fail" + suffix, "crash")
             with pytest.raises(RpcMethodNotFound, match="no_such_method"):
                 await client.call("no_such_method", 1)
             with pytest.raises(RpcRemoteError, match="cannot be sent"):
-                await client.call("unsendable")
+                await client.call("unsendable" + suffix)
             with pytest.raises(RpcRemoteError, match="TypeError"):
-                await client.call("gate")  # Wrong number of parameters.
+                await client.call("gate" if not suffix else "fail_now")  # Wrong arity.
             # None of that broke the connection.
-            assert await client.call("echo", "still here") == ["still here"]
+            assert await client.call("echo" + suffix, "still here") == ["still here"]
     assert listener.accepted == 1
+    assert service.calls == 5  # every handler ran but the missing one and the wrong arity
+
+
+async def test_inline_handlers_answer_while_a_slow_handler_waits(nursery: trio.Nursery) -> None:
+    service = Service()
+    listener = await start_tcp_server(nursery, service)
+    with trio.fail_after(TCP_GUARD):
+        async with (
+            RpcClient(LOCALHOST, listener.port, SECRET) as client,
+            trio.open_nursery() as calls,
+        ):
+            gated: list[object] = []
+
+            async def call_gate() -> None:
+                gated.append(await client.call("gate", "slow"))
+
+            calls.start_soon(call_gate)
+            await service.started["slow"].wait()
+            answers = [await client.call("echo_now", index) for index in range(20)]
+            assert answers == [[index] for index in range(20)]
+            assert gated == []
+            service.gates["slow"].set()
+        assert gated == ["slow"]
 
 
 async def test_unencodable_params_fail_only_that_call(nursery: trio.Nursery) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 
 import trio
@@ -49,6 +49,7 @@ from kai.errors import (
 )
 from kai.replica import LocalReplica, Payload
 from kai.ring import NodeId, Ring
+from kai.rpc.server import Handler
 from kai.transport import Transport
 from kai.vclock import VClock
 from kai.versions import SiblingSet, Version, encode_siblings
@@ -116,7 +117,7 @@ class ClusterCoordinator(Coordinator):
 
     # --- introspection ------------------------------------------------------------------------
 
-    def handlers(self) -> dict[str, Callable[..., Awaitable[object]]]:
+    def handlers(self) -> dict[str, Handler]:
         """The RPC methods this node serves to peers' coordinators (see ``replica_rpc``)."""
         return self._rpc.handlers()
 

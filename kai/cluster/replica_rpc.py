@@ -24,7 +24,7 @@ forward a request to another node (forwarding happens once, on the node a client
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeGuard
 
 import msgpack
@@ -41,6 +41,7 @@ from kai.errors import (
     TooManySiblings,
 )
 from kai.replica import LocalReplica, Payload
+from kai.rpc.server import Handler
 from kai.vclock import VClock
 from kai.versions import SiblingSet, Version, decode_siblings, encode_siblings
 
@@ -201,8 +202,8 @@ class ReplicaRpcHandlers:
         self.replica = replica
         self.coordinate_write = coordinate_write
 
-    def handlers(self) -> dict[str, Callable[..., Awaitable[object]]]:
-        """Method name to handler, for the RPC server."""
+    def handlers(self) -> dict[str, Handler]:
+        """Method name to handler, for the RPC server (the quick ones answer inline)."""
         return {
             "replica_read": self.replica_read,
             "replica_apply": self.replica_apply,
@@ -210,8 +211,11 @@ class ReplicaRpcHandlers:
             "flush": self.flush,
         }
 
-    async def replica_read(self, keys: object) -> list[bytes | None]:
+    def replica_read(self, keys: object) -> list[bytes | None] | Awaitable[list[bytes | None]]:
         """The record of each key (None when absent), in the order asked.
+
+        Up to :data:`READ_CHUNK` keys are read at once (inline in the RPC server); a larger
+        batch is read chunk by chunk as a task, letting other work run in between.
 
         Raises:
             RpcBadRequest: ``keys`` is not a list of valid keys.
@@ -219,17 +223,27 @@ class ReplicaRpcHandlers:
         if not isinstance(keys, list | tuple) or len(keys) > MAX_READ_BATCH:
             raise RpcBadRequest(f"keys must be a list of at most {MAX_READ_BATCH} keys")
         checked = [check_key(key) for key in keys]
+        if len(checked) <= READ_CHUNK:
+            return self._read_records(checked)
+        return self._read_in_chunks(checked)
+
+    def _read_records(self, keys: Sequence[bytes]) -> list[bytes | None]:
         read = self.replica.read
         records: list[bytes | None] = []
-        for start in range(0, len(checked), READ_CHUNK):
-            if start:
-                await trio.lowlevel.checkpoint()
-            for key in checked[start : start + READ_CHUNK]:
-                siblings = read(key)
-                records.append(encode_siblings(siblings) if siblings else None)
+        for key in keys:
+            siblings = read(key)
+            records.append(encode_siblings(siblings) if siblings else None)
         return records
 
-    async def replica_apply(self, key: object, record: object) -> bool:
+    async def _read_in_chunks(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        records: list[bytes | None] = []
+        for start in range(0, len(keys), READ_CHUNK):
+            if start:
+                await trio.lowlevel.checkpoint()
+            records += self._read_records(keys[start : start + READ_CHUNK])
+        return records
+
+    def replica_apply(self, key: object, record: object) -> bool:
         """Merge a peer's versions of ``key`` into the local replica.
 
         Raises:
@@ -270,7 +284,7 @@ class ReplicaRpcHandlers:
             raise RpcTooManySiblings(str(exc)) from exc
         return encode_siblings((version,))
 
-    async def flush(self, at: object) -> None:
+    def flush(self, at: object) -> None:
         """Record a cluster-wide ``flush_all`` at unix microseconds ``at``.
 
         Raises:

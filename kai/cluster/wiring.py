@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Awaitable, Callable
 
 import msgpack
 import trio
@@ -22,6 +21,7 @@ from kai.membership.gossip import Membership
 from kai.membership.view import MembershipView
 from kai.replica import LocalReplica
 from kai.ring import NodeId, Ring
+from kai.rpc.server import Handler
 from kai.storage.engine import StorageEngine
 from kai.transport import Transport
 
@@ -113,7 +113,7 @@ class Cluster:
             if at not in known:
                 self.replica.flush(at)
 
-    def handlers(self) -> dict[str, Callable[..., Awaitable[object]]]:
+    def handlers(self) -> dict[str, Handler]:
         """The peer-to-peer RPC methods: replication and gossip."""
 
         async def gossip(wire: object) -> object:

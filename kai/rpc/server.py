@@ -9,12 +9,14 @@ task running after :func:`serve_rpc` returns (it follows :func:`trio.serve_liste
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from typing import Final, NoReturn, TypeAlias, TypeVar
 
+import attrs
 import trio
 
 from kai.errors import (
@@ -36,8 +38,11 @@ from kai.rpc.protocol import (
 
 logger = logging.getLogger(__name__)
 
-#: An RPC handler: called as ``handler(*params)``; its return value is the result.
-Handler: TypeAlias = Callable[..., Awaitable[object]]
+#: An RPC handler, called as ``handler(*params)``. A handler that can answer at once (never
+#: waits, and is quick) returns its result and runs in the connection's reader, in the order
+#: requests arrive; any other returns an awaitable (is ``async def``) and runs as a task of
+#: its own. Either may raise an :class:`~kai.errors.RpcError` to answer with that error.
+Handler: TypeAlias = Callable[..., object]
 
 ListenerT = TypeVar("ListenerT", bound=trio.abc.Listener[trio.abc.Stream])
 
@@ -154,9 +159,10 @@ async def handle_rpc_connection(
     """Serve one connection until the peer closes it or breaks the protocol.
 
     Authenticates first, under ``handshake_timeout``; a peer that fails, stalls or sends
-    garbage is dropped before any handler runs. Then every request runs concurrently as its
-    own task (at most :data:`MAX_CONCURRENT_REQUESTS_PER_CONNECTION`), and responses are
-    queued to a single writer task. At end of stream, running handlers finish and their
+    garbage is dropped before any handler runs. Then a handler that answers at once runs in
+    the reader, and every other request runs concurrently as its own task (at most
+    :data:`MAX_CONCURRENT_REQUESTS_PER_CONNECTION`); responses are queued to a single writer
+    task. At end of stream, running handlers finish and their
     responses are sent before this returns. Never raises for network or peer errors; the
     caller closes ``stream``.
     """
@@ -231,7 +237,11 @@ async def _read_requests(
     slots: trio.Semaphore,
     nursery: trio.Nursery,
 ) -> bool:
-    """Start a task per incoming message until end of stream (True) or an error (False)."""
+    """Answer every incoming message until end of stream (True) or an error (False).
+
+    A handler that answers at once is run right here, and its response queued before the
+    next message is read; one that returns an awaitable gets a task of its own.
+    """
     while True:
         try:
             message = framing.next_message()
@@ -251,50 +261,97 @@ async def _read_requests(
         if isinstance(message, Response):
             logger.warning("closing RPC connection: a client sent a response")
             return False
+        pending = _start_handler(message, handlers)
+        if not isinstance(pending, _Outcome):
+            try:
+                # Not `await acquire()` alone: that yields per message, so a pipelined batch
+                # of requests would be answered one write at a time instead of in one batch.
+                slots.acquire_nowait()
+            except trio.WouldBlock:
+                await slots.acquire()
+            nursery.start_soon(_finish_handler, message, pending, framing, outgoing.clone(), slots)
+            continue
+        response = _encode_outcome(message, pending, framing)
+        if response is None:
+            continue
         try:
-            # Not `await acquire()` alone: that yields per message, so a pipelined batch of
-            # requests would be answered one write at a time instead of in one batch.
-            slots.acquire_nowait()
-        except trio.WouldBlock:
-            await slots.acquire()
-        nursery.start_soon(_dispatch, message, framing, handlers, outgoing.clone(), slots)
+            try:
+                outgoing.send_nowait(response)
+            except trio.WouldBlock:
+                await outgoing.send(response)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            logger.debug("RPC response to %s dropped: connection closed", message.method)
 
 
-async def _dispatch(
+@attrs.frozen(slots=True)
+class _Outcome:
+    """What a handler came to: its result, or the error to send back."""
+
+    result: object = None
+    error: RpcError | None = None
+
+
+def _start_handler(
+    message: Request | Notification, handlers: Mapping[str, Handler]
+) -> _Outcome | Awaitable[object]:
+    """Call the message's handler: its outcome, or the awaitable it returned."""
+    handler = handlers.get(message.method)
+    if handler is None:
+        logger.debug("unknown RPC method %r", message.method)
+        return _Outcome(error=RpcMethodNotFound(f"no RPC method named {message.method!r}"))
+    try:
+        result = handler(*message.params)
+    except RpcError as exc:
+        logger.debug("RPC handler %s raised %r", message.method, exc)
+        return _Outcome(error=exc)
+    except Exception as exc:
+        logger.exception("RPC handler %s failed", message.method)
+        return _Outcome(error=_remote_error(exc))
+    if inspect.isawaitable(result):
+        return result
+    return _Outcome(result)
+
+
+def _remote_error(exc: Exception) -> RpcRemoteError:
+    """What the caller is told when a handler fails with an unexpected exception."""
+    return RpcRemoteError(f"{type(exc).__name__}: {exc}")
+
+
+def _encode_outcome(
+    message: Request | Notification, outcome: _Outcome, framing: RpcConnection
+) -> bytes | None:
+    """The response to send for ``message``; None for a notification."""
+    if isinstance(message, Notification):
+        return None
+    try:
+        return framing.encode_response(message.msgid, result=outcome.result, error=outcome.error)
+    except RpcError as exc:
+        logger.error("RPC handler %s returned an unsendable result: %s", message.method, exc)
+        error = RpcRemoteError(f"the result of {message.method} cannot be sent: {exc}")
+        return framing.encode_response(message.msgid, error=error)
+
+
+async def _finish_handler(
     message: Request | Notification,
+    pending: Awaitable[object],
     framing: RpcConnection,
-    handlers: Mapping[str, Handler],
     outgoing: trio.MemorySendChannel[bytes],
     slots: trio.Semaphore,
 ) -> None:
-    """Run one handler and queue its response (none for a notification)."""
+    """Await a handler that did not answer at once, and queue its response."""
     async with outgoing:
         try:
-            error: RpcError | None = None
-            result: object = None
-            handler = handlers.get(message.method)
-            if handler is None:
-                error = RpcMethodNotFound(f"no RPC method named {message.method!r}")
-                logger.debug("unknown RPC method %r", message.method)
-            else:
-                try:
-                    result = await handler(*message.params)
-                except RpcError as exc:
-                    error = exc
-                    logger.debug("RPC handler %s raised %r", message.method, exc)
-                except Exception as exc:
-                    error = RpcRemoteError(f"{type(exc).__name__}: {exc}")
-                    logger.exception("RPC handler %s failed", message.method)
-            if isinstance(message, Notification):
-                return
             try:
-                data = framing.encode_response(message.msgid, result=result, error=error)
+                outcome = _Outcome(await pending)
             except RpcError as exc:
-                logger.error(
-                    "RPC handler %s returned an unsendable result: %s", message.method, exc
-                )
-                error = RpcRemoteError(f"the result of {message.method} cannot be sent: {exc}")
-                data = framing.encode_response(message.msgid, error=error)
+                logger.debug("RPC handler %s raised %r", message.method, exc)
+                outcome = _Outcome(error=exc)
+            except Exception as exc:
+                logger.exception("RPC handler %s failed", message.method)
+                outcome = _Outcome(error=_remote_error(exc))
+            data = _encode_outcome(message, outcome, framing)
+            if data is None:
+                return
             try:
                 await outgoing.send(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):

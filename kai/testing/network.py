@@ -24,11 +24,12 @@ faulty and draw nothing.
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
-from typing import Final, NoReturn, TypeAlias
+from typing import Final, NoReturn
 
 import attrs
 import trio
@@ -36,12 +37,11 @@ import trio
 from kai.errors import RpcConnectionError, RpcError, RpcMethodNotFound, RpcRemoteError
 from kai.ring import NodeId
 from kai.rpc.protocol import Request, Response, RpcConnection
+from kai.rpc.server import Handler
 from kai.transport import Transport
 
 logger = logging.getLogger(__name__)
 
-#: An RPC handler, as for :func:`kai.rpc.server.serve_rpc`: called as ``handler(*params)``.
-Handler: TypeAlias = Callable[..., Awaitable[object]]
 
 #: The message id used on the fake wire; every call has its own reply slot, so ids do not
 #: need to differ.
@@ -426,7 +426,9 @@ class FakeNetwork:
             logger.debug("unknown RPC method %r on %s", method, endpoint.node)
         else:
             try:
-                result = await handler(*request.params)
+                result = handler(*request.params)
+                if inspect.isawaitable(result):
+                    result = await result
             except RpcError as exc:
                 error = exc
                 logger.debug("RPC handler %s on %s raised %r", method, endpoint.node, exc)
