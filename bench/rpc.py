@@ -77,8 +77,9 @@ async def load(port: int, method: str, concurrency: int, duration: float, fan_ou
             while trio.current_time() < stop_at:
                 if fan_out:
                     answers = caller.fan_out([(peer, method, (b"k",))], stop_at + 5)
-                    with answers:
-                        answer = await answers.receive()
+                    answer = await answers.receive()
+                    answers.close()
+                    assert answer is not None, "every call is answered"
                     assert answer.ok, answer
                 else:
                     await client.call(method, b"k")

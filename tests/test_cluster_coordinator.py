@@ -36,6 +36,7 @@ from kai.ring import NodeId, Ring
 from kai.rpc.server import Handler
 from kai.stats import NodeStats
 from kai.storage.memory import MemoryEngine
+from kai.transport import CancelCall, OnDone
 from kai.vclock import VClock
 from kai.versions import Version, encode_siblings
 
@@ -103,6 +104,11 @@ class NodeTransport:
 
     async def call(self, peer: NodeId, method: str, *params: object) -> object:
         return await self.network.call(self.node, peer, method, *params)
+
+    def start_call(
+        self, peer: NodeId, method: str, params: tuple[object, ...], on_done: OnDone
+    ) -> CancelCall | None:
+        return None  # every call runs as a task
 
 
 class Cluster:
@@ -503,6 +509,11 @@ async def test_a_cluster_of_one_never_uses_the_transport(
 
     class NoTransport:
         async def call(self, peer: NodeId, method: str, *params: object) -> object:
+            raise AssertionError("a cluster of one must not call peers")
+
+        def start_call(
+            self, peer: NodeId, method: str, params: tuple[object, ...], on_done: OnDone
+        ) -> CancelCall | None:
             raise AssertionError("a cluster of one must not call peers")
 
     async with trio.open_nursery() as background:

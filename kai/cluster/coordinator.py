@@ -26,7 +26,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from contextlib import suppress
+from functools import partial
 
 import trio
 
@@ -50,7 +50,7 @@ from kai.errors import (
 from kai.replica import LocalReplica, Payload
 from kai.ring import NodeId, Ring
 from kai.rpc.server import Handler
-from kai.transport import Transport
+from kai.transport import FanOutTransport
 from kai.vclock import VClock
 from kai.versions import SiblingSet, Version, encode_siblings
 
@@ -84,7 +84,7 @@ class ClusterCoordinator(Coordinator):
         *,
         self_node: NodeId,
         replica: LocalReplica,
-        transport: Transport,
+        transport: FanOutTransport,
         ring: Callable[[], Ring],
         quorum: Quorum,
         is_up: Callable[[NodeId], bool] = lambda node: True,
@@ -181,13 +181,14 @@ class ClusterCoordinator(Coordinator):
             [(peer, "replica_read", (round_.batch(peer),)) for peer in peers], deadline
         )
         try:
-            with trio.move_on_at(deadline), suppress(trio.EndOfChannel):
-                while not round_.decided:
-                    self._record_read(round_, await answers.receive())
+            while not round_.decided:
+                answer = await answers.receive()  # every call is answered by its deadline
+                if answer is None:
+                    break
+                self._record_read(round_, answer)
         finally:
             # Stop waiting, not listening: the rest of the replies feed read repair.
-            if not self._peers.start(self._finish_read, round_, answers):
-                answers.close()
+            answers.listen(partial(self._record_read, round_), partial(self._after_read, round_))
         error = round_.error()
         if error is not None:
             raise error
@@ -213,17 +214,14 @@ class ClusterCoordinator(Coordinator):
             self._peers.errors += 1
             round_.record_failure(answer.peer, timed_out=False)
 
-    async def _finish_read(
-        self, round_: ReadRound, answers: trio.MemoryReceiveChannel[Answer]
-    ) -> None:
-        """Collect the replies that came after the answer, then repair stale replicas."""
-        with answers:
-            async for answer in answers:  # each call is bounded by the request's deadline
-                self._record_read(round_, answer)
-        await self._read_repair(round_)
+    def _after_read(self, round_: ReadRound) -> None:
+        """Every replica answered (or timed out): repair the stale ones."""
+        remote = self._read_repair(round_)
+        if remote:
+            self._peers.start(self._repair_peers, remote)
 
-    async def _read_repair(self, round_: ReadRound) -> None:
-        """Send the merged sibling set to every replica that answered with less."""
+    def _read_repair(self, round_: ReadRound) -> dict[NodeId, list[tuple[bytes, bytes]]]:
+        """Repair this node's stale replicas; the repairs to send to each stale peer."""
         by_peer: dict[NodeId, list[tuple[bytes, bytes]]] = defaultdict(list)
         records: dict[int, bytes] = {}
         for index, node in round_.stale_replicas():
@@ -235,8 +233,10 @@ class ClusterCoordinator(Coordinator):
             if record is None:
                 record = records[index] = encode_siblings(merged)
             by_peer[node].append((key, record))
-        if not by_peer:
-            return
+        return by_peer
+
+    async def _repair_peers(self, by_peer: dict[NodeId, list[tuple[bytes, bytes]]]) -> None:
+        """Send each stale peer the merged sibling sets of the keys it answered with less."""
         deadline = trio.current_time() + self.request_timeout
         async with trio.open_nursery() as nursery:
             for peer, repairs in by_peer.items():
@@ -313,13 +313,17 @@ class ClusterCoordinator(Coordinator):
         answers = self._peers.fan_out(
             [(peer, "replica_apply", (key, record)) for peer in others], deadline
         )
-        with answers, trio.move_on_at(deadline), suppress(trio.EndOfChannel):
+        try:
             while not tally.met and not tally.lost:
-                answer = await answers.receive()
+                answer = await answers.receive()  # every call is answered by its deadline
+                if answer is None:
+                    break
                 if answer.ok and isinstance(answer.result, bool):
                     tally.reply()
                 else:
                     tally.fail(timed_out=answer.timed_out)
+        finally:
+            answers.close()
         if not tally.met:
             raise tally.error(f"write of {key!r}")
         return version
@@ -367,12 +371,16 @@ class ClusterCoordinator(Coordinator):
         deadline = trio.current_time() + self.request_timeout
         waiting = {peer for peer in peers if self.is_up(peer)}
         answers = self._peers.fan_out([(peer, "flush", (at,)) for peer in peers], deadline)
-        with answers, trio.move_on_at(deadline), suppress(trio.EndOfChannel):
+        try:
             while waiting:
-                answer = await answers.receive()
+                answer = await answers.receive()  # every call is answered by its deadline
+                if answer is None:
+                    break
                 waiting.discard(answer.peer)
                 if not answer.ok:
                     logger.info("flush_all did not reach %s; gossip will carry it", answer.peer)
+        finally:
+            answers.close()
 
     # --- plumbing -----------------------------------------------------------------------------
 

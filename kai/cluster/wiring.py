@@ -23,7 +23,7 @@ from kai.replica import LocalReplica
 from kai.ring import NodeId, Ring
 from kai.rpc.server import Handler
 from kai.storage.engine import StorageEngine
-from kai.transport import Transport
+from kai.transport import FanOutTransport
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Cluster:
         engine: StorageEngine,
         replica: LocalReplica,
         self_node: NodeId,
-        transport: Transport,
+        transport: FanOutTransport,
         background: trio.Nursery,
         *,
         rng: random.Random | None = None,

@@ -26,7 +26,7 @@ from typing import Final, Self
 
 import trio
 
-from kai.errors import RpcConnectionError, RpcProtocolError
+from kai.errors import RpcConnectionError, RpcError, RpcProtocolError
 from kai.rpc.auth import NONCE_SIZE, ClientHandshake
 from kai.rpc.protocol import CLOSED, MAX_MSGID, NEED_DATA, Response, RpcConnection
 from kai.rpc.server import OUTGOING_QUEUE_SIZE, RECEIVE_SIZE, send_batched
@@ -42,13 +42,48 @@ _STREAM_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 class _Waiter:
-    """Where the reader task delivers one call's response."""
+    """Where the reader task delivers one call's response (None: the connection was lost)."""
 
     __slots__ = ("event", "response")
 
     def __init__(self) -> None:
         self.event = trio.Event()
         self.response: Response | None = None
+
+    def deliver(self, response: Response | None) -> None:
+        self.response = response
+        self.event.set()
+
+
+class _CallbackWaiter:
+    """A call started by :meth:`RpcClient.start_call`: its outcome goes to a callback."""
+
+    __slots__ = ("client", "connection", "msgid", "on_done")
+
+    def __init__(
+        self,
+        client: RpcClient,
+        connection: _Connection,
+        msgid: int,
+        on_done: Callable[[object, RpcError | None], None],
+    ) -> None:
+        self.client = client
+        self.connection = connection
+        self.msgid = msgid
+        self.on_done = on_done
+
+    def deliver(self, response: Response | None) -> None:
+        if response is None:
+            self.on_done(None, self.client._lost(self.connection))
+        elif response.error is not None:
+            self.on_done(None, RpcError.for_code(*response.error))
+        else:
+            self.on_done(response.result, None)
+
+    def cancel(self) -> None:
+        """Forget the call: a late response is discarded."""
+        if self.connection.waiters.get(self.msgid) is self:
+            del self.connection.waiters[self.msgid]
 
 
 class _Connection:
@@ -60,7 +95,7 @@ class _Connection:
         self.outgoing_send, self.outgoing_receive = trio.open_memory_channel[bytes](
             OUTGOING_QUEUE_SIZE
         )
-        self.waiters: dict[int, _Waiter] = {}
+        self.waiters: dict[int, _Waiter | _CallbackWaiter] = {}
         self.cancel_scope = trio.CancelScope()
         self.finished = trio.Event()
         self.failure: str | None = None
@@ -79,9 +114,10 @@ class _Connection:
             self.failure = reason
         self.cancel_scope.cancel()
         self.outgoing_receive.close()
-        for waiter in self.waiters.values():
-            waiter.event.set()
+        waiters = list(self.waiters.values())
         self.waiters.clear()
+        for waiter in waiters:
+            waiter.deliver(None)
 
 
 class _NurseryUser:
@@ -200,6 +236,36 @@ class RpcClient(_NurseryUser):
         if waiter.response is None:
             raise self._lost(connection)
         return waiter.response.unwrap()
+
+    def start_call(
+        self,
+        method: str,
+        params: tuple[object, ...],
+        on_done: Callable[[object, RpcError | None], None],
+    ) -> Callable[[], None] | None:
+        """Queue ``method(*params)`` without waiting, if the connection is open right now.
+
+        ``on_done(result, None)`` or ``on_done(None, error)`` is called exactly once, from
+        the connection's reader task (or whichever task sees the connection fail), unless the
+        returned cancel function is called first. ``on_done`` must not block or raise.
+        Returns None, having sent nothing, when not connected or the send queue is full: use
+        :meth:`call` then (it connects, and waits for room).
+
+        Raises:
+            RpcBadRequest: the parameters cannot be encoded.
+        """
+        connection = self._connection
+        if connection is None or connection.failure is not None:
+            return None
+        msgid = connection.allocate_msgid()
+        data = connection.framing.encode_request(msgid, method, params)
+        try:
+            connection.outgoing_send.send_nowait(data)
+        except (trio.WouldBlock, *_STREAM_ERRORS):
+            return None
+        waiter = _CallbackWaiter(self, connection, msgid, on_done)
+        connection.waiters[msgid] = waiter
+        return waiter.cancel
 
     async def notify(self, method: str, *params: object) -> None:
         """Send a one-way ``method(*params)``; returns once it is queued for sending.
@@ -335,8 +401,7 @@ async def _read_loop(connection: _Connection) -> None:
             if waiter is None:
                 logger.debug("discarding RPC response %d: its caller gave up", message.msgid)
             else:
-                waiter.response = message
-                waiter.event.set()
+                waiter.deliver(message)
         else:
             logger.warning("closing RPC connection: the server sent %r", message)
             connection.fail("the server sent a request; only clients may")

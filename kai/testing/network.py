@@ -38,7 +38,7 @@ from kai.errors import RpcConnectionError, RpcError, RpcMethodNotFound, RpcRemot
 from kai.ring import NodeId
 from kai.rpc.protocol import Request, Response, RpcConnection
 from kai.rpc.server import Handler
-from kai.transport import Transport
+from kai.transport import CancelCall, FanOutTransport, OnDone
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +142,12 @@ class _NodeTransport:
         """Call ``method(*params)`` on ``peer`` from this node (see :meth:`FakeNetwork.call`)."""
         return await self.network.call(self.node, peer, method, *params)
 
+    def start_call(
+        self, peer: NodeId, method: str, params: tuple[object, ...], on_done: OnDone
+    ) -> CancelCall | None:
+        """Never: every call on the fake network runs as a task, through :meth:`call`."""
+        return None
+
 
 class FakeNetwork:
     """An in-process network of Kai nodes that drops, duplicates, delays and partitions.
@@ -226,7 +232,7 @@ class FakeNetwork:
         if endpoint is not None:
             endpoint.crash()
 
-    def transport_for(self, node: NodeId) -> Transport:
+    def transport_for(self, node: NodeId) -> FanOutTransport:
         """The transport ``node`` uses to call its peers (it is the caller of every call)."""
         return _NodeTransport(self, node)
 
