@@ -8,6 +8,7 @@ and over the fault-injecting in-process network of ``kai.testing.network``. Call
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeAlias
 
@@ -57,7 +58,7 @@ class FanOutTransport(Transport, Protocol):
 class RpcTransport:
     """:class:`FanOutTransport` over Kai's authenticated msgpack-RPC, one connection per peer.
 
-    ``open_stream(host, port)`` replaces TCP (for in-memory tests), as for
+    ``open_socket(host, port)`` replaces TCP (for tests), as for
     :class:`~kai.rpc.client.RpcClientPool`.
     """
 
@@ -66,9 +67,9 @@ class RpcTransport:
         secret: bytes,
         nursery: trio.Nursery,
         *,
-        open_stream: Callable[[str, int], Awaitable[trio.abc.Stream]] | None = None,
+        open_socket: Callable[[str, int], Awaitable[socket.socket]] | None = None,
     ) -> None:
-        self._pool = RpcClientPool(secret, nursery=nursery, open_stream=open_stream)
+        self._pool = RpcClientPool(secret, nursery=nursery, open_socket=open_socket)
 
     async def call(self, peer: NodeId, method: str, *params: object) -> object:
         """Call ``method`` on ``peer`` over its RPC port."""

@@ -1,12 +1,13 @@
 """The coordinator's fan-out: every call answered exactly once, by its deadline, without a task.
 
-Most tests run the real RPC client and server over in-memory streams in virtual time; the
+Most tests run the real RPC client and server over in-process socket pairs in virtual time; the
 seeded table at the end drives the deadline sweeper with a scripted transport.
 """
 
 from __future__ import annotations
 
 import random
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -46,17 +47,16 @@ class Peers:
 
         return {"whoami": lambda: node_port, "hang": hang, "refuse": refuse}
 
-    async def open_stream(self, host: str, port: int) -> trio.abc.Stream:
-        client_side, server_side = trio.testing.memory_stream_pair()
+    async def open_socket(self, host: str, port: int) -> socket.socket:
+        client_side, server_side = socket.socketpair()
         scope = trio.CancelScope()
         self.scopes.append(scope)
         self.nursery.start_soon(self._serve, server_side, port, scope)
         return client_side
 
-    async def _serve(self, stream: trio.abc.Stream, port: int, scope: trio.CancelScope) -> None:
+    async def _serve(self, sock: socket.socket, port: int, scope: trio.CancelScope) -> None:
         with scope:
-            async with stream:
-                await handle_rpc_connection(stream, secret=SECRET, handlers=self.handlers(port))
+            await handle_rpc_connection(sock, secret=SECRET, handlers=self.handlers(port))
 
     def crash(self) -> None:
         for scope in self.scopes:
@@ -77,7 +77,7 @@ async def connected() -> AsyncIterator[tuple[Peers, RpcTransport, PeerCaller, tr
     async with trio.open_nursery() as servers:
         peers = Peers(servers)
         async with trio.open_nursery() as background:
-            transport = RpcTransport(SECRET, background, open_stream=peers.open_stream)
+            transport = RpcTransport(SECRET, background, open_socket=peers.open_socket)
             assert await transport.call(A, "whoami") == A.port
             assert await transport.call(B, "whoami") == B.port
             yield peers, transport, peers.caller(transport, background), background
@@ -218,7 +218,7 @@ async def test_an_unconnected_peer_is_called_from_a_task(autojump_clock: object)
     async with trio.open_nursery() as servers:
         peers = Peers(servers)
         async with trio.open_nursery() as background:
-            transport = RpcTransport(SECRET, background, open_stream=peers.open_stream)
+            transport = RpcTransport(SECRET, background, open_socket=peers.open_socket)
             caller = peers.caller(transport, background)
             fan = caller.fan_out([(A, "whoami", ()), (B, "whoami", ())], 5)
             assert {answer.result for answer in await drain(fan)} == {A.port, B.port}

@@ -1,8 +1,9 @@
-"""End-to-end tests of the RPC server and client over real TCP and trio memory streams."""
+"""End-to-end tests of the RPC server and client over real TCP and in-process socket pairs."""
 
 from __future__ import annotations
 
 import logging
+import socket
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -157,8 +158,8 @@ async def start_tcp_server(
     return listener
 
 
-class MemoryNetwork:
-    """Connects clients to the server's connection handler over in-memory streams."""
+class PairNetwork:
+    """Connects clients to the server's connection handler over in-process socket pairs."""
 
     def __init__(self, nursery: trio.Nursery, service: Service, *, secret: bytes = SECRET) -> None:
         self.nursery = nursery
@@ -167,20 +168,17 @@ class MemoryNetwork:
         self.connections = 0
         self.scopes: list[trio.CancelScope] = []
 
-    async def open_stream(self) -> trio.abc.Stream:
-        client_side, server_side = trio.testing.memory_stream_pair()
+    async def open_socket(self) -> socket.socket:
+        client_side, server_side = socket.socketpair()
         self.connections += 1
         scope = trio.CancelScope()
         self.scopes.append(scope)
         self.nursery.start_soon(self._serve, server_side, scope)
         return client_side
 
-    async def _serve(self, stream: trio.abc.Stream, scope: trio.CancelScope) -> None:
+    async def _serve(self, sock: socket.socket, scope: trio.CancelScope) -> None:
         with scope:
-            async with stream:
-                await handle_rpc_connection(
-                    stream, secret=self.secret, handlers=self.service.handlers()
-                )
+            await handle_rpc_connection(sock, secret=self.secret, handlers=self.service.handlers())
 
     def drop_all(self) -> None:
         """Kill every server-side connection, as a crashed peer would."""
@@ -189,11 +187,11 @@ class MemoryNetwork:
 
 
 @asynccontextmanager
-async def memory_client(service: Service) -> AsyncIterator[tuple[RpcClient, MemoryNetwork]]:
+async def memory_client(service: Service) -> AsyncIterator[tuple[RpcClient, PairNetwork]]:
     async with trio.open_nursery() as nursery:
-        network = MemoryNetwork(nursery, service)
+        network = PairNetwork(nursery, service)
         try:
-            async with RpcClient("peer", 1, SECRET, open_stream=network.open_stream) as client:
+            async with RpcClient("peer", 1, SECRET, open_socket=network.open_socket) as client:
                 yield client, network
         finally:
             network.drop_all()
@@ -454,36 +452,38 @@ async def test_silent_peer_is_dropped_at_the_handshake_deadline(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     service = Service()
-    client_side, server_side = trio.testing.memory_stream_pair()
+    client_end, server_end = socket.socketpair()
     start = trio.current_time()
-    async with server_side:
-        await handle_rpc_connection(
-            server_side, secret=SECRET, handlers=service.handlers(), handshake_timeout=5
-        )
+    await handle_rpc_connection(
+        server_end, secret=SECRET, handlers=service.handlers(), handshake_timeout=5
+    )
     assert trio.current_time() - start == 5
-    assert msgpack.unpackb(await client_side.receive_some())[0] == "kai-hello"
-    assert await client_side.receive_some() == b""
+    with trio.socket.from_stdlib_socket(client_end) as client_side:
+        assert msgpack.unpackb(await client_side.recv(4096))[0] == "kai-hello"
+        assert await client_side.recv(4096) == b""
     assert service.calls == 0
 
 
 async def test_client_gives_up_on_a_silent_server_at_its_connect_timeout(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    silent_ends: list[trio.abc.Stream] = []
+    silent_ends: list[socket.socket] = []
 
-    async def open_silent_stream() -> trio.abc.Stream:
-        client_side, server_side = trio.testing.memory_stream_pair()
+    async def open_silent_socket() -> socket.socket:
+        client_side, server_side = socket.socketpair()
         silent_ends.append(server_side)
         return client_side
 
     start = trio.current_time()
-    async with RpcClient("peer", 1, SECRET, open_stream=open_silent_stream, connect_timeout=3) as c:
+    async with RpcClient("peer", 1, SECRET, open_socket=open_silent_socket, connect_timeout=3) as c:
         with pytest.raises(RpcConnectionError, match="within 3"):
             await c.call("echo")
     assert trio.current_time() - start == 3
+    for end in silent_ends:
+        end.close()
 
 
-# --- Multiplexing, cancellation and loss, in virtual time over memory streams -----------
+# --- Multiplexing, cancellation and loss, in virtual time over socket pairs -----------
 
 
 async def test_calls_complete_out_of_order_on_one_connection(

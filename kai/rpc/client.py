@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 from types import TracebackType
@@ -29,7 +30,7 @@ import trio
 from kai.errors import RpcConnectionError, RpcError, RpcProtocolError
 from kai.rpc.auth import NONCE_SIZE, ClientHandshake
 from kai.rpc.protocol import CLOSED, MAX_MSGID, NEED_DATA, Response, RpcConnection
-from kai.rpc.server import OUTGOING_QUEUE_SIZE, RECEIVE_SIZE, send_batched
+from kai.rpc.sockets import MAX_BACKLOG, SocketIO, from_stream, receive_some, send_all
 
 logger = logging.getLogger(__name__)
 
@@ -87,14 +88,11 @@ class _CallbackWaiter:
 
 
 class _Connection:
-    """One authenticated stream to the peer, with the calls waiting on it."""
+    """One authenticated socket to the peer, with the calls waiting on it."""
 
-    def __init__(self, stream: trio.abc.Stream, framing: RpcConnection) -> None:
-        self.stream = stream
+    def __init__(self, io: SocketIO, framing: RpcConnection) -> None:
+        self.io = io
         self.framing = framing
-        self.outgoing_send, self.outgoing_receive = trio.open_memory_channel[bytes](
-            OUTGOING_QUEUE_SIZE
-        )
         self.waiters: dict[int, _Waiter | _CallbackWaiter] = {}
         self.cancel_scope = trio.CancelScope()
         self.finished = trio.Event()
@@ -113,7 +111,7 @@ class _Connection:
         if self.failure is None:
             self.failure = reason
         self.cancel_scope.cancel()
-        self.outgoing_receive.close()
+        self.io.close()
         waiters = list(self.waiters.values())
         self.waiters.clear()
         for waiter in waiters:
@@ -176,7 +174,7 @@ class RpcClient(_NurseryUser):
         *,
         nursery: trio.Nursery | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        open_stream: Callable[[], Awaitable[trio.abc.Stream]] | None = None,
+        open_socket: Callable[[], Awaitable[socket.socket]] | None = None,
     ) -> None:
         """Create a client; nothing connects until the first call.
 
@@ -187,11 +185,12 @@ class RpcClient(_NurseryUser):
             nursery: where the connection's reader and writer tasks run. If omitted, use the
                 client as ``async with RpcClient(...) as client:``.
             connect_timeout: seconds allowed for TCP connect plus authentication.
-            open_stream: opens the transport instead of ``trio.open_tcp_stream(host, port)``
-                (for in-memory test networks); it should raise ``OSError`` on failure.
+            open_socket: returns a connected socket instead of a TCP connection to
+                ``host``:``port`` (for tests, say a ``socket.socketpair()`` end); it should
+                raise ``OSError`` on failure.
         """
         super().__init__(nursery)
-        self._open_stream = open_stream or partial(trio.open_tcp_stream, host, port)
+        self._open_socket = open_socket or partial(_open_tcp_socket, host, port)
         self.host = host
         self.port = port
         self._secret = secret
@@ -226,7 +225,8 @@ class RpcClient(_NurseryUser):
         connection.waiters[msgid] = waiter
         try:
             try:
-                await connection.outgoing_send.send(data)
+                await connection.io.wait_for_room()
+                connection.io.send(data)
             except _STREAM_ERRORS:
                 raise self._lost(connection) from None
             await waiter.event.wait()
@@ -257,12 +257,10 @@ class RpcClient(_NurseryUser):
         connection = self._connection
         if connection is None or connection.failure is not None:
             return None
-        msgid = connection.allocate_msgid()
-        data = connection.framing.encode_request(msgid, method, params)
-        try:
-            connection.outgoing_send.send_nowait(data)
-        except (trio.WouldBlock, *_STREAM_ERRORS):
+        if connection.io.backlog > MAX_BACKLOG:
             return None
+        msgid = connection.allocate_msgid()
+        connection.io.send(connection.framing.encode_request(msgid, method, params))
         waiter = _CallbackWaiter(self, connection, msgid, on_done)
         connection.waiters[msgid] = waiter
         return waiter.cancel
@@ -277,7 +275,8 @@ class RpcClient(_NurseryUser):
         connection = await self._get_connection()
         data = connection.framing.encode_notification(method, params)
         try:
-            await connection.outgoing_send.send(data)
+            await connection.io.wait_for_room()
+            connection.io.send(data)
         except _STREAM_ERRORS:
             raise self._lost(connection) from None
 
@@ -309,28 +308,29 @@ class RpcClient(_NurseryUser):
             if self._closed:
                 raise RpcConnectionError(f"the client for {self.host}:{self.port} is closed")
             nursery = self._require_nursery()
-            stream, trailing = await self._open_authenticated_stream()
+            sock, trailing = await self._open_authenticated_socket()
             framing = RpcConnection()
             if trailing:
                 framing.receive_data(trailing)
-            connection = _Connection(stream, framing)
+            connection = _Connection(SocketIO(sock), framing)
             try:
                 nursery.start_soon(self._run_connection, connection)
             except RuntimeError as exc:  # The nursery is closed to new tasks.
-                await trio.aclose_forcefully(stream)
+                connection.io.close()
                 raise RpcConnectionError(f"cannot run a connection: {exc}") from exc
             self._connection = connection
             return connection
 
-    async def _open_authenticated_stream(self) -> tuple[trio.abc.Stream, bytes]:
+    async def _open_authenticated_socket(self) -> tuple[socket.socket, bytes]:
         address = f"{self.host}:{self.port}"
         try:
             with trio.fail_after(self._connect_timeout):
-                stream = await self._open_stream()
+                sock = await self._open_socket()
+                sock.setblocking(False)
                 try:
-                    trailing = await _client_handshake(stream, self._secret)
+                    trailing = await _client_handshake(sock, self._secret)
                 except BaseException:
-                    await trio.aclose_forcefully(stream)
+                    sock.close()
                     raise
         except trio.TooSlowError:
             raise RpcConnectionError(
@@ -340,7 +340,7 @@ class RpcClient(_NurseryUser):
             raise RpcConnectionError(f"could not connect to {address}: {exc}") from exc
         except _STREAM_ERRORS as exc:
             raise RpcConnectionError(f"connection to {address} lost during handshake") from exc
-        return stream, trailing
+        return sock, trailing
 
     async def _run_connection(self, connection: _Connection) -> None:
         try:
@@ -352,26 +352,29 @@ class RpcClient(_NurseryUser):
             connection.fail("the connection was closed")
             if self._connection is connection:
                 self._connection = None
-            await trio.aclose_forcefully(connection.stream)
             connection.finished.set()
 
 
-async def _client_handshake(stream: trio.abc.Stream, secret: bytes) -> bytes:
+async def _open_tcp_socket(host: str, port: int) -> socket.socket:
+    return from_stream(await trio.open_tcp_stream(host, port))
+
+
+async def _client_handshake(sock: socket.socket, secret: bytes) -> bytes:
     """Authenticate to the server; returns bytes received after the handshake."""
     handshake = ClientHandshake(secret, os.urandom(NONCE_SIZE))
     while not handshake.authenticated:
-        data = await stream.receive_some(RECEIVE_SIZE)
+        data = await receive_some(sock)
         if not data:
             raise RpcConnectionError("the server closed the connection during the handshake")
         reply = handshake.receive_data(data)
         if reply:
-            await stream.send_all(reply)
+            await send_all(sock, reply)
     return handshake.trailing_data()
 
 
 async def _write_loop(connection: _Connection) -> None:
     try:
-        await send_batched(connection.stream, connection.outgoing_receive)
+        await connection.io.run_writer()
     except _STREAM_ERRORS as exc:
         connection.fail(f"send failed: {exc!r}")
 
@@ -388,7 +391,7 @@ async def _read_loop(connection: _Connection) -> None:
             return
         if message is NEED_DATA:
             try:
-                data = await connection.stream.receive_some(RECEIVE_SIZE)
+                data = await connection.io.receive()
             except _STREAM_ERRORS as exc:
                 connection.fail(f"receive failed: {exc!r}")
                 return
@@ -421,7 +424,7 @@ class RpcClientPool(_NurseryUser):
         *,
         nursery: trio.Nursery | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        open_stream: Callable[[str, int], Awaitable[trio.abc.Stream]] | None = None,
+        open_socket: Callable[[str, int], Awaitable[socket.socket]] | None = None,
     ) -> None:
         """Create an empty pool.
 
@@ -429,13 +432,13 @@ class RpcClientPool(_NurseryUser):
             secret: the cluster secret.
             nursery: where the clients' tasks run; omit to use ``async with``.
             connect_timeout: passed to every :class:`RpcClient`.
-            open_stream: ``open_stream(host, port)`` replaces ``trio.open_tcp_stream`` for
-                every client (for in-memory test networks).
+            open_socket: ``open_socket(host, port)`` replaces the TCP connection for every
+                client (for tests).
         """
         super().__init__(nursery)
         self._secret = secret
         self._connect_timeout = connect_timeout
-        self._open_stream = open_stream
+        self._open_socket = open_socket
         self._clients: dict[tuple[str, int], RpcClient] = {}
         self._closed = False
 
@@ -456,9 +459,9 @@ class RpcClientPool(_NurseryUser):
                 self._secret,
                 nursery=self._require_nursery(),
                 connect_timeout=self._connect_timeout,
-                open_stream=None
-                if self._open_stream is None
-                else partial(self._open_stream, host, port),
+                open_socket=None
+                if self._open_socket is None
+                else partial(self._open_socket, host, port),
             )
             self._clients[key] = client
         return client

@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from typing import Final, NoReturn, TypeAlias, TypeVar
@@ -35,6 +36,7 @@ from kai.rpc.protocol import (
     Response,
     RpcConnection,
 )
+from kai.rpc.sockets import MAX_BACKLOG, SocketIO, from_stream, receive_some, send_all
 
 logger = logging.getLogger(__name__)
 
@@ -49,47 +51,10 @@ ListenerT = TypeVar("ListenerT", bound=trio.abc.Listener[trio.abc.Stream])
 #: Requests (and notifications) one connection may have running at once. When reached, the
 #: server stops reading from that connection until one finishes, pushing back on the peer.
 MAX_CONCURRENT_REQUESTS_PER_CONNECTION: Final = 256
-#: Encoded messages that may wait for the writer before senders block.
-OUTGOING_QUEUE_SIZE: Final = 256
-#: Several small queued messages are joined into one write of at most this many bytes;
-#: a message this large or larger is written on its own, without being copied.
-WRITE_BATCH_BYTES: Final = 64 * 1024
-#: Most bytes asked of the socket per read.
-RECEIVE_SIZE: Final = 64 * 1024
+#: Responses of inline handlers are sent once they reach this many bytes, even mid-batch.
+SEND_THRESHOLD: Final = 256 * 1024
 #: Default deadline for a new connection to complete authentication, in seconds.
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 5.0
-
-
-async def send_batched(
-    stream: trio.abc.SendStream, outgoing: trio.MemoryReceiveChannel[bytes]
-) -> None:
-    """Write every message from ``outgoing`` to ``stream``, coalescing small ones.
-
-    Shared by the server and :mod:`kai.rpc.client`. Returns when ``outgoing`` is closed and
-    drained; raises whatever ``stream.send_all`` raises.
-    """
-    carried: bytes | None = None
-    while True:
-        if carried is None:
-            try:
-                first = await outgoing.receive()
-            except (trio.EndOfChannel, trio.ClosedResourceError):
-                return
-        else:
-            first, carried = carried, None
-        batch = [first]
-        size = len(first)
-        while size < WRITE_BATCH_BYTES:
-            try:
-                following = outgoing.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
-            if size + len(following) > WRITE_BATCH_BYTES:
-                carried = following
-                break
-            batch.append(following)
-            size += len(following)
-        await stream.send_all(first if len(batch) == 1 else b"".join(batch))
 
 
 async def serve_rpc(
@@ -139,7 +104,7 @@ async def serve_rpc_listeners(
     """
     await trio.serve_listeners(
         partial(
-            handle_rpc_connection,
+            _serve_stream,
             secret=secret,
             handlers=handlers,
             handshake_timeout=handshake_timeout,
@@ -149,61 +114,79 @@ async def serve_rpc_listeners(
     )
 
 
-async def handle_rpc_connection(
+async def _serve_stream(
     stream: trio.abc.Stream,
+    *,
+    secret: bytes,
+    handlers: Mapping[str, Handler],
+    handshake_timeout: float,
+) -> None:
+    await handle_rpc_connection(
+        from_stream(stream), secret=secret, handlers=handlers, handshake_timeout=handshake_timeout
+    )
+
+
+async def handle_rpc_connection(
+    sock: socket.socket,
     *,
     secret: bytes,
     handlers: Mapping[str, Handler],
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
 ) -> None:
-    """Serve one connection until the peer closes it or breaks the protocol.
+    """Serve one connected socket until the peer closes it or breaks the protocol; close it.
 
     Authenticates first, under ``handshake_timeout``; a peer that fails, stalls or sends
     garbage is dropped before any handler runs. Then a handler that answers at once runs in
-    the reader, and every other request runs concurrently as its own task (at most
-    :data:`MAX_CONCURRENT_REQUESTS_PER_CONNECTION`); responses are queued to a single writer
-    task. At end of stream, running handlers finish and their
-    responses are sent before this returns. Never raises for network or peer errors; the
-    caller closes ``stream``.
+    the reader (the responses to one received batch go out in one send), and every other
+    request runs concurrently as its own task (at most
+    :data:`MAX_CONCURRENT_REQUESTS_PER_CONNECTION`). At end of stream, running handlers
+    finish and their responses are sent before this returns. Never raises for network or
+    peer errors.
     """
-    trailing = await _authenticate(stream, secret, handshake_timeout)
-    if trailing is None:
-        return
-    framing = RpcConnection()
-    if trailing:
-        framing.receive_data(trailing)
-    outgoing_send, outgoing_receive = trio.open_memory_channel[bytes](OUTGOING_QUEUE_SIZE)
-    slots = trio.Semaphore(MAX_CONCURRENT_REQUESTS_PER_CONNECTION)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_write_responses, stream, outgoing_receive, nursery.cancel_scope)
-        async with outgoing_send:
-            clean_end = await _read_requests(
-                stream, framing, handlers, outgoing_send, slots, nursery
-            )
-        if not clean_end:
-            nursery.cancel_scope.cancel()
+    io = SocketIO(sock)
+    try:
+        trailing = await _authenticate(sock, secret, handshake_timeout)
+        if trailing is None:
+            return
+        framing = RpcConnection()
+        if trailing:
+            framing.receive_data(trailing)
+        with trio.CancelScope() as connection_scope:
+            async with trio.open_nursery() as writer:
+                writer.start_soon(_write_responses, io, connection_scope)
+                slots = trio.Semaphore(MAX_CONCURRENT_REQUESTS_PER_CONNECTION)
+                async with trio.open_nursery() as requests:
+                    clean_end = await _read_requests(io, framing, handlers, slots, requests)
+                    if not clean_end:
+                        requests.cancel_scope.cancel()
+                if clean_end:
+                    io.finish()  # the writer ends once every response is sent
+                else:
+                    writer.cancel_scope.cancel()
+    finally:
+        io.close()
 
 
 async def _authenticate(
-    stream: trio.abc.Stream, secret: bytes, handshake_timeout: float
+    sock: socket.socket, secret: bytes, handshake_timeout: float
 ) -> bytes | None:
     """Run the server side of the handshake; the bytes after it, or None to hang up."""
     handshake = ServerHandshake(secret, os.urandom(NONCE_SIZE))
     with trio.move_on_after(handshake_timeout):
         try:
-            await stream.send_all(handshake.hello())
+            await send_all(sock, handshake.hello())
             while not handshake.authenticated:
-                data = await stream.receive_some(RECEIVE_SIZE)
+                data = await receive_some(sock)
                 if not data:
                     logger.info("RPC peer closed the connection during the handshake")
                     return None
                 reply = handshake.receive_data(data)
                 if reply:
-                    await stream.send_all(reply)
+                    await send_all(sock, reply)
         except RpcAuthenticationError as exc:
             logger.warning("RPC peer failed authentication: %s", exc)
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_all(REJECTION)
+                await send_all(sock, REJECTION)
             return None
         except RpcProtocolError as exc:
             logger.warning("RPC peer sent an invalid handshake: %s", exc)
@@ -216,32 +199,28 @@ async def _authenticate(
     return None
 
 
-async def _write_responses(
-    stream: trio.abc.Stream,
-    outgoing: trio.MemoryReceiveChannel[bytes],
-    connection_scope: trio.CancelScope,
-) -> None:
-    async with outgoing:
-        try:
-            await send_batched(stream, outgoing)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            logger.info("RPC connection lost while sending: %s", exc)
-            connection_scope.cancel()
+async def _write_responses(io: SocketIO, connection_scope: trio.CancelScope) -> None:
+    try:
+        await io.run_writer()
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        logger.info("RPC connection lost while sending: %s", exc)
+        connection_scope.cancel()
 
 
 async def _read_requests(
-    stream: trio.abc.Stream,
+    io: SocketIO,
     framing: RpcConnection,
     handlers: Mapping[str, Handler],
-    outgoing: trio.MemorySendChannel[bytes],
     slots: trio.Semaphore,
     nursery: trio.Nursery,
 ) -> bool:
     """Answer every incoming message until end of stream (True) or an error (False).
 
-    A handler that answers at once is run right here, and its response queued before the
-    next message is read; one that returns an awaitable gets a task of its own.
+    A handler that answers at once is run right here, and the responses to everything one
+    receive brought are sent together; one that returns an awaitable gets a task of its own.
     """
+    batch: list[bytes] = []
+    batch_size = 0
     while True:
         try:
             message = framing.next_message()
@@ -249,14 +228,21 @@ async def _read_requests(
             logger.warning("closing RPC connection: %s", exc)
             return False
         if message is NEED_DATA:
+            if batch:
+                io.send(batch[0] if len(batch) == 1 else b"".join(batch))
+                batch, batch_size = [], 0
             try:
-                data = await stream.receive_some(RECEIVE_SIZE)
+                if io.backlog > MAX_BACKLOG:
+                    await io.wait_for_room()  # the peer is not reading its responses
+                data = await io.receive()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 logger.info("RPC connection lost while receiving: %s", exc)
                 return False
             framing.receive_data(data)
             continue
         if message is CLOSED:
+            if batch:
+                io.send(b"".join(batch))
             return True
         if isinstance(message, Response):
             logger.warning("closing RPC connection: a client sent a response")
@@ -269,18 +255,15 @@ async def _read_requests(
                 slots.acquire_nowait()
             except trio.WouldBlock:
                 await slots.acquire()
-            nursery.start_soon(_finish_handler, message, pending, framing, outgoing.clone(), slots)
+            nursery.start_soon(_finish_handler, message, pending, framing, io, slots)
             continue
         response = _encode_outcome(message, pending, framing)
-        if response is None:
-            continue
-        try:
-            try:
-                outgoing.send_nowait(response)
-            except trio.WouldBlock:
-                await outgoing.send(response)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            logger.debug("RPC response to %s dropped: connection closed", message.method)
+        if response is not None:
+            batch.append(response)
+            batch_size += len(response)
+            if batch_size >= SEND_THRESHOLD:
+                io.send(b"".join(batch))
+                batch, batch_size = [], 0
 
 
 @attrs.frozen(slots=True)
@@ -335,26 +318,26 @@ async def _finish_handler(
     message: Request | Notification,
     pending: Awaitable[object],
     framing: RpcConnection,
-    outgoing: trio.MemorySendChannel[bytes],
+    io: SocketIO,
     slots: trio.Semaphore,
 ) -> None:
     """Await a handler that did not answer at once, and queue its response."""
-    async with outgoing:
+    try:
         try:
-            try:
-                outcome = _Outcome(await pending)
-            except RpcError as exc:
-                logger.debug("RPC handler %s raised %r", message.method, exc)
-                outcome = _Outcome(error=exc)
-            except Exception as exc:
-                logger.exception("RPC handler %s failed", message.method)
-                outcome = _Outcome(error=_remote_error(exc))
-            data = _encode_outcome(message, outcome, framing)
-            if data is None:
-                return
-            try:
-                await outgoing.send(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                logger.debug("RPC response to %s dropped: connection closed", message.method)
-        finally:
-            slots.release()
+            outcome = _Outcome(await pending)
+        except RpcError as exc:
+            logger.debug("RPC handler %s raised %r", message.method, exc)
+            outcome = _Outcome(error=exc)
+        except Exception as exc:
+            logger.exception("RPC handler %s failed", message.method)
+            outcome = _Outcome(error=_remote_error(exc))
+        data = _encode_outcome(message, outcome, framing)
+        if data is None:
+            return
+        try:
+            await io.wait_for_room()
+            io.send(data)
+        except trio.ClosedResourceError:
+            logger.debug("RPC response to %s dropped: connection closed", message.method)
+    finally:
+        slots.release()

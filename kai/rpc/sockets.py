@@ -1,0 +1,175 @@
+"""Non-blocking sockets for the RPC client and server, driven straight by trio's I/O waits.
+
+trio's stream wrappers take several trips through the scheduler per receive and per send;
+here a receive whose bytes are already there is one ``recv`` call, and sends queued by any
+number of tasks during one scheduler pass go out in a single ``send`` from a writer task.
+The memcached listener does the same (:mod:`kai.memcache.server`).
+
+:class:`SocketIO` must never interleave the bytes of two messages, never hold more than
+:data:`MAX_BACKLOG` queued bytes without telling writers to wait, and never let a reader
+that always finds data starve other tasks (it yields after :data:`FAIR_SHARE` receives).
+Errors surface as trio's ``BrokenResourceError`` (the connection failed) and
+``ClosedResourceError`` (it was closed here).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Final
+
+import trio
+
+#: Most bytes asked of the socket per receive.
+RECEIVE_SIZE: Final = 64 * 1024
+#: Queued bytes beyond which writers wait (:meth:`SocketIO.wait_for_room`) and callers that
+#: cannot wait are told to (``RpcClient.start_call`` returns None).
+MAX_BACKLOG: Final = 4 * 1024 * 1024
+#: Receives that find data at once before the reader lets other tasks run.
+FAIR_SHARE: Final = 8
+
+
+def from_stream(stream: trio.abc.Stream) -> socket.socket:
+    """Take the socket out of a connected :class:`trio.SocketStream` (which no longer owns it)."""
+    if not isinstance(stream, trio.SocketStream):
+        raise TypeError(f"RPC runs on TCP sockets, not on {type(stream).__name__}")
+    sock = socket.socket(fileno=stream.socket.detach())
+    sock.setblocking(False)
+    return sock
+
+
+class SocketIO:
+    """One connected non-blocking socket: a reader, a write queue and its writer task.
+
+    One task receives (:meth:`receive`); any task may queue bytes (:meth:`send`), and the
+    task running :meth:`run_writer` sends them, several messages per system call.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._queue: list[bytes] = []
+        self._queued = 0
+        self._writer: trio.lowlevel.Task | None = None
+        self._room: trio.Event | None = None
+        self._finishing = False
+        self._closed = False
+        self._streak = 0
+
+    @property
+    def backlog(self) -> int:
+        """Bytes queued and not yet handed to the kernel."""
+        return self._queued
+
+    async def receive(self) -> bytes:
+        """The next bytes from the peer; ``b""`` once it has closed its side."""
+        self._streak += 1
+        if self._streak >= FAIR_SHARE:
+            self._streak = 0
+            await trio.lowlevel.checkpoint()
+        while True:
+            try:
+                return self.sock.recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise self._broken(exc) from exc
+            self._streak = 0
+            await trio.lowlevel.wait_readable(self.sock)
+
+    def send(self, data: bytes) -> None:
+        """Queue ``data`` for the writer task; never blocks (see :meth:`wait_for_room`)."""
+        if self._closed:
+            raise trio.ClosedResourceError("the RPC socket is closed")
+        self._queue.append(data)
+        self._queued += len(data)
+        task, self._writer = self._writer, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    async def wait_for_room(self) -> None:
+        """Wait while more than :data:`MAX_BACKLOG` bytes are queued."""
+        while self._queued > MAX_BACKLOG and not self._closed:
+            if self._room is None:
+                self._room = trio.Event()
+            await self._room.wait()
+        if self._closed:
+            raise trio.ClosedResourceError("the RPC socket is closed")
+
+    def finish(self) -> None:
+        """Let :meth:`run_writer` return once everything queued is sent."""
+        self._finishing = True
+        task, self._writer = self._writer, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    async def run_writer(self) -> None:
+        """Send queued bytes until :meth:`finish` is called and the queue is empty."""
+        while True:
+            if not self._queue:
+                if self._finishing:
+                    return
+                self._writer = trio.lowlevel.current_task()
+
+                def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
+                    self._writer = None
+                    return trio.lowlevel.Abort.SUCCEEDED
+
+                await trio.lowlevel.wait_task_rescheduled(abort)
+                continue
+            queue, self._queue = self._queue, []
+            data = queue[0] if len(queue) == 1 else b"".join(queue)
+            await send_all(self.sock, data)
+            self._queued -= len(data)
+            if self._room is not None and self._queued <= MAX_BACKLOG:
+                self._room.set()
+                self._room = None
+
+    def close(self) -> None:
+        """Close the socket, waking any task waiting on it with ``ClosedResourceError``."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._room is not None:
+            self._room.set()
+        if self.sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+
+    def _broken(self, exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+        if self._closed:
+            return trio.ClosedResourceError("the RPC socket is closed")
+        return trio.BrokenResourceError(f"RPC socket failed: {exc}")
+
+
+async def send_all(sock: socket.socket, data: bytes) -> None:
+    """Send ``data`` whole on a non-blocking socket, waiting for room as needed."""
+    try:
+        sent = sock.send(data)
+    except BlockingIOError:
+        sent = 0
+    except OSError as exc:
+        raise trio.BrokenResourceError(f"RPC socket failed: {exc}") from exc
+    if sent == len(data):
+        return
+    view = memoryview(data)[sent:]
+    while view:
+        await trio.lowlevel.wait_writable(sock)
+        try:
+            sent = sock.send(view)
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"RPC socket failed: {exc}") from exc
+        view = view[sent:]
+
+
+async def receive_some(sock: socket.socket) -> bytes:
+    """Bytes from a non-blocking socket, waiting until some arrive (for the handshake)."""
+    await trio.lowlevel.checkpoint()
+    while True:
+        try:
+            return sock.recv(RECEIVE_SIZE)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"RPC socket failed: {exc}") from exc
