@@ -16,7 +16,7 @@ import trio
 
 from kai.errors import RpcError
 from kai.ring import NodeId
-from kai.rpc.client import RpcClientPool
+from kai.rpc.pool import RpcClientPool
 
 #: Told how a call started with :meth:`Transport.start_call` ended: ``(result, None)`` or
 #: ``(None, error)``.
@@ -59,7 +59,7 @@ class RpcTransport:
     """:class:`FanOutTransport` over Kai's authenticated msgpack-RPC, one connection per peer.
 
     ``open_socket(host, port)`` replaces TCP (for tests), as for
-    :class:`~kai.rpc.client.RpcClientPool`.
+    :class:`~kai.rpc.pool.RpcClientPool`.
     """
 
     def __init__(

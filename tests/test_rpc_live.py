@@ -22,7 +22,8 @@ from kai.errors import (
     RpcMethodNotFound,
     RpcRemoteError,
 )
-from kai.rpc.client import RpcClient, RpcClientPool
+from kai.rpc.client import RpcClient
+from kai.rpc.pool import RpcClientPool
 from kai.rpc.server import (
     MAX_CONCURRENT_REQUESTS_PER_CONNECTION,
     Handler,
@@ -60,16 +61,10 @@ class Service:
         return name
 
     async def fail(self, kind: str) -> None:
-        self.calls += 1
-        if kind == "bad-request":
-            raise RpcBadRequest("key too long")
-        if kind == "not-found":
-            raise RpcMethodNotFound("inner method missing")
-        raise ValueError("boom")
+        self.fail_now(kind)
 
     async def unsendable(self) -> object:
-        self.calls += 1
-        return object()
+        return self.unsendable_now()
 
     def echo_now(self, *args: object) -> object:
         """A handler that answers at once: it runs in the connection's reader."""

@@ -10,8 +10,8 @@ Lifetime: a client's reader and writer tasks run in a nursery. Either the client
 (``async with RpcClient(host, port, secret) as client:``; leaving the block closes the
 connection and waits for its tasks), or it is given one
 (``RpcClient(host, port, secret, nursery=nursery)``; call :meth:`RpcClient.aclose` when
-done, or let the nursery's cancellation end the tasks). :class:`RpcClientPool` works the
-same way and hands its nursery to the clients it creates.
+done, or let the nursery's cancellation end the tasks). :class:`kai.rpc.pool.RpcClientPool`
+works the same way and hands its nursery to the clients it creates.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class _Connection:
             waiter.deliver(None)
 
 
-class _NurseryUser:
+class NurseryUser:
     """Either borrows a nursery or opens its own as an async context manager."""
 
     def __init__(self, nursery: trio.Nursery | None) -> None:
@@ -157,7 +157,7 @@ class _NurseryUser:
                 await self._exit_stack.aclose()
 
 
-class RpcClient(_NurseryUser):
+class RpcClient(NurseryUser):
     """Calls methods on one peer over a single multiplexed, authenticated connection.
 
     The connection opens on the first call, and again on the first call after it is lost.
@@ -409,71 +409,3 @@ async def _read_loop(connection: _Connection) -> None:
             logger.warning("closing RPC connection: the server sent %r", message)
             connection.fail("the server sent a request; only clients may")
             return
-
-
-class RpcClientPool(_NurseryUser):
-    """One :class:`RpcClient` per peer address, created on first use (for the coordinator).
-
-    Use as ``async with RpcClientPool(secret) as pool:`` or give it a nursery; its clients
-    run their tasks there.
-    """
-
-    def __init__(
-        self,
-        secret: bytes,
-        *,
-        nursery: trio.Nursery | None = None,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        open_socket: Callable[[str, int], Awaitable[socket.socket]] | None = None,
-    ) -> None:
-        """Create an empty pool.
-
-        Args:
-            secret: the cluster secret.
-            nursery: where the clients' tasks run; omit to use ``async with``.
-            connect_timeout: passed to every :class:`RpcClient`.
-            open_socket: ``open_socket(host, port)`` replaces the TCP connection for every
-                client (for tests).
-        """
-        super().__init__(nursery)
-        self._secret = secret
-        self._connect_timeout = connect_timeout
-        self._open_socket = open_socket
-        self._clients: dict[tuple[str, int], RpcClient] = {}
-        self._closed = False
-
-    def client(self, host: str, port: int) -> RpcClient:
-        """The client for ``host``:``port``, created (unconnected) if needed.
-
-        Raises:
-            RuntimeError: the pool has no nursery, or was closed.
-        """
-        key = (host, port)
-        client = self._clients.get(key)
-        if client is None:
-            if self._closed:
-                raise RuntimeError("the RPC client pool is closed")
-            client = RpcClient(
-                host,
-                port,
-                self._secret,
-                nursery=self._require_nursery(),
-                connect_timeout=self._connect_timeout,
-                open_socket=None
-                if self._open_socket is None
-                else partial(self._open_socket, host, port),
-            )
-            self._clients[key] = client
-        return client
-
-    async def call(self, host: str, port: int, method: str, *params: object) -> object:
-        """Shorthand for ``pool.client(host, port).call(method, *params)``."""
-        return await self.client(host, port).call(method, *params)
-
-    async def aclose(self) -> None:
-        """Close every client in the pool."""
-        self._closed = True
-        clients = list(self._clients.values())
-        self._clients.clear()
-        for client in clients:
-            await client.aclose()
