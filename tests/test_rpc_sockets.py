@@ -140,3 +140,20 @@ async def test_from_stream_refuses_streams_without_a_socket() -> None:
     left, _right = trio.testing.memory_stream_pair()
     with pytest.raises(TypeError, match="TCP sockets"):
         from_stream(left)
+
+
+async def test_send_now_goes_straight_out_only_when_nothing_is_queued(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with pair() as (io, theirs):
+        io.send_now(b"direct")  # no writer task exists: it must not be needed
+        assert io.backlog == 0
+        assert theirs.recv(100) == b"direct"
+        io.send(b"first")
+        io.send_now(b"second")  # must not overtake what is queued
+        assert io.backlog == len(b"firstsecond")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(io.run_writer)
+            await trio.testing.wait_all_tasks_blocked()
+            io.finish()
+        assert theirs.recv(100) == b"firstsecond"

@@ -228,10 +228,10 @@ async def _read_requests(
             logger.warning("closing RPC connection: %s", exc)
             return False
         if message is NEED_DATA:
-            if batch:
-                io.send(batch[0] if len(batch) == 1 else b"".join(batch))
-                batch, batch_size = [], 0
             try:
+                if batch:
+                    io.send_now(batch[0] if len(batch) == 1 else b"".join(batch))
+                    batch, batch_size = [], 0
                 if io.backlog > MAX_BACKLOG:
                     await io.wait_for_room()  # the peer is not reading its responses
                 data = await io.receive()
@@ -266,6 +266,10 @@ async def _read_requests(
                 batch, batch_size = [], 0
 
 
+#: Result types that are certainly not awaitable (checked first: the common case is cheap).
+_PLAIN_RESULTS: Final = frozenset({type(None), bool, int, float, str, bytes, list, tuple, dict})
+
+
 @attrs.frozen(slots=True)
 class _Outcome:
     """What a handler came to: its result, or the error to send back."""
@@ -290,7 +294,7 @@ def _start_handler(
     except Exception as exc:
         logger.exception("RPC handler %s failed", message.method)
         return _Outcome(error=_remote_error(exc))
-    if inspect.isawaitable(result):
+    if type(result) not in _PLAIN_RESULTS and inspect.isawaitable(result):
         return result
     return _Outcome(result)
 

@@ -52,6 +52,7 @@ class SocketIO:
         self._writer: trio.lowlevel.Task | None = None
         self._room: trio.Event | None = None
         self._finishing = False
+        self._sending = False
         self._closed = False
         self._streak = 0
 
@@ -86,6 +87,26 @@ class SocketIO:
         if task is not None:
             trio.lowlevel.reschedule(task)
 
+    def send_now(self, data: bytes) -> None:
+        """Send ``data`` from this task if nothing is queued, else queue it; never blocks.
+
+        For a task that has already gathered a batch (the server's reader): it saves waking
+        the writer task. What the kernel does not take at once is left to the writer.
+        """
+        if self._queue or self._sending:
+            self.send(data)
+            return
+        if self._closed:
+            raise trio.ClosedResourceError("the RPC socket is closed")
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise self._broken(exc) from exc
+        if sent < len(data):
+            self.send(data[sent:])
+
     async def wait_for_room(self) -> None:
         """Wait while more than :data:`MAX_BACKLOG` bytes are queued."""
         while self._queued > MAX_BACKLOG and not self._closed:
@@ -118,7 +139,11 @@ class SocketIO:
                 continue
             queue, self._queue = self._queue, []
             data = queue[0] if len(queue) == 1 else b"".join(queue)
-            await send_all(self.sock, data)
+            self._sending = True
+            try:
+                await send_all(self.sock, data)
+            finally:
+                self._sending = False
             self._queued -= len(data)
             if self._room is not None and self._queued <= MAX_BACKLOG:
                 self._room.set()
