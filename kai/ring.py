@@ -59,7 +59,7 @@ def _check_port(_instance: object, _attribute: object, port: int) -> None:
         raise ValueError(f"node port must be an integer from 1 to 65535, not {port!r}")
 
 
-@attrs.frozen(order=True)
+@attrs.frozen(order=True, cache_hash=True)
 class NodeId:
     """A ring member, identified by its IPv4 address and RPC port.
 

@@ -20,8 +20,10 @@ import pytest
 import trio
 import trio.testing
 
+from kai.cluster import coordinator as coordinator_module
 from kai.cluster.coordinator import ClusterCoordinator
 from kai.cluster.quorum import ReadRound
+from kai.cluster.replica_rpc import siblings_from_wire
 from kai.config import Quorum
 from kai.errors import (
     QuorumTimeout,
@@ -365,6 +367,32 @@ async def test_a_read_repairs_a_stale_and_a_missing_replica(
     assert cluster.stored(c, stale_key) == (new,)
     assert cluster.stored(c, missing_key) == (only,)
     assert ("kai_read_repairs", 2) in cluster[b].statistics()
+
+
+async def test_replies_equal_to_the_local_record_are_not_decoded_again(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoded: list[object] = []
+    real = siblings_from_wire
+
+    def counting(record: object) -> tuple[Version, ...]:
+        decoded.append(record)
+        return real(record)
+
+    monkeypatch.setattr(coordinator_module, "siblings_from_wire", counting)
+    async with cluster_of(3, Quorum(3, 2, 2)) as cluster:
+        a, b, c = cluster.nodes
+        same = await cluster[a].put(b"same", Payload(0, 0, b"v"), context=None)
+        old = cluster[a].replica.coordinate_write(b"differs", Payload(0, 0, b"old"), None)
+        cluster[b].replica.apply(b"differs", (old,))
+        cluster[c].replica.coordinate_write(b"differs", Payload(0, 0, b"new"), None)
+        await trio.testing.wait_all_tasks_blocked()
+        decoded.clear()
+        results = await cluster[a].get_many([b"same", b"differs"])
+        await trio.testing.wait_all_tasks_blocked()
+    assert results[0].siblings == (same,)
+    assert old in results[1].siblings  # and newer too if c was among the first R replies
+    assert len(decoded) == 1  # only c's record of "differs" (holding newer) was decoded
 
 
 async def test_a_read_repairs_the_coordinators_own_replica(

@@ -171,10 +171,17 @@ class ClusterCoordinator(Coordinator):
             return [by_key[key] for key in keys]
 
         round_ = ReadRound(unique, replicas, quorum.r)
+        # This node's records by key index: a peer that answers the same bytes holds the
+        # same versions, so its answer needs no decoding (the common case).
+        known: dict[int, tuple[bytes, SiblingSet]] = {}
         local = round_.batch(self.self_node)
         if local:
             read = self.replica.read
-            round_.record_reply(self.self_node, [read(key) for key in local])
+            local_sets = [read(key) for key in local]
+            round_.record_reply(self.self_node, local_sets)
+            for index, siblings in zip(round_.batches[self.self_node], local_sets, strict=True):
+                if siblings:
+                    known[index] = (encode_siblings(siblings), siblings)
         deadline = trio.current_time() + self.request_timeout
         peers = [node for node in round_.batches if node != self.self_node]
         answers = self._peers.fan_out(
@@ -185,10 +192,12 @@ class ClusterCoordinator(Coordinator):
                 answer = await answers.receive()  # every call is answered by its deadline
                 if answer is None:
                     break
-                self._record_read(round_, answer)
+                self._record_read(round_, known, answer)
         finally:
             # Stop waiting, not listening: the rest of the replies feed read repair.
-            answers.listen(partial(self._record_read, round_), partial(self._after_read, round_))
+            answers.listen(
+                partial(self._record_read, round_, known), partial(self._after_read, round_)
+            )
         error = round_.error()
         if error is not None:
             raise error
@@ -197,7 +206,9 @@ class ClusterCoordinator(Coordinator):
         }
         return [by_key[key] for key in keys]
 
-    def _record_read(self, round_: ReadRound, answer: Answer) -> None:
+    def _record_read(
+        self, round_: ReadRound, known: dict[int, tuple[bytes, SiblingSet]], answer: Answer
+    ) -> None:
         if not answer.ok:
             round_.record_failure(answer.peer, timed_out=answer.timed_out)
             return
@@ -205,9 +216,18 @@ class ClusterCoordinator(Coordinator):
             records = answer.result
             if not isinstance(records, list):
                 raise RpcBadRequest(f"replica_read answered {type(records).__name__}")
-            sibling_sets = [
-                () if record is None else siblings_from_wire(record) for record in records
-            ]
+            indices = round_.batches.get(answer.peer, ())
+            if len(records) != len(indices):
+                raise RpcBadRequest(f"replica_read answered {len(records)} of {len(indices)} keys")
+            sibling_sets: list[SiblingSet] = []
+            for index, record in zip(indices, records, strict=True):
+                mine = known.get(index)
+                if record is None:
+                    sibling_sets.append(())
+                elif mine is not None and record == mine[0]:
+                    sibling_sets.append(mine[1])
+                else:
+                    sibling_sets.append(siblings_from_wire(record))
             round_.record_reply(answer.peer, sibling_sets)
         except (RpcBadRequest, ValueError) as exc:
             logger.warning("replica %s sent a malformed replica_read answer: %s", answer.peer, exc)

@@ -113,8 +113,9 @@ class ReadRound:
             if node in answers:
                 continue  # a duplicated answer must not count twice
             answers[node] = siblings
-            if siblings:
-                self.merged[index] = merge(self.merged[index], siblings)
+            current = self.merged[index]
+            if siblings and siblings != current:  # equal replicas are the common case
+                self.merged[index] = merge(current, siblings)
             tally = self.tallies[index]
             was_met = tally.met
             tally.reply()
