@@ -77,6 +77,7 @@ HEADER = (
     "nodes",
     "N,R,W used",
     "ops/s",
+    "runs: ops/s range",
     "p50 ms",
     "p99 ms",
     "p99.9 ms",
@@ -389,8 +390,12 @@ def measure_cluster(size: int, args: argparse.Namespace, scratch: Path) -> dict[
             flush=True,
         )
         meter = CpuMeter([node.pid for node in nodes])
-        run["load"] = run_loadgen(ports, args, base / "loadgen.json", preload=False)
+        loads = [
+            run_loadgen(ports, args, base / f"loadgen-{attempt}.json", preload=False)
+            for attempt in range(args.repeat)
+        ]
         run["cpu_cores"] = meter.read()
+        run["load"], run["repeats"] = median_run(loads)
         run["load_average_after"] = os.getloadavg()[0]
         cores = run["cpu_cores"]
         print(
@@ -415,6 +420,27 @@ def measure_cluster(size: int, args: argparse.Namespace, scratch: Path) -> dict[
                 print(f"node {node.rpc_port} exited with {code}; end of its log:", file=sys.stderr)
                 print("\n".join(tail), file=sys.stderr)
     return run
+
+
+def median_run(loads: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """The run with the median throughput (a failed run counts as the slowest), and every
+    run's ops/s and p99.9 in the order they ran."""
+    ranked = sorted(loads, key=lambda load: load.get("ops_per_sec", -1.0))
+    summary = [
+        {"ops_per_sec": load["ops_per_sec"], "p99.9_ms": load["latency_ms"]["p99.9"]}
+        for load in loads
+        if "ops_per_sec" in load
+    ]
+    return ranked[(len(ranked) - 1) // 2], summary
+
+
+def describe_repeats(run: dict[str, Any]) -> str:
+    """``n: low-high`` ops/s over the repeated measurements, or just the count."""
+    repeats = run.get("repeats", [])
+    if len(repeats) < 2:
+        return str(len(repeats) or 1)
+    rates = [repeat["ops_per_sec"] for repeat in repeats]
+    return f"{len(rates)}: {format_count(min(rates))}-{format_count(max(rates))}"
 
 
 def describe_problems(load: dict[str, Any]) -> str:
@@ -447,6 +473,7 @@ def table_row(run: dict[str, Any]) -> list[str]:
         str(run["nodes"]),
         quorum,
         format_count(load["ops_per_sec"]),
+        describe_repeats(run),
         *(format_ms(latency[key]) for key in ("p50", "p99", "p99.9")),
         describe_problems(load),
         rss or "?",
@@ -483,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--quorum", default="3,2,2", help="N,R,W; capped at the member count by kai (3,2,2)")
     add("--duration", type=float, default=10.0, help="measured seconds per run (10)")
     add("--warmup", type=float, default=1.0, help="unmeasured seconds per run (1)")
+    add(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measurements per cluster; the table shows the median run and the range (1)",
+    )
     add("--connections", type=int, default=30, help="client connections, spread over nodes (30)")
     add("--processes", type=int, default=1, help="loadgen worker processes (1)")
     add("--pipeline", type=int, default=1, help="requests in flight per connection (1)")
@@ -500,6 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.nodes < 1:
         parser.error("--nodes must be at least 1")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     try:
         parse_quorum(args.quorum)
     except ValueError as error:
