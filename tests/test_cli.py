@@ -76,3 +76,29 @@ def test_kai_rejects_a_bad_config_naming_the_key(
     config.write_text("colour = 'blue'\n")
     assert kai_main(["--config", str(config)]) == 2
     assert "colour" in capsys.readouterr().err
+
+
+def test_kai_freezes_its_start_up_objects_before_serving(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+    import logging
+
+    import trio
+
+    import kai.__main__ as kai_cli
+
+    frozen_when_run: list[int] = []
+
+    def fake_run(*args: object) -> None:
+        frozen_when_run.append(gc.get_freeze_count())
+
+    monkeypatch.setattr(trio, "run", fake_run)
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)
+    gc.unfreeze()
+    try:
+        assert kai_cli.main(["--data-dir", str(tmp_path / "data")]) == 0
+    finally:
+        gc.unfreeze()  # give the test process its objects back
+    assert frozen_when_run
+    assert frozen_when_run[0] > 1000  # imported modules, classes and functions
