@@ -23,7 +23,7 @@ import trio.testing
 from kai.cluster import coordinator as coordinator_module
 from kai.cluster.coordinator import ClusterCoordinator
 from kai.cluster.quorum import ReadRound
-from kai.cluster.replica_rpc import siblings_from_wire
+from kai.cluster.replica_rpc import READ_REPLY_BUDGET, ReplicaRpcHandlers, siblings_from_wire
 from kai.config import Quorum
 from kai.errors import (
     QuorumTimeout,
@@ -124,6 +124,7 @@ class Cluster:
         *,
         down: set[NodeId] | None = None,
         siblings_maximum: int = 100,
+        read_reply_budget: int = READ_REPLY_BUDGET,
     ) -> None:
         self.network = Network()
         self.nodes = [NodeId("127.0.0.1", 11011 + index) for index in range(size)]
@@ -155,6 +156,7 @@ class Cluster:
                 on_flush=self._flush_recorder(node),
                 background=background,
                 wall_clock=wall_clock,
+                read_reply_budget=read_reply_budget,
             )
             self.coordinators[node] = coordinator
             self.network.handlers[node] = coordinator.handlers()
@@ -469,6 +471,67 @@ async def test_get_many_of_two_thousand_keys_makes_one_call_per_peer(
     assert all(result.siblings == () for result in results[50:-1])
     assert results[-1] == results[0]
     assert cluster.network.calls_of("replica_apply") == []  # nothing was stale
+
+
+async def test_a_peer_answers_a_large_multi_get_in_parts_within_its_budget(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Records of 1 KiB with a 4 KiB budget: each peer answers ~4 keys per replica_read."""
+    keys = [b"big-%d" % index for index in range(40)]
+    async with cluster_of(3, Quorum(3, 3, 3), read_reply_budget=4096) as cluster:
+        a, b, c = cluster.nodes
+        for index, key in enumerate(keys):
+            await cluster[a].put(key, Payload(0, 0, bytes([index]) * 1024), context=None)
+        cluster.network.calls.clear()
+        results = await cluster[b].get_many(keys)  # R=3: every part of every answer counts
+    assert [values(result.siblings) for result in results] == [
+        {bytes([index]) * 1024} for index in range(40)
+    ]
+    reads = cluster.network.calls_of("replica_read")
+    assert {target for _, target in reads} == {a, c}
+    assert len(reads) >= 2 * 40 // 4  # several parts per peer
+    assert cluster.network.calls_of("replica_apply") == []  # nothing was stale
+
+
+def test_replica_read_stops_at_its_budget_but_always_answers_one_key() -> None:
+    replica = LocalReplica(MemoryEngine(), actor=b"solo", buckets=BUCKETS, stats=NodeStats())
+    for index in range(5):
+        replica.coordinate_write(b"k%d" % index, Payload(0, 0, b"v" * 1000), None)
+
+    async def never(*args: object) -> Version:
+        raise AssertionError("not called")
+
+    keys = [b"k%d" % index for index in range(5)]
+    small = ReplicaRpcHandlers(replica, never, read_reply_budget=2500)
+    answer = small.replica_read([b"absent", *keys])
+    assert isinstance(answer, list)
+    assert answer[0] is None  # a missing key costs nothing against the budget
+    assert len(answer) == 3  # two records of ~1 KB fit in 2,500 bytes, the third does not
+    tiny = ReplicaRpcHandlers(replica, never, read_reply_budget=1)
+    assert tiny.replica_read(keys) == answer[1:2]  # one record even over the budget
+    whole = ReplicaRpcHandlers(replica, never)
+    complete = whole.replica_read(keys)
+    assert isinstance(complete, list)
+    assert len(complete) == 5
+    assert complete[:2] == answer[1:3]
+
+
+async def test_a_replica_read_of_many_keys_in_chunks_also_stops_at_its_budget() -> None:
+    replica = LocalReplica(MemoryEngine(), actor=b"solo", buckets=BUCKETS, stats=NodeStats())
+    keys = [b"k%d" % index for index in range(1500)]  # more than one READ_CHUNK
+    for key in keys:
+        replica.coordinate_write(key, Payload(0, 0, b"v" * 10), None)
+
+    async def never(*args: object) -> Version:
+        raise AssertionError("not called")
+
+    record_size = len(encode_siblings(replica.read(keys[0])))
+    for budget, expected in ((1, 1), (record_size * 1100, 1100), (READ_REPLY_BUDGET, 1500)):
+        pending = ReplicaRpcHandlers(replica, never, read_reply_budget=budget).replica_read(keys)
+        assert inspect.isawaitable(pending)
+        records = await pending
+        assert len(records) == expected
+        assert all(record is not None for record in records)
 
 
 # --- siblings ---------------------------------------------------------------------------------

@@ -316,3 +316,24 @@ def _note(answers: list[tuple[Answer, float]], answer: Answer) -> None:
 
 def _kind(answer: Answer) -> str:
     return "timeout" if answer.timed_out else "answer" if answer.ok else "error"
+
+
+async def test_calls_added_by_a_listener_delay_the_finish_until_they_are_answered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with connected() as (_, _, caller, _background):
+        deadline = trio.current_time() + 5
+        fan = caller.fan_out([(A, "whoami", ())], deadline)
+        seen: list[object] = []
+        finished: list[float] = []
+
+        def on_answer(answer: Answer) -> None:
+            seen.append(answer.result)
+            if len(seen) < 3:  # ask again twice, as a partial replica_read answer does
+                caller.add_calls(fan, [(B, "whoami", ())], deadline)
+
+        fan.listen(on_answer, lambda: finished.append(trio.current_time()))
+        await trio.testing.wait_all_tasks_blocked()
+        assert seen == [A.port, B.port, B.port]
+        assert len(finished) == 1
+        assert await fan.receive() is None

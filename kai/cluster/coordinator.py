@@ -30,9 +30,10 @@ from functools import partial
 
 import trio
 
-from kai.cluster.fanout import Answer, PeerCaller
+from kai.cluster.fanout import Answer, FanOut, PeerCaller
 from kai.cluster.quorum import ReadRound, Tally
 from kai.cluster.replica_rpc import (
+    READ_REPLY_BUDGET,
     ReplicaRpcHandlers,
     context_to_wire,
     raise_forwarded,
@@ -57,6 +58,21 @@ from kai.versions import SiblingSet, Version, encode_siblings
 logger = logging.getLogger(__name__)
 
 
+class _QuorumRead:
+    """A quorum read in flight: its round, this node's records, and its fan-out."""
+
+    __slots__ = ("answers", "deadline", "known", "round")
+
+    def __init__(self, round_: ReadRound, answers: FanOut, deadline: float) -> None:
+        self.round = round_
+        self.answers = answers
+        self.deadline = deadline
+        #: This node's record of each key it holds, by key index: a peer that answers the
+        #: same bytes holds the same versions, so its answer needs no decoding (the common
+        #: case).
+        self.known: dict[int, tuple[bytes, SiblingSet]] = {}
+
+
 class ClusterCoordinator(Coordinator):
     """Coordinates reads and writes across the cluster's replicas.
 
@@ -77,6 +93,8 @@ class ClusterCoordinator(Coordinator):
             gossips it to nodes that are down).
         background: the nursery that runs replication, late replies and read repair.
         wall_clock: unix time in seconds (injectable for tests).
+        read_reply_budget: bytes of records this node puts in one ``replica_read`` answer
+            before it stops and lets the caller ask for the rest.
     """
 
     def __init__(
@@ -94,6 +112,7 @@ class ClusterCoordinator(Coordinator):
         on_flush: Callable[[int], None] = lambda at: None,
         background: trio.Nursery,
         wall_clock: Callable[[], float] = time.time,
+        read_reply_budget: int = READ_REPLY_BUDGET,
     ) -> None:
         self.self_node = self_node
         self.replica = replica
@@ -113,7 +132,9 @@ class ClusterCoordinator(Coordinator):
         self._peers = PeerCaller(
             transport, background, on_success=on_success, on_failure=on_failure
         )
-        self._rpc = ReplicaRpcHandlers(replica, self._coordinate_write)
+        self._rpc = ReplicaRpcHandlers(
+            replica, self._coordinate_write, read_reply_budget=read_reply_budget
+        )
 
     # --- introspection ------------------------------------------------------------------------
 
@@ -171,33 +192,28 @@ class ClusterCoordinator(Coordinator):
             return [by_key[key] for key in keys]
 
         round_ = ReadRound(unique, replicas, quorum.r)
-        # This node's records by key index: a peer that answers the same bytes holds the
-        # same versions, so its answer needs no decoding (the common case).
-        known: dict[int, tuple[bytes, SiblingSet]] = {}
-        local = round_.batch(self.self_node)
-        if local:
-            read = self.replica.read
-            local_sets = [read(key) for key in local]
-            round_.record_reply(self.self_node, local_sets)
-            for index, siblings in zip(round_.batches[self.self_node], local_sets, strict=True):
-                if siblings:
-                    known[index] = (encode_siblings(siblings), siblings)
         deadline = trio.current_time() + self.request_timeout
+        local = round_.batch(self.self_node)
+        local_sets = [self.replica.read(key) for key in local]
+        if local:
+            round_.record_reply(self.self_node, local_sets)
         peers = [node for node in round_.batches if node != self.self_node]
         answers = self._peers.fan_out(
             [(peer, "replica_read", (round_.batch(peer),)) for peer in peers], deadline
         )
+        in_flight = _QuorumRead(round_, answers, deadline)
+        for index, siblings in zip(round_.batches.get(self.self_node, ()), local_sets, strict=True):
+            if siblings:
+                in_flight.known[index] = (encode_siblings(siblings), siblings)
         try:
             while not round_.decided:
                 answer = await answers.receive()  # every call is answered by its deadline
                 if answer is None:
                     break
-                self._record_read(round_, known, answer)
+                self._record_read(in_flight, answer)
         finally:
             # Stop waiting, not listening: the rest of the replies feed read repair.
-            answers.listen(
-                partial(self._record_read, round_, known), partial(self._after_read, round_)
-            )
+            answers.listen(partial(self._record_read, in_flight), partial(self._after_read, round_))
         error = round_.error()
         if error is not None:
             raise error
@@ -206,33 +222,39 @@ class ClusterCoordinator(Coordinator):
         }
         return [by_key[key] for key in keys]
 
-    def _record_read(
-        self, round_: ReadRound, known: dict[int, tuple[bytes, SiblingSet]], answer: Answer
-    ) -> None:
+    def _record_read(self, read: _QuorumRead, answer: Answer) -> None:
+        """Count one ``replica_read`` answer; ask again for keys a partial answer left out."""
+        round_, peer = read.round, answer.peer
         if not answer.ok:
-            round_.record_failure(answer.peer, timed_out=answer.timed_out)
+            round_.record_failure(peer, timed_out=answer.timed_out)
             return
         try:
             records = answer.result
             if not isinstance(records, list):
                 raise RpcBadRequest(f"replica_read answered {type(records).__name__}")
-            indices = round_.batches.get(answer.peer, ())
-            if len(records) != len(indices):
+            indices = round_.unanswered(peer)
+            if not 1 <= len(records) <= len(indices):
                 raise RpcBadRequest(f"replica_read answered {len(records)} of {len(indices)} keys")
             sibling_sets: list[SiblingSet] = []
-            for index, record in zip(indices, records, strict=True):
-                mine = known.get(index)
+            for index, record in zip(indices, records, strict=False):
+                mine = read.known.get(index)
                 if record is None:
                     sibling_sets.append(())
                 elif mine is not None and record == mine[0]:
-                    sibling_sets.append(mine[1])
+                    sibling_sets.append(mine[1])  # same bytes, same versions: no decoding
                 else:
                     sibling_sets.append(siblings_from_wire(record))
-            round_.record_reply(answer.peer, sibling_sets)
+            round_.record_reply(peer, sibling_sets)
         except (RpcBadRequest, ValueError) as exc:
-            logger.warning("replica %s sent a malformed replica_read answer: %s", answer.peer, exc)
+            logger.warning("replica %s sent a malformed replica_read answer: %s", peer, exc)
             self._peers.errors += 1
-            round_.record_failure(answer.peer, timed_out=False)
+            round_.record_failure(peer, timed_out=False)
+            return
+        if round_.unanswered(peer):
+            # The peer stopped at its answer-size budget: ask for the rest, same deadline.
+            self._peers.add_calls(
+                read.answers, [(peer, "replica_read", (round_.batch(peer),))], read.deadline
+            )
 
     def _after_read(self, round_: ReadRound) -> None:
         """Every replica answered (or timed out): repair the stale ones."""

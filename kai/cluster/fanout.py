@@ -73,7 +73,15 @@ class FanOut:
     call.
     """
 
-    __slots__ = ("_answers", "_closed", "_listener", "_on_finished", "_outstanding", "_waiting")
+    __slots__ = (
+        "_answers",
+        "_closed",
+        "_finished",
+        "_listener",
+        "_on_finished",
+        "_outstanding",
+        "_waiting",
+    )
 
     def __init__(self, calls: int) -> None:
         self._answers: deque[Answer] = deque()
@@ -81,6 +89,7 @@ class FanOut:
         self._listener: Callable[[Answer], None] | None = None
         self._on_finished: Callable[[], None] | None = None
         self._closed = False
+        self._finished = False
         self._waiting: trio.lowlevel.Task | None = None
 
     async def receive(self) -> Answer | None:
@@ -102,12 +111,11 @@ class FanOut:
         answered (at once if it already was). Both run in whatever task delivers the answer,
         so they must not block; an exception they raise is logged and otherwise ignored.
         """
+        self._listener, self._on_finished = on_answer, on_finished
         while self._answers:
             _guarded(on_answer, self._answers.popleft())
         if not self._outstanding:
-            _guarded(on_finished)
-            return
-        self._listener, self._on_finished = on_answer, on_finished
+            self._finish()
 
     def close(self) -> None:
         """Drop the answers not yet received, and any still to come."""
@@ -118,8 +126,8 @@ class FanOut:
         self._outstanding -= 1
         if self._listener is not None:
             _guarded(self._listener, answer)
-            if not self._outstanding and self._on_finished is not None:
-                _guarded(self._on_finished)
+            if not self._outstanding and not self._answers:
+                self._finish()
             return
         if self._closed:
             return
@@ -127,6 +135,11 @@ class FanOut:
         task, self._waiting = self._waiting, None
         if task is not None:
             trio.lowlevel.reschedule(task)
+
+    def _finish(self) -> None:
+        if not self._finished and self._on_finished is not None:
+            self._finished = True
+            _guarded(self._on_finished)
 
 
 def _guarded(function: Callable[..., None], *args: object) -> None:
@@ -202,7 +215,14 @@ class PeerCaller:
         background nursery is closed (shutdown), calls that would need it are answered at
         once with a connection error, without blaming the peer.
         """
-        fan = FanOut(len(calls))
+        fan = FanOut(0)
+        self.add_calls(fan, calls, deadline)
+        return fan
+
+    def add_calls(self, fan: FanOut, calls: Sequence[Call], deadline: float) -> None:
+        """Send more calls whose answers join ``fan`` (say, to ask for what an answer left
+        out); ``fan`` is not finished until they are answered too."""
+        fan._outstanding += len(calls)
         for peer, method, params in calls:
             pending = _PendingCall(peer, method, fan, deadline)
             self._pending += 1
@@ -220,7 +240,6 @@ class PeerCaller:
             pending.cancel = cancel
             if not self._track(pending):
                 self._abandon(pending)
-        return fan
 
     def start(self, function: Callable[..., Awaitable[object]], *args: object) -> bool:
         """Start a background task; False if the background nursery is already closed."""

@@ -93,25 +93,34 @@ class ReadRound:
                 self.batches.setdefault(node, []).append(index)
         self.unmet = sum(1 for tally in self.tallies if not tally.met)
         self.lost_index: int | None = None
+        # How many keys of its batch each replica has answered (answers come in order).
+        self._answered: dict[NodeId, int] = {}
 
     def batch(self, node: NodeId) -> list[bytes]:
-        """The keys to ask ``node`` for."""
+        """The keys to ask ``node`` for: those of its batch it has not answered yet."""
         keys = self.keys
-        return [keys[index] for index in self.batches.get(node, ())]
+        return [keys[index] for index in self.unanswered(node)]
+
+    def unanswered(self, node: NodeId) -> list[int]:
+        """Indices of the keys of ``node``'s batch it has not answered yet, in batch order."""
+        return self.batches.get(node, [])[self._answered.get(node, 0) :]
 
     def record_reply(self, node: NodeId, sibling_sets: Sequence[SiblingSet]) -> None:
-        """Count ``node``'s answer: one sibling set per key of its batch, in batch order.
+        """Count ``node``'s answer: one sibling set per key, for the first keys it has not
+        answered yet, in batch order. A replica may answer its batch in several parts; an
+        answer from a replica that already answered all its keys is a duplicate and ignored.
 
         Raises:
-            ValueError: the answer does not have one set per key of the batch.
+            ValueError: the answer has more sets than the replica has keys left to answer.
         """
-        indices = self.batches.get(node, [])
-        if len(sibling_sets) != len(indices):
+        indices = self.unanswered(node)
+        if not indices:
+            return  # a duplicated answer must not count twice
+        if len(sibling_sets) > len(indices):
             raise ValueError(f"{node} answered {len(sibling_sets)} keys, not {len(indices)}")
-        for index, siblings in zip(indices, sibling_sets, strict=True):
+        self._answered[node] = self._answered.get(node, 0) + len(sibling_sets)
+        for index, siblings in zip(indices, sibling_sets, strict=False):
             answers = self.answers[index]
-            if node in answers:
-                continue  # a duplicated answer must not count twice
             answers[node] = siblings
             current = self.merged[index]
             if siblings and siblings != current:  # equal replicas are the common case

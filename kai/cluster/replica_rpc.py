@@ -5,6 +5,9 @@ Four methods, all called by :class:`~kai.cluster.coordinator.ClusterCoordinator`
 ``replica_read(keys: list[bytes]) -> list[bytes | None]``
     The stored sibling set of each key as a record (:func:`~kai.versions.encode_siblings`),
     None when the key is absent. One call carries every key of a multi-get that the peer holds.
+    The answer may cover only the first keys (at least one): records stop once they reach
+    :data:`READ_REPLY_BUDGET` bytes, and the caller asks again for the rest, so a multi-get of
+    large values never needs a message over the RPC size limit.
 ``replica_apply(key: bytes, record: bytes) -> bool``
     Merge versions coordinated elsewhere (replication, read repair) under the replica write
     rule; True when something was stored, False when the versions were already known or
@@ -41,6 +44,7 @@ from kai.errors import (
     TooManySiblings,
 )
 from kai.replica import LocalReplica, Payload
+from kai.rpc.protocol import MAX_MESSAGE_SIZE
 from kai.rpc.server import Handler
 from kai.vclock import VClock
 from kai.versions import SiblingSet, Version, decode_siblings, encode_siblings
@@ -54,6 +58,9 @@ MAX_READ_BATCH = 100_000
 #: How many keys a ``replica_read`` handler reads between checkpoints, so that a huge batch
 #: does not stall the event loop.
 READ_CHUNK = 1024
+#: A ``replica_read`` answer stops adding records once they reach this many bytes (half the
+#: RPC message limit, leaving room for framing); the caller asks again for the rest.
+READ_REPLY_BUDGET = MAX_MESSAGE_SIZE // 2
 _UINT32_MAX = 2**32 - 1
 _UINT64_MAX = 2**64 - 1
 
@@ -198,9 +205,16 @@ class ReplicaRpcHandlers:
         coordinate_write: coordinates a forwarded write on this node (never forwards again).
     """
 
-    def __init__(self, replica: LocalReplica, coordinate_write: CoordinateWrite) -> None:
+    def __init__(
+        self,
+        replica: LocalReplica,
+        coordinate_write: CoordinateWrite,
+        *,
+        read_reply_budget: int = READ_REPLY_BUDGET,
+    ) -> None:
         self.replica = replica
         self.coordinate_write = coordinate_write
+        self.read_reply_budget = read_reply_budget
 
     def handlers(self) -> dict[str, Handler]:
         """Method name to handler, for the RPC server (the quick ones answer inline)."""
@@ -212,7 +226,8 @@ class ReplicaRpcHandlers:
         }
 
     def replica_read(self, keys: object) -> list[bytes | None] | Awaitable[list[bytes | None]]:
-        """The record of each key (None when absent), in the order asked.
+        """The record of each key (None when absent), in the order asked; possibly only for
+        the first keys, once the records reach :attr:`read_reply_budget` bytes.
 
         Up to :data:`READ_CHUNK` keys are read at once (inline in the RPC server); a larger
         batch is read chunk by chunk as a task, letting other work run in between.
@@ -224,23 +239,37 @@ class ReplicaRpcHandlers:
             raise RpcBadRequest(f"keys must be a list of at most {MAX_READ_BATCH} keys")
         checked = [check_key(key) for key in keys]
         if len(checked) <= READ_CHUNK:
-            return self._read_records(checked)
+            records: list[bytes | None] = []
+            self._read_records(checked, records, 0)
+            return records
         return self._read_in_chunks(checked)
 
-    def _read_records(self, keys: Sequence[bytes]) -> list[bytes | None]:
+    def _read_records(self, keys: Sequence[bytes], records: list[bytes | None], size: int) -> int:
+        """Append the records of ``keys`` until they would pass the budget (the very first
+        record always goes in); the answer's size in bytes so far."""
         read = self.replica.read
-        records: list[bytes | None] = []
+        budget = self.read_reply_budget
         for key in keys:
             siblings = read(key)
-            records.append(encode_siblings(siblings) if siblings else None)
-        return records
+            if not siblings:
+                records.append(None)
+                continue
+            record = encode_siblings(siblings)
+            if records and size + len(record) > budget:
+                break
+            records.append(record)
+            size += len(record)
+        return size
 
     async def _read_in_chunks(self, keys: Sequence[bytes]) -> list[bytes | None]:
         records: list[bytes | None] = []
+        size = 0
         for start in range(0, len(keys), READ_CHUNK):
             if start:
                 await trio.lowlevel.checkpoint()
-            records += self._read_records(keys[start : start + READ_CHUNK])
+            size = self._read_records(keys[start : start + READ_CHUNK], records, size)
+            if len(records) < min(start + READ_CHUNK, len(keys)):
+                break  # the budget is reached
         return records
 
     def replica_apply(self, key: object, record: object) -> bool:
