@@ -30,7 +30,7 @@ import trio
 from kai.errors import RpcConnectionError, RpcError, RpcProtocolError
 from kai.rpc.auth import NONCE_SIZE, ClientHandshake
 from kai.rpc.protocol import CLOSED, MAX_MSGID, NEED_DATA, Response, RpcConnection
-from kai.rpc.sockets import MAX_BACKLOG, SocketIO, from_stream, receive_some, send_all
+from kai.rpc.sockets import MAX_BACKLOG, SocketIO, from_stream, send_all
 
 logger = logging.getLogger(__name__)
 
@@ -308,11 +308,11 @@ class RpcClient(NurseryUser):
             if self._closed:
                 raise RpcConnectionError(f"the client for {self.host}:{self.port} is closed")
             nursery = self._require_nursery()
-            sock, trailing = await self._open_authenticated_socket()
+            io, trailing = await self._open_authenticated_socket()
             framing = RpcConnection()
             if trailing:
                 framing.receive_data(trailing)
-            connection = _Connection(SocketIO(sock), framing)
+            connection = _Connection(io, framing)
             try:
                 nursery.start_soon(self._run_connection, connection)
             except RuntimeError as exc:  # The nursery is closed to new tasks.
@@ -321,16 +321,15 @@ class RpcClient(NurseryUser):
             self._connection = connection
             return connection
 
-    async def _open_authenticated_socket(self) -> tuple[socket.socket, bytes]:
+    async def _open_authenticated_socket(self) -> tuple[SocketIO, bytes]:
         address = f"{self.host}:{self.port}"
         try:
             with trio.fail_after(self._connect_timeout):
-                sock = await self._open_socket()
-                sock.setblocking(False)
+                io = SocketIO(await self._open_socket())
                 try:
-                    trailing = await _client_handshake(sock, self._secret)
+                    trailing = await _client_handshake(io, self._secret)
                 except BaseException:
-                    sock.close()
+                    io.close()
                     raise
         except trio.TooSlowError:
             raise RpcConnectionError(
@@ -340,7 +339,7 @@ class RpcClient(NurseryUser):
             raise RpcConnectionError(f"could not connect to {address}: {exc}") from exc
         except _STREAM_ERRORS as exc:
             raise RpcConnectionError(f"connection to {address} lost during handshake") from exc
-        return sock, trailing
+        return io, trailing
 
     async def _run_connection(self, connection: _Connection) -> None:
         try:
@@ -359,16 +358,16 @@ async def _open_tcp_socket(host: str, port: int) -> socket.socket:
     return from_stream(await trio.open_tcp_stream(host, port))
 
 
-async def _client_handshake(sock: socket.socket, secret: bytes) -> bytes:
+async def _client_handshake(io: SocketIO, secret: bytes) -> bytes:
     """Authenticate to the server; returns bytes received after the handshake."""
     handshake = ClientHandshake(secret, os.urandom(NONCE_SIZE))
     while not handshake.authenticated:
-        data = await receive_some(sock)
+        data = await io.receive()
         if not data:
             raise RpcConnectionError("the server closed the connection during the handshake")
         reply = handshake.receive_data(data)
         if reply:
-            await send_all(sock, reply)
+            await send_all(io.sock, reply)
     return handshake.trailing_data()
 
 

@@ -36,7 +36,7 @@ from kai.rpc.protocol import (
     Response,
     RpcConnection,
 )
-from kai.rpc.sockets import MAX_BACKLOG, SocketIO, from_stream, receive_some, send_all
+from kai.rpc.sockets import MAX_BACKLOG, SocketIO, from_stream, send_all
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ async def handle_rpc_connection(
     """
     io = SocketIO(sock)
     try:
-        trailing = await _authenticate(sock, secret, handshake_timeout)
+        trailing = await _authenticate(io, secret, handshake_timeout)
         if trailing is None:
             return
         framing = RpcConnection()
@@ -167,26 +167,24 @@ async def handle_rpc_connection(
         io.close()
 
 
-async def _authenticate(
-    sock: socket.socket, secret: bytes, handshake_timeout: float
-) -> bytes | None:
+async def _authenticate(io: SocketIO, secret: bytes, handshake_timeout: float) -> bytes | None:
     """Run the server side of the handshake; the bytes after it, or None to hang up."""
     handshake = ServerHandshake(secret, os.urandom(NONCE_SIZE))
     with trio.move_on_after(handshake_timeout):
         try:
-            await send_all(sock, handshake.hello())
+            await send_all(io.sock, handshake.hello())
             while not handshake.authenticated:
-                data = await receive_some(sock)
+                data = await io.receive()
                 if not data:
                     logger.info("RPC peer closed the connection during the handshake")
                     return None
                 reply = handshake.receive_data(data)
                 if reply:
-                    await send_all(sock, reply)
+                    await send_all(io.sock, reply)
         except RpcAuthenticationError as exc:
             logger.warning("RPC peer failed authentication: %s", exc)
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await send_all(sock, REJECTION)
+                await send_all(io.sock, REJECTION)
             return None
         except RpcProtocolError as exc:
             logger.warning("RPC peer sent an invalid handshake: %s", exc)

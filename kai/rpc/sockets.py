@@ -98,12 +98,7 @@ class SocketIO:
             return
         if self._closed:
             raise trio.ClosedResourceError("the RPC socket is closed")
-        try:
-            sent = self.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            raise self._broken(exc) from exc
+        sent = _send_some(self.sock, data)
         if sent < len(data):
             self.send(data[sent:])
 
@@ -166,35 +161,24 @@ class SocketIO:
         return trio.BrokenResourceError(f"RPC socket failed: {exc}")
 
 
-async def send_all(sock: socket.socket, data: bytes) -> None:
-    """Send ``data`` whole on a non-blocking socket, waiting for room as needed."""
+def _send_some(sock: socket.socket, data: bytes | memoryview) -> int:
+    """Bytes of ``data`` the kernel takes right now (0 when the socket is full)."""
     try:
-        sent = sock.send(data)
+        return sock.send(data)
     except BlockingIOError:
-        sent = 0
+        return 0
     except OSError as exc:
         raise trio.BrokenResourceError(f"RPC socket failed: {exc}") from exc
+
+
+async def send_all(sock: socket.socket, data: bytes) -> None:
+    """Send ``data`` whole on a non-blocking socket, waiting for room as needed."""
+    sent = _send_some(sock, data)
     if sent == len(data):
         return
     view = memoryview(data)[sent:]
-    while view:
-        await trio.lowlevel.wait_writable(sock)
-        try:
-            sent = sock.send(view)
-        except BlockingIOError:
-            continue
-        except OSError as exc:
-            raise trio.BrokenResourceError(f"RPC socket failed: {exc}") from exc
-        view = view[sent:]
-
-
-async def receive_some(sock: socket.socket) -> bytes:
-    """Bytes from a non-blocking socket, waiting until some arrive (for the handshake)."""
-    await trio.lowlevel.checkpoint()
     while True:
-        try:
-            return sock.recv(RECEIVE_SIZE)
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(sock)
-        except OSError as exc:
-            raise trio.BrokenResourceError(f"RPC socket failed: {exc}") from exc
+        await trio.lowlevel.wait_writable(sock)
+        view = view[_send_some(sock, view) :]
+        if not view:
+            return
