@@ -493,23 +493,24 @@ async def test_a_peer_answers_a_large_multi_get_in_parts_within_its_budget(
     assert cluster.network.calls_of("replica_apply") == []  # nothing was stale
 
 
+async def _no_forwarded_writes(*args: object) -> Version:
+    raise AssertionError("these tests forward no write")
+
+
 def test_replica_read_stops_at_its_budget_but_always_answers_one_key() -> None:
     replica = LocalReplica(MemoryEngine(), actor=b"solo", buckets=BUCKETS, stats=NodeStats())
     for index in range(5):
         replica.coordinate_write(b"k%d" % index, Payload(0, 0, b"v" * 1000), None)
 
-    async def never(*args: object) -> Version:
-        raise AssertionError("not called")
-
     keys = [b"k%d" % index for index in range(5)]
-    small = ReplicaRpcHandlers(replica, never, read_reply_budget=2500)
+    small = ReplicaRpcHandlers(replica, _no_forwarded_writes, read_reply_budget=2500)
     answer = small.replica_read([b"absent", *keys])
     assert isinstance(answer, list)
     assert answer[0] is None  # a missing key costs nothing against the budget
     assert len(answer) == 3  # two records of ~1 KB fit in 2,500 bytes, the third does not
-    tiny = ReplicaRpcHandlers(replica, never, read_reply_budget=1)
+    tiny = ReplicaRpcHandlers(replica, _no_forwarded_writes, read_reply_budget=1)
     assert tiny.replica_read(keys) == answer[1:2]  # one record even over the budget
-    whole = ReplicaRpcHandlers(replica, never)
+    whole = ReplicaRpcHandlers(replica, _no_forwarded_writes)
     complete = whole.replica_read(keys)
     assert isinstance(complete, list)
     assert len(complete) == 5
@@ -522,12 +523,11 @@ async def test_a_replica_read_of_many_keys_in_chunks_also_stops_at_its_budget() 
     for key in keys:
         replica.coordinate_write(key, Payload(0, 0, b"v" * 10), None)
 
-    async def never(*args: object) -> Version:
-        raise AssertionError("not called")
-
     record_size = len(encode_siblings(replica.read(keys[0])))
     for budget, expected in ((1, 1), (record_size * 1100, 1100), (READ_REPLY_BUDGET, 1500)):
-        pending = ReplicaRpcHandlers(replica, never, read_reply_budget=budget).replica_read(keys)
+        pending = ReplicaRpcHandlers(
+            replica, _no_forwarded_writes, read_reply_budget=budget
+        ).replica_read(keys)
         assert inspect.isawaitable(pending)
         records = await pending
         assert len(records) == expected

@@ -244,13 +244,13 @@ class ClusterCoordinator(Coordinator):
                     sibling_sets.append(mine[1])  # same bytes, same versions: no decoding
                 else:
                     sibling_sets.append(siblings_from_wire(record))
-            round_.record_reply(peer, sibling_sets)
+            left = round_.record_reply(peer, sibling_sets)
         except (RpcBadRequest, ValueError) as exc:
             logger.warning("replica %s sent a malformed replica_read answer: %s", peer, exc)
             self._peers.errors += 1
             round_.record_failure(peer, timed_out=False)
             return
-        if round_.unanswered(peer):
+        if left:
             # The peer stopped at its answer-size budget: ask for the rest, same deadline.
             self._peers.add_calls(
                 read.answers, [(peer, "replica_read", (round_.batch(peer),))], read.deadline

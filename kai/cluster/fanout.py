@@ -298,15 +298,10 @@ class PeerCaller:
         pending.fan._deliver(answer)
 
     async def _call_in_task(self, pending: _PendingCall, params: tuple[object, ...]) -> None:
-        with trio.move_on_at(pending.deadline):
-            try:
-                result = await self.transport.call(pending.peer, pending.method, *params)
-            except RpcError as exc:
-                self._complete(pending, None, exc)
-                return
-            self._complete(pending, result, None)
-            return
-        self._expire(pending)
+        # Not tracked by the sweeper: :meth:`call` bounds it and counts its outcome.
+        self._finish(
+            pending, await self.call(pending.peer, pending.method, params, pending.deadline)
+        )
 
     # --- deadlines ----------------------------------------------------------------------------
 

@@ -105,17 +105,18 @@ class ReadRound:
         """Indices of the keys of ``node``'s batch it has not answered yet, in batch order."""
         return self.batches.get(node, [])[self._answered.get(node, 0) :]
 
-    def record_reply(self, node: NodeId, sibling_sets: Sequence[SiblingSet]) -> None:
+    def record_reply(self, node: NodeId, sibling_sets: Sequence[SiblingSet]) -> int:
         """Count ``node``'s answer: one sibling set per key, for the first keys it has not
         answered yet, in batch order. A replica may answer its batch in several parts; an
         answer from a replica that already answered all its keys is a duplicate and ignored.
+        Returns how many keys ``node`` still has to answer.
 
         Raises:
             ValueError: the answer has more sets than the replica has keys left to answer.
         """
         indices = self.unanswered(node)
         if not indices:
-            return  # a duplicated answer must not count twice
+            return 0  # a duplicated answer must not count twice
         if len(sibling_sets) > len(indices):
             raise ValueError(f"{node} answered {len(sibling_sets)} keys, not {len(indices)}")
         self._answered[node] = self._answered.get(node, 0) + len(sibling_sets)
@@ -130,6 +131,7 @@ class ReadRound:
             tally.reply()
             if tally.met and not was_met:
                 self.unmet -= 1
+        return len(indices) - len(sibling_sets)
 
     def record_failure(self, node: NodeId, *, timed_out: bool) -> None:
         """Count ``node`` as unable to answer any key of its batch."""
