@@ -293,8 +293,13 @@ class PeerCaller:
     def _finish(self, pending: _PendingCall, answer: Answer) -> None:
         pending.done = True
         self._pending -= 1
-        if not self._pending and self._sweep_scope is not None:
-            self._sweep_scope.cancel()  # nothing left to time out: let the sweeper end
+        scope = self._sweep_scope
+        if not self._pending and scope is not None and scope.deadline == math.inf:
+            # Nothing left to time out and no deadline to wake the sweeper: let it end now.
+            # A sweeper with a deadline ends when it wakes and finds nothing pending; not
+            # cancelling it here saves a cancellation and a new task whenever the calls in
+            # flight drop to zero for a moment.
+            scope.cancel()
         pending.fan._deliver(answer)
 
     async def _call_in_task(self, pending: _PendingCall, params: tuple[object, ...]) -> None:
@@ -320,7 +325,8 @@ class PeerCaller:
         return True
 
     async def _sweep(self) -> None:
-        """Time calls out at their deadlines; ends once no call is pending."""
+        """Time calls out at their deadlines; ends once no call is pending (at the latest
+        at the deadline it sleeps until)."""
         deadlines = self._deadlines
         try:
             while self._pending:
