@@ -5,11 +5,12 @@ batch in one send. Enforces the connection limit, and on shutdown stops acceptin
 connection finish the requests it has already received, and closes. Never parses or
 interprets commands itself.
 
-Sockets are plain non-blocking stdlib sockets driven with ``trio.lowlevel.wait_readable`` /
-``wait_writable``: a request whose bytes are already there costs no trip through the
-scheduler (trio's stream wrappers take several per request, a large share of the per-request
-cost here). Fairness is kept explicitly: a connection that always has more input yields after
-:data:`FAIR_SHARE` batches.
+Sockets are plain non-blocking stdlib sockets: a request whose bytes are already there costs
+no trip through the scheduler (trio's stream wrappers take several per request, a large share
+of the per-request cost here). Connections wait for input through one edge-triggered
+:class:`~kai.netpoll.Watch` (registered once per connection instead of once per wait)
+and for room to send with ``trio.lowlevel.wait_writable``. Fairness is kept explicitly: a
+connection that always has more input yields after :data:`FAIR_SHARE` batches.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import trio
 
 from kai.memcache import protocol as mc
 from kai.memcache.commands import CommandExecutor
+from kai.netpoll import Watch, watch
 from kai.stats import NodeStats
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ _GONE = (ConnectionError, OSError)
 @attrs.define(eq=False)
 class _Connection:
     sock: socket.socket
+    watch: Watch
     closing: bool = False
 
     def close_when_idle(self) -> None:
@@ -173,7 +176,12 @@ class MemcacheServer:
                 with contextlib.suppress(OSError):  # a fresh socket's buffer takes it whole
                     sock.send(TOO_MANY_CONNECTIONS)
                 return
-            connection = _Connection(sock)
+            try:
+                readiness = watch(sock)
+            except OSError as error:  # the kernel is out of memory for epoll entries
+                logger.warning("cannot serve a new connection (%s); closing it", error)
+                return
+            connection = _Connection(sock, readiness)
             self._connections.add(connection)
             stats.curr_connections += 1
             try:
@@ -181,6 +189,7 @@ class MemcacheServer:
             except _GONE:
                 pass  # the client went away; nothing to answer
             finally:
+                connection.watch.close()
                 self._connections.discard(connection)
                 stats.curr_connections -= 1
         finally:
@@ -188,6 +197,7 @@ class MemcacheServer:
 
     async def _serve_connection(self, connection: _Connection) -> None:
         sock = connection.sock
+        wait_readable = connection.watch.wait_readable
         parser = mc.MemcacheParser(max_item_size=self.max_item_size)
         execute = self.executor.execute
         stats = self.stats
@@ -204,7 +214,7 @@ class MemcacheServer:
                         # A client that waited for these replies has sent nothing yet: wait
                         # for it rather than paying for a receive that would find nothing.
                         batches = 0
-                        await trio.lowlevel.wait_readable(sock)
+                        await wait_readable()
                 batches += 1
                 if batches >= FAIR_SHARE:
                     batches = 0
@@ -213,7 +223,7 @@ class MemcacheServer:
                     data = sock.recv(RECEIVE_SIZE)
                 except BlockingIOError:
                     batches = 0
-                    await trio.lowlevel.wait_readable(sock)
+                    await wait_readable()
                     continue
                 stats.bytes_read += len(data)
                 parser.receive_data(data)
