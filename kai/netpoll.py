@@ -19,12 +19,15 @@ wait.
 from __future__ import annotations
 
 import contextlib
+import logging
 import select
 import socket
 from typing import NoReturn
 
 import outcome
 import trio
+
+logger = logging.getLogger(__name__)
 
 #: Events taken from the kernel per system call; more ready sockets take another round.
 MAX_EVENTS = 512
@@ -162,8 +165,8 @@ _RUN_POLLER: trio.lowlevel.RunVar[ReadPoller] = trio.lowlevel.RunVar("kai_read_p
 def watch(sock: socket.socket) -> Watch:
     """Watch ``sock`` with this trio run's poller; close the watch before the socket.
 
-    Raises:
-        OSError: the kernel refused the registration (out of memory).
+    If the kernel refuses the registration (out of memory, or past ``max_user_watches``),
+    the watch waits through trio instead: slower, never wrong.
     """
     try:
         poller = _RUN_POLLER.get()
@@ -171,7 +174,11 @@ def watch(sock: socket.socket) -> Watch:
         poller = ReadPoller()
         _RUN_POLLER.set(poller)
         trio.lowlevel.spawn_system_task(_run_poller, poller, name="kai.netpoll")
-    return poller.watch(sock)
+    try:
+        return poller.watch(sock)
+    except OSError as exc:
+        logger.warning("epoll refused a socket (%s); it waits through trio instead", exc)
+        return Watch(None, sock)
 
 
 async def _run_poller(poller: ReadPoller) -> None:

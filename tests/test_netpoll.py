@@ -266,7 +266,9 @@ async def test_without_epoll_watches_use_trios_own_wait(
 
 def poller_tasks() -> int:
     """How many tasks of this run are running a kai read poller."""
-    found, stack = 0, [trio.lowlevel.current_root_task()]
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    found, stack = 0, [root]
     while stack:
         task = stack.pop()
         found += task.name == "kai.netpoll"
@@ -294,3 +296,20 @@ async def test_watch_uses_one_poller_per_run_started_on_first_use(
                 assert await receive(sock, readiness) == b"ping"
             readiness.close()
         assert len(netpoll._RUN_POLLER.get()) == 0
+
+
+async def test_a_refused_registration_falls_back_to_trios_wait(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(self: ReadPoller, sock: socket.socket) -> Watch:
+        raise OSError(28, "No space left on device")  # what epoll says past max_user_watches
+
+    monkeypatch.setattr(ReadPoller, "watch", refuse)
+    with socket_pair() as (ours, theirs):
+        readiness = netpoll.watch(ours)
+        with pytest.raises(BlockingIOError):
+            ours.recv(10)
+        theirs.send(b"still served")
+        with trio.fail_after(1):
+            assert await receive(ours, readiness) == b"still served"
+        readiness.close()

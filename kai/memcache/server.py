@@ -176,12 +176,7 @@ class MemcacheServer:
                 with contextlib.suppress(OSError):  # a fresh socket's buffer takes it whole
                     sock.send(TOO_MANY_CONNECTIONS)
                 return
-            try:
-                readiness = watch(sock)
-            except OSError as error:  # the kernel is out of memory for epoll entries
-                logger.warning("cannot serve a new connection (%s); closing it", error)
-                return
-            connection = _Connection(sock, readiness)
+            connection = _Connection(sock, watch(sock))
             self._connections.add(connection)
             stats.curr_connections += 1
             try:
