@@ -49,11 +49,14 @@ class Payload:
 
 
 class SiblingCache:
-    """A bounded cache of decoded sibling sets, evicting the oldest inserted entries first.
+    """A bounded cache of decoded sibling sets and their records, evicting the oldest inserted
+    entries first.
 
-    The budget counts value bytes plus a fixed overhead per version, so a few huge values
-    cannot hold unbounded memory. Absent keys are cached too (as empty sets), so repeated
-    misses skip storage as well.
+    Each entry keeps the set as stored (the record, which replica reads send and quorum reads
+    compare byte for byte) next to the decoded versions (which local reads use), so neither
+    path decodes or encodes. The budget counts value and record bytes plus a fixed overhead
+    per version, so a few huge values cannot hold unbounded memory. Absent keys are cached too
+    (as empty sets without a record), so repeated misses skip storage as well.
     """
 
     #: Bytes charged per cached key and per version besides the value itself.
@@ -66,10 +69,10 @@ class SiblingCache:
         self.misses = 0
         # An OrderedDict, not a dict: evicting from the front of a plain dict gets slower with
         # every eviction (iteration skips the holes left behind), popitem(last=False) does not.
-        self._entries: OrderedDict[bytes, tuple[SiblingSet, int]] = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple[SiblingSet, bytes | None, int]] = OrderedDict()
 
-    def _cost(self, key: bytes, siblings: SiblingSet) -> int:
-        cost = self.OVERHEAD + len(key)
+    def _cost(self, key: bytes, siblings: SiblingSet, record: bytes | None) -> int:
+        cost = self.OVERHEAD + len(key) + (len(record) if record is not None else 0)
         for version in siblings:
             cost += self.OVERHEAD + (len(version.value) if version.value is not None else 0)
         return cost
@@ -83,21 +86,31 @@ class SiblingCache:
         self.hits += 1
         return entry[0]
 
-    def put(self, key: bytes, siblings: SiblingSet) -> None:
-        """Cache (or replace) ``key``'s sibling set, evicting old entries to fit."""
+    def get_record(self, key: bytes) -> tuple[SiblingSet, bytes | None] | None:
+        """The cached sibling set and its record (None for an absent key), or None."""
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return entry[0], entry[1]
+
+    def put(self, key: bytes, siblings: SiblingSet, record: bytes | None) -> None:
+        """Cache (or replace) ``key``'s sibling set and its record, evicting old entries to
+        fit. ``record`` must decode to ``siblings`` (None when the set is empty)."""
         if not self.budget:
             return
         entries = self._entries
         previous = entries.pop(key, None)
         if previous is not None:
-            self.size -= previous[1]
-        cost = self._cost(key, siblings)
+            self.size -= previous[2]
+        cost = self._cost(key, siblings, record)
         if cost > self.budget // 4:
             return  # one entry may not take over the cache
         while self.size + cost > self.budget and entries:
-            _, (_, evicted_cost) = entries.popitem(last=False)  # the oldest entry
+            _, (_, _, evicted_cost) = entries.popitem(last=False)  # the oldest entry
             self.size -= evicted_cost
-        entries[key] = (siblings, cost)
+        entries[key] = (siblings, record, cost)
         self.size += cost
 
     def __len__(self) -> int:
@@ -168,10 +181,21 @@ class LocalReplica:
             return cached
         return self._fetch(partition, key)
 
+    def read_record(self, key: bytes) -> tuple[SiblingSet, bytes | None]:
+        """The stored sibling set of ``key`` and its record as stored (None when absent)."""
+        cached = self.cache.get_record(key)
+        if cached is not None:
+            return cached
+        partition = self.partition(key)
+        record = self.engine.get(partition, key)
+        siblings = decode_siblings(record) if record is not None else ()
+        self.cache.put(key, siblings, record)
+        return siblings, record
+
     def _fetch(self, partition: int, key: bytes) -> SiblingSet:
         record = self.engine.get(partition, key)
         siblings = decode_siblings(record) if record is not None else ()
-        self.cache.put(key, siblings)
+        self.cache.put(key, siblings, record)
         return siblings
 
     # --- writes -------------------------------------------------------------------------------
@@ -209,8 +233,12 @@ class LocalReplica:
         self._store(partition, key, stored, updated)
         return version
 
-    def apply(self, key: bytes, incoming: SiblingSet) -> bool:
+    def apply(self, key: bytes, incoming: SiblingSet, record: bytes | None = None) -> bool:
         """Merge versions coordinated elsewhere (replication, read repair). Returns True if stored.
+
+        ``record``, if given, is what ``incoming`` was decoded from: when the merge comes to
+        exactly the incoming versions (a newer write replacing what this replica had) it is
+        stored as it is instead of encoding the same versions again.
 
         Raises:
             TooManySiblings: the merge would leave more than ``siblings_maximum`` versions.
@@ -224,10 +252,17 @@ class LocalReplica:
                 merged = updated
         if merged == stored:
             return False
-        self._store(partition, key, stored, merged)
+        self._store(partition, key, stored, merged, record if merged == incoming else None)
         return True
 
-    def _store(self, partition: int, key: bytes, old: SiblingSet, new: SiblingSet) -> None:
+    def _store(
+        self,
+        partition: int,
+        key: bytes,
+        old: SiblingSet,
+        new: SiblingSet,
+        record: bytes | None = None,
+    ) -> None:
         if len(new) > self.siblings_maximum:
             self.stats.kai_sibling_rejections += 1
             raise TooManySiblings(
@@ -237,8 +272,10 @@ class LocalReplica:
         if len(new) > self.siblings_warning_threshold:
             self.stats.kai_sibling_warnings += 1
             logger.warning("key %r has %d siblings", key, len(new))
-        self.engine.put(partition, key, encode_siblings(new))
-        self.cache.put(key, new)
+        if record is None:
+            record = encode_siblings(new)
+        self.engine.put(partition, key, record)
+        self.cache.put(key, new, record)
         self._count(old, -1)
         self._count(new, +1)
         self.stats.total_items += 1

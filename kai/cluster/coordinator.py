@@ -193,18 +193,19 @@ class ClusterCoordinator(Coordinator):
 
         round_ = ReadRound(unique, replicas, quorum.r)
         deadline = trio.current_time() + self.request_timeout
-        local = round_.batch(self.self_node)
-        local_sets = [self.replica.read(key) for key in local]
+        local = [self.replica.read_record(key) for key in round_.batch(self.self_node)]
         if local:
-            round_.record_reply(self.self_node, local_sets)
+            round_.record_reply(self.self_node, [siblings for siblings, _record in local])
         peers = [node for node in round_.batches if node != self.self_node]
         answers = self._peers.fan_out(
             [(peer, "replica_read", (round_.batch(peer),)) for peer in peers], deadline
         )
         in_flight = _QuorumRead(round_, answers, deadline)
-        for index, siblings in zip(round_.batches.get(self.self_node, ()), local_sets, strict=True):
-            if siblings:
-                in_flight.known[index] = (encode_siblings(siblings), siblings)
+        for index, (siblings, record) in zip(
+            round_.batches.get(self.self_node, ()), local, strict=True
+        ):
+            if record is not None:
+                in_flight.known[index] = (record, siblings)
         try:
             while not round_.decided:
                 answer = await answers.receive()  # every call is answered by its deadline

@@ -247,14 +247,13 @@ class ReplicaRpcHandlers:
     def _read_records(self, keys: Sequence[bytes], records: list[bytes | None], size: int) -> int:
         """Append the records of ``keys`` until they would pass the budget (the very first
         record always goes in); the answer's size in bytes so far."""
-        read = self.replica.read
+        read_record = self.replica.read_record
         budget = self.read_reply_budget
         for key in keys:
-            siblings = read(key)
-            if not siblings:
+            _siblings, record = read_record(key)
+            if record is None:
                 records.append(None)
                 continue
-            record = encode_siblings(siblings)
             if records and size + len(record) > budget:
                 break
             records.append(record)
@@ -280,8 +279,9 @@ class ReplicaRpcHandlers:
         """
         checked_key = check_key(key)
         siblings = siblings_from_wire(record)
+        assert isinstance(record, bytes)  # siblings_from_wire checked it
         try:
-            return self.replica.apply(checked_key, siblings)
+            return self.replica.apply(checked_key, siblings, record)
         except TooManySiblings as exc:
             raise RpcBadRequest(str(exc)) from exc
 
