@@ -31,7 +31,7 @@ from functools import partial
 import trio
 
 from kai.cluster.fanout import Answer, FanOut, PeerCaller
-from kai.cluster.quorum import ReadRound, Tally
+from kai.cluster.quorum import KeyRound, ReadRound, Round, Tally
 from kai.cluster.replica_rpc import (
     READ_REPLY_BUDGET,
     ReplicaRpcHandlers,
@@ -63,7 +63,7 @@ class _QuorumRead:
 
     __slots__ = ("answers", "deadline", "known", "round")
 
-    def __init__(self, round_: ReadRound, answers: FanOut, deadline: float) -> None:
+    def __init__(self, round_: Round, answers: FanOut, deadline: float) -> None:
         self.round = round_
         self.answers = answers
         self.deadline = deadline
@@ -165,7 +165,13 @@ class ClusterCoordinator(Coordinator):
         """Quorum-read one key (see :meth:`get_many`)."""
         if self._alone():
             return ReadResult(self.replica.read(key))
-        return (await self.get_many((key,)))[0]
+        ring, quorum = self._ring_and_quorum()
+        replicas = ring.primaries(ring.partition_for_key(key), quorum.n)
+        if replicas == (self.self_node,):
+            return ReadResult(self.replica.read(key))
+        round_ = KeyRound(key, replicas, quorum.r)
+        await self._quorum_read(round_)
+        return ReadResult(round_.merged[0])
 
     async def get_many(self, keys: Sequence[bytes]) -> list[ReadResult]:
         """Quorum-read keys; results are in the order of ``keys``.
@@ -192,18 +198,31 @@ class ClusterCoordinator(Coordinator):
             return [by_key[key] for key in keys]
 
         round_ = ReadRound(unique, replicas, quorum.r)
+        await self._quorum_read(round_)
+        by_key = {
+            key: ReadResult(siblings) for key, siblings in zip(unique, round_.merged, strict=True)
+        }
+        return [by_key[key] for key in keys]
+
+    async def _quorum_read(self, round_: Round) -> None:
+        """Read this node's replica, ask the others, and wait until ``round_`` is decided;
+        later answers go on to read repair.
+
+        Raises:
+            QuorumUnavailable, QuorumTimeout: see :meth:`get_many`.
+        """
         deadline = trio.current_time() + self.request_timeout
-        local = [self.replica.read_record(key) for key in round_.batch(self.self_node)]
+        me = self.self_node
+        local_indices = round_.unanswered(me)
+        local = [self.replica.read_record(round_.keys[index]) for index in local_indices]
         if local:
-            round_.record_reply(self.self_node, [siblings for siblings, _record in local])
-        peers = [node for node in round_.batches if node != self.self_node]
+            round_.record_reply(me, [siblings for siblings, _record in local])
         answers = self._peers.fan_out(
-            [(peer, "replica_read", (round_.batch(peer),)) for peer in peers], deadline
+            [(peer, "replica_read", (round_.batch(peer),)) for peer in round_.nodes if peer != me],
+            deadline,
         )
         in_flight = _QuorumRead(round_, answers, deadline)
-        for index, (siblings, record) in zip(
-            round_.batches.get(self.self_node, ()), local, strict=True
-        ):
+        for index, (siblings, record) in zip(local_indices, local, strict=True):
             if record is not None:
                 in_flight.known[index] = (record, siblings)
         try:
@@ -218,10 +237,6 @@ class ClusterCoordinator(Coordinator):
         error = round_.error()
         if error is not None:
             raise error
-        by_key = {
-            key: ReadResult(siblings) for key, siblings in zip(unique, round_.merged, strict=True)
-        }
-        return [by_key[key] for key in keys]
 
     def _record_read(self, read: _QuorumRead, answer: Answer) -> None:
         """Count one ``replica_read`` answer; ask again for keys a partial answer left out."""
@@ -257,13 +272,13 @@ class ClusterCoordinator(Coordinator):
                 read.answers, [(peer, "replica_read", (round_.batch(peer),))], read.deadline
             )
 
-    def _after_read(self, round_: ReadRound) -> None:
+    def _after_read(self, round_: Round) -> None:
         """Every replica answered (or timed out): repair the stale ones."""
         remote = self._read_repair(round_)
         if remote:
             self._peers.start(self._repair_peers, remote)
 
-    def _read_repair(self, round_: ReadRound) -> dict[NodeId, list[tuple[bytes, bytes]]]:
+    def _read_repair(self, round_: Round) -> dict[NodeId, list[tuple[bytes, bytes]]]:
         """Repair this node's stale replicas; the repairs to send to each stale peer."""
         by_peer: dict[NodeId, list[tuple[bytes, bytes]]] = defaultdict(list)
         records: dict[int, bytes] = {}

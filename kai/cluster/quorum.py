@@ -8,7 +8,7 @@ twice for the same key.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from kai.errors import CoordinatorError, QuorumTimeout, QuorumUnavailable
 from kai.ring import NodeId
@@ -96,6 +96,11 @@ class ReadRound:
         # How many keys of its batch each replica has answered (answers come in order).
         self._answered: dict[NodeId, int] = {}
 
+    @property
+    def nodes(self) -> Iterable[NodeId]:
+        """Every replica asked for some key."""
+        return self.batches.keys()
+
     def batch(self, node: NodeId) -> list[bytes]:
         """The keys to ask ``node`` for: those of its batch it has not answered yet."""
         keys = self.keys
@@ -170,3 +175,92 @@ class ReadRound:
             for node, siblings in answers.items():
                 if siblings != merged:
                     yield index, node
+
+
+class KeyRound:
+    """A :class:`ReadRound` of exactly one key (the common ``get``), in plain fields.
+
+    Same interface and outcomes as ``ReadRound([key], [replicas], r)`` (a property test
+    drives both with the same answers), without the per-key lists and batch slicing.
+
+    Args:
+        key: the key read.
+        replicas: the nodes that hold it (its primaries).
+        r: the read quorum; capped at the replica count.
+    """
+
+    __slots__ = ("_answers", "_lost", "_replicas", "_tally", "keys", "merged")
+
+    def __init__(self, key: bytes, replicas: Sequence[NodeId], r: int) -> None:
+        self.keys = (key,)
+        self._replicas = replicas
+        self._tally = Tally(min(r, len(replicas)), len(replicas))
+        self._answers: dict[NodeId, SiblingSet] = {}
+        #: The merge of every answer so far (a one-item list, as ReadRound's).
+        self.merged: list[SiblingSet] = [()]
+        self._lost = False
+
+    @property
+    def nodes(self) -> Iterable[NodeId]:
+        """Every replica asked."""
+        return self._replicas
+
+    def batch(self, node: NodeId) -> list[bytes]:
+        """The key, if ``node`` is to be asked for it and has not answered yet."""
+        return [self.keys[0]] if node in self._replicas and node not in self._answers else []
+
+    def unanswered(self, node: NodeId) -> list[int]:
+        """``[0]`` while ``node`` is one of the replicas and has not answered, else ``[]``."""
+        return [0] if node in self._replicas and node not in self._answers else []
+
+    def record_reply(self, node: NodeId, sibling_sets: Sequence[SiblingSet]) -> int:
+        """Count ``node``'s answer (see :meth:`ReadRound.record_reply`).
+
+        Raises:
+            ValueError: the answer has more than one set.
+        """
+        if node not in self._replicas or node in self._answers:
+            return 0  # not asked, or a duplicate: it must not count twice
+        if len(sibling_sets) > 1:
+            raise ValueError(f"{node} answered {len(sibling_sets)} keys, not 1")
+        if not sibling_sets:
+            return 1
+        siblings = sibling_sets[0]
+        self._answers[node] = siblings
+        current = self.merged[0]
+        if siblings and siblings != current:  # equal replicas are the common case
+            self.merged[0] = merge(current, siblings)
+        self._tally.reply()
+        return 0
+
+    def record_failure(self, node: NodeId, *, timed_out: bool) -> None:
+        """Count ``node`` as unable to answer."""
+        if node not in self._replicas or node in self._answers:
+            return
+        self._tally.fail(timed_out=timed_out)
+        if self._tally.lost:
+            self._lost = True
+
+    @property
+    def decided(self) -> bool:
+        """Whether the key met its quorum, or never can."""
+        return self._tally.met or self._lost
+
+    def error(self) -> CoordinatorError | None:
+        """Why the read fails, or None."""
+        if self._lost or not self._tally.met:
+            return self._tally.error(f"read of {self.keys[0]!r}")
+        return None
+
+    def stale_replicas(self) -> Iterator[tuple[int, NodeId]]:
+        """``(0, replica)`` for every replica that answered with less than the merge."""
+        merged = self.merged[0]
+        if not merged:
+            return
+        for node, siblings in self._answers.items():
+            if siblings != merged:
+                yield 0, node
+
+
+#: A read in progress, of several keys or of one.
+Round = ReadRound | KeyRound
