@@ -201,7 +201,16 @@ class LocalReplica:
     # --- writes -------------------------------------------------------------------------------
 
     def coordinate_write(self, key: bytes, payload: Payload, context: VClock | None) -> Version:
-        """Create a new version of ``key`` as its coordinator, store it, and return it.
+        """Create a new version of ``key`` as its coordinator, store it, and return it
+        (see :meth:`coordinate_write_record`)."""
+        return self.coordinate_write_record(key, payload, context)[0]
+
+    def coordinate_write_record(
+        self, key: bytes, payload: Payload, context: VClock | None
+    ) -> tuple[Version, bytes]:
+        """Create a new version of ``key`` as its coordinator and store it; return it and its
+        one-version record (what replication sends: the stored record itself when the write
+        left only the new version, the common case).
 
         Args:
             key: the key.
@@ -230,8 +239,8 @@ class LocalReplica:
         updated = (version,) if fast else apply_write(stored, version)
         # Our counter is past every stored one, so no stored version can dominate the new one.
         assert updated is not None
-        self._store(partition, key, stored, updated)
-        return version
+        record = self._store(partition, key, stored, updated)
+        return version, record if len(updated) == 1 else encode_siblings((version,))
 
     def apply(self, key: bytes, incoming: SiblingSet, record: bytes | None = None) -> bool:
         """Merge versions coordinated elsewhere (replication, read repair). Returns True if stored.
@@ -262,7 +271,7 @@ class LocalReplica:
         old: SiblingSet,
         new: SiblingSet,
         record: bytes | None = None,
-    ) -> None:
+    ) -> bytes:
         if len(new) > self.siblings_maximum:
             self.stats.kai_sibling_rejections += 1
             raise TooManySiblings(
@@ -279,6 +288,7 @@ class LocalReplica:
         self._count(old, -1)
         self._count(new, +1)
         self.stats.total_items += 1
+        return record
 
     def _count(self, siblings: SiblingSet, sign: int) -> None:
         latest = newest(siblings)

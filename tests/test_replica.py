@@ -8,6 +8,7 @@ from hypothesis import given, strategies as st
 from kai.replica import LocalReplica, Payload
 from kai.stats import NodeStats
 from kai.storage.memory import MemoryEngine
+from kai.vclock import VClock
 from kai.versions import Version, apply_write, decode_siblings, encode_siblings
 
 from .strategies import versions
@@ -159,3 +160,18 @@ def test_a_replicated_record_is_stored_as_received_when_the_merge_is_exactly_it(
     assert set(siblings) == {concurrent, second}
     assert record is not second_record
     assert record == encode_siblings(siblings)
+
+
+@given(st.lists(versions(), max_size=3), st.booleans())
+def test_coordinate_write_record_is_the_new_version_alone(
+    stored: list[Version], blind: bool
+) -> None:
+    replica = make_replica()
+    for version in stored:
+        replica.apply(b"k", (version,))
+    # A blind set replaces everything; a write with an empty context may leave siblings.
+    context = None if blind else VClock()
+    version, record = replica.coordinate_write_record(b"k", Payload(0, 0, b"new"), context)
+    assert record == encode_siblings((version,))
+    if replica.read(b"k") == (version,):
+        assert record is replica.read_record(b"k")[1]  # the stored record, not a new encoding

@@ -344,11 +344,15 @@ class ClusterCoordinator(Coordinator):
         ring, quorum = self._ring_and_quorum()
         primaries = ring.primaries(ring.partition_for_key(key), quorum.n)
         if self.self_node in primaries:
-            return await self._coordinate_write(key, payload, context)
+            return await self._coordinate_write(key, payload, context, primaries)
         return await self._forward_write(key, payload, context, primaries)
 
     async def _coordinate_write(
-        self, key: bytes, payload: Payload, context: VClock | None
+        self,
+        key: bytes,
+        payload: Payload,
+        context: VClock | None,
+        primaries: Sequence[NodeId] | None = None,
     ) -> Version:
         """Build, store and replicate a new version here, whatever the ring says.
 
@@ -358,15 +362,15 @@ class ClusterCoordinator(Coordinator):
         towards W.
         """
         ring, quorum = self._ring_and_quorum()
-        primaries = ring.primaries(ring.partition_for_key(key), quorum.n)
-        version = self.replica.coordinate_write(key, payload, context)
+        if primaries is None:  # forwarded here: look them up in this node's ring
+            primaries = ring.primaries(ring.partition_for_key(key), quorum.n)
+        version, record = self.replica.coordinate_write_record(key, payload, context)
         others = [node for node in primaries if node != self.self_node]
         if not others:
             return version
         tally = Tally(min(quorum.w, len(primaries)), len(primaries))
         if len(others) < len(primaries):
             tally.reply()  # the local store is one ack
-        record = encode_siblings((version,))
         deadline = trio.current_time() + self.request_timeout
         answers = self._peers.fan_out(
             [(peer, "replica_apply", (key, record)) for peer in others], deadline
