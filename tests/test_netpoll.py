@@ -40,6 +40,23 @@ async def running(poller: ReadPoller) -> AsyncIterator[trio.Nursery]:
     poller.close()
 
 
+@asynccontextmanager
+async def watched_pair() -> AsyncIterator[tuple[socket.socket, socket.socket, Watch, ReadPoller]]:
+    """Our end of a socket pair watched by a running poller, the peer's end, the watch."""
+    poller = ReadPoller()
+    with socket_pair() as (ours, theirs):
+        async with running(poller):
+            watch = poller.watch(ours)
+            yield ours, theirs, watch, poller
+            watch.close()
+
+
+async def use_up_first_wait(watch: Watch) -> None:
+    """A new watch's first wait returns at once (whatever came before it is found)."""
+    with trio.fail_after(1):
+        await watch.wait_readable()
+
+
 async def receive(sock: socket.socket, watch: Watch) -> bytes:
     """What a connection does: read, and wait only once a read finds nothing."""
     while True:
@@ -52,41 +69,32 @@ async def receive(sock: socket.socket, watch: Watch) -> bytes:
 async def test_a_waiting_task_wakes_when_data_arrives(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    poller = ReadPoller()
-    with socket_pair() as (ours, theirs):
-        async with running(poller) as nursery:
-            watch = poller.watch(ours)
-            received: list[bytes] = []
+    async with watched_pair() as (ours, theirs, watch, _), trio.open_nursery() as nursery:
+        received: list[bytes] = []
 
-            async def reader() -> None:
-                received.append(await receive(ours, watch))
+        async def reader() -> None:
+            received.append(await receive(ours, watch))
 
-            nursery.start_soon(reader)
-            await trio.testing.wait_all_tasks_blocked()
-            assert received == []  # nothing sent yet: the reader waits
-            theirs.send(b"hello")
-            await trio.testing.wait_all_tasks_blocked()
-            assert received == [b"hello"]
-            watch.close()
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        assert received == []  # nothing sent yet: the reader waits
+        theirs.send(b"hello")
+        await trio.testing.wait_all_tasks_blocked()
+        assert received == [b"hello"]
 
 
 async def test_data_sent_while_nobody_waited_is_found_by_the_next_wait(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    poller = ReadPoller()
-    with socket_pair() as (ours, theirs):
-        async with running(poller):
-            watch = poller.watch(ours)
-            with pytest.raises(BlockingIOError):
-                ours.recv(10)
-            with trio.fail_after(1):
-                await watch.wait_readable()  # the registration's first wait returns at once
-            theirs.send(b"early")
-            await trio.testing.wait_all_tasks_blocked()  # the poller sees the edge, no waiter
-            with trio.fail_after(1):
-                await watch.wait_readable()  # the edge was kept for this wait
-            assert ours.recv(10) == b"early"
-            watch.close()
+    async with watched_pair() as (ours, theirs, watch, _):
+        with pytest.raises(BlockingIOError):
+            ours.recv(10)
+        await use_up_first_wait(watch)
+        theirs.send(b"early")
+        await trio.testing.wait_all_tasks_blocked()  # the poller sees the edge, no waiter
+        with trio.fail_after(1):
+            await watch.wait_readable()  # the edge was kept for this wait
+        assert ours.recv(10) == b"early"
 
 
 async def test_end_of_file_and_shutdown_wake_the_waiter(
@@ -115,52 +123,43 @@ async def test_end_of_file_and_shutdown_wake_the_waiter(
 async def test_closing_the_watch_wakes_the_waiter_with_closed_resource_error(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    poller = ReadPoller()
-    with socket_pair() as (ours, _theirs):
-        async with running(poller) as nursery:
-            watch = poller.watch(ours)
-            with trio.fail_after(1):
-                await watch.wait_readable()  # use up the first, immediate return
-            outcomes: list[str] = []
+    async with watched_pair() as (_, _, watch, poller), trio.open_nursery() as nursery:
+        await use_up_first_wait(watch)
+        outcomes: list[str] = []
 
-            async def waiter() -> None:
-                try:
-                    await watch.wait_readable()
-                except trio.ClosedResourceError:
-                    outcomes.append("closed")
-
-            nursery.start_soon(waiter)
-            await trio.testing.wait_all_tasks_blocked()
-            watch.close()
-            await trio.testing.wait_all_tasks_blocked()
-            assert outcomes == ["closed"]
-            assert len(poller) == 0
-            with pytest.raises(trio.ClosedResourceError):
+        async def waiter() -> None:
+            try:
                 await watch.wait_readable()
-            watch.close()  # closing twice is harmless
+            except trio.ClosedResourceError:
+                outcomes.append("closed")
+
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        watch.close()
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcomes == ["closed"]
+        assert len(poller) == 0
+        with pytest.raises(trio.ClosedResourceError):
+            await watch.wait_readable()
+        watch.close()  # closing twice is harmless
 
 
 async def test_one_waiter_at_a_time_and_a_cancelled_wait_leaves_the_watch_usable(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    poller = ReadPoller()
-    with socket_pair() as (ours, theirs):
-        async with running(poller) as nursery:
-            watch = poller.watch(ours)
-            with trio.fail_after(1):
-                await watch.wait_readable()  # the first wait returns at once
-            with trio.move_on_after(5) as scope:
-                await watch.wait_readable()
-            assert scope.cancelled_caught  # nothing arrived: the wait was cancelled
+    async with watched_pair() as (ours, theirs, watch, _), trio.open_nursery() as nursery:
+        await use_up_first_wait(watch)
+        with trio.move_on_after(5) as scope:
+            await watch.wait_readable()
+        assert scope.cancelled_caught  # nothing arrived: the wait was cancelled
 
-            nursery.start_soon(watch.wait_readable)
-            await trio.testing.wait_all_tasks_blocked()
-            with pytest.raises(trio.BusyResourceError):
-                await watch.wait_readable()
-            theirs.send(b"x")  # wakes the first waiter
-            await trio.testing.wait_all_tasks_blocked()
-            assert ours.recv(10) == b"x"
-            watch.close()
+        nursery.start_soon(watch.wait_readable)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.BusyResourceError):
+            await watch.wait_readable()
+        theirs.send(b"x")  # wakes the first waiter
+        await trio.testing.wait_all_tasks_blocked()
+        assert ours.recv(10) == b"x"
 
 
 async def test_a_reused_descriptor_can_be_watched_again(
@@ -178,8 +177,7 @@ async def test_a_reused_descriptor_can_be_watched_again(
         with socket_pair() as (ours, theirs):
             assert ours.fileno() == fd  # Linux hands out the lowest free descriptor
             watch = poller.watch(ours)
-            with trio.fail_after(1):
-                await watch.wait_readable()  # the first wait returns at once
+            await use_up_first_wait(watch)
             theirs.send(b"again")
             assert await receive(ours, watch) == b"again"
             watch.close()
@@ -289,8 +287,7 @@ async def test_watch_uses_one_poller_per_run_started_on_first_use(
             (first, first_peer, first_watch),
             (second, second_peer, second_watch),
         ):
-            with trio.fail_after(1):
-                await readiness.wait_readable()  # the first wait returns at once
+            await use_up_first_wait(readiness)
             peer.send(b"ping")
             with trio.fail_after(1):
                 assert await receive(sock, readiness) == b"ping"
