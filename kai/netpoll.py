@@ -120,8 +120,13 @@ class ReadPoller:
         if self._epoll is None:
             return Watch(None, sock)
         fd = sock.fileno()
-        if fd in self._watches:
-            raise ValueError(f"socket {fd} is already watched")
+        stale = self._watches.get(fd)
+        if stale is not None:
+            if stale._sock is sock:
+                raise ValueError(f"socket {fd} is already watched")
+            # The descriptor was closed without its watch and the kernel reused it (closing
+            # it dropped the registration): that watch is over.
+            stale.close()
         self._epoll.register(fd, _EVENTS)
         watch = self._watches[fd] = Watch(self, sock)
         return watch

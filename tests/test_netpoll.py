@@ -180,7 +180,16 @@ async def test_a_reused_descriptor_can_be_watched_again(
             await use_up_first_wait(watch)
             theirs.send(b"again")
             assert await receive(ours, watch) == b"again"
-            watch.close()
+            ours.close()  # this time the watch is never closed...
+        with socket_pair() as (ours, theirs):
+            assert ours.fileno() == fd
+            reused = poller.watch(ours)  # ...and the descriptor's next socket replaces it
+            with pytest.raises(trio.ClosedResourceError):
+                await watch.wait_readable()
+            await use_up_first_wait(reused)
+            theirs.send(b"third")
+            assert await receive(ours, reused) == b"third"
+            reused.close()
 
 
 async def test_seeded_traffic_over_many_sockets_loses_no_wake_up(
