@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.testing
 
-from kai.cluster import coordinator as coordinator_module
+from kai.cluster import reads as reads_module
 from kai.cluster.coordinator import ClusterCoordinator
 from kai.cluster.quorum import ReadRound
 from kai.cluster.replica_rpc import READ_REPLY_BUDGET, ReplicaRpcHandlers, siblings_from_wire
@@ -381,7 +381,7 @@ async def test_replies_equal_to_the_local_record_are_not_decoded_again(
         decoded.append(record)
         return real(record)
 
-    monkeypatch.setattr(coordinator_module, "siblings_from_wire", counting)
+    monkeypatch.setattr(reads_module, "siblings_from_wire", counting)
     async with cluster_of(3, Quorum(3, 2, 2)) as cluster:
         a, b, c = cluster.nodes
         same = await cluster[a].put(b"same", Payload(0, 0, b"v"), context=None)

@@ -7,7 +7,8 @@ ring (``ring().primaries(partition, N)``, with N, R and W capped at the member c
 * Reads are coordinated by whichever node received them: every primary is asked in parallel
   (this node's replica directly, peers with one ``replica_read`` per peer for all the keys it
   holds), the answer goes out as soon as R replies per key are in, and the replies that come
-  later are still collected in the background to repair stale or missing replicas.
+  later are still collected in the background to repair stale or missing replicas
+  (:mod:`kai.cluster.reads`; this module finds the replicas and builds the read's round).
 * Writes are coordinated by a primary, because the replica builds the new clock atomically
   with its local store. A node that is not a primary forwards the write once, to the first
   primary that is up; the primary never forwards it again.
@@ -24,14 +25,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
-from functools import partial
 
 import trio
 
-from kai.cluster.fanout import Answer, FanOut, PeerCaller
-from kai.cluster.quorum import KeyRound, ReadRound, Round, Tally
+from kai.cluster.fanout import PeerCaller
+from kai.cluster.quorum import KeyRound, ReadRound, Tally
+from kai.cluster.reads import QuorumReader
 from kai.cluster.replica_rpc import (
     READ_REPLY_BUDGET,
     ReplicaRpcHandlers,
@@ -46,31 +46,15 @@ from kai.errors import (
     QuorumUnavailable,
     RpcBadRequest,
     RpcConnectionError,
-    TooManySiblings,
 )
 from kai.replica import LocalReplica, Payload
 from kai.ring import NodeId, Ring
 from kai.rpc.server import Handler
 from kai.transport import FanOutTransport
 from kai.vclock import VClock
-from kai.versions import SiblingSet, Version, encode_siblings
+from kai.versions import Version
 
 logger = logging.getLogger(__name__)
-
-
-class _QuorumRead:
-    """A quorum read in flight: its round, this node's records, and its fan-out."""
-
-    __slots__ = ("answers", "deadline", "known", "round")
-
-    def __init__(self, round_: Round, answers: FanOut, deadline: float) -> None:
-        self.round = round_
-        self.answers = answers
-        self.deadline = deadline
-        #: This node's record of each key it holds, by key index: a peer that answers the
-        #: same bytes holds the same versions, so its answer needs no decoding (the common
-        #: case).
-        self.known: dict[int, tuple[bytes, SiblingSet]] = {}
 
 
 class ClusterCoordinator(Coordinator):
@@ -127,13 +111,18 @@ class ClusterCoordinator(Coordinator):
         self.on_flush = on_flush
         self.background = background
         self.wall_clock = wall_clock
-        self.read_repairs = 0
         self.forwarded_writes = 0
         self._peers = PeerCaller(
             transport, background, on_success=on_success, on_failure=on_failure
         )
         self._rpc = ReplicaRpcHandlers(
             replica, self._coordinate_write, read_reply_budget=read_reply_budget
+        )
+        self._reads = QuorumReader(
+            self_node=self_node,
+            replica=replica,
+            peers=self._peers,
+            request_timeout=request_timeout,
         )
 
     # --- introspection ------------------------------------------------------------------------
@@ -145,7 +134,7 @@ class ClusterCoordinator(Coordinator):
     def statistics(self) -> list[tuple[str, object]]:
         """Counters for memcached ``stats``."""
         return [
-            ("kai_read_repairs", self.read_repairs),
+            ("kai_read_repairs", self._reads.read_repairs),
             ("kai_forwarded_writes", self.forwarded_writes),
             ("kai_replica_timeouts", self._peers.timeouts),
             ("kai_replica_errors", self._peers.errors),
@@ -170,7 +159,7 @@ class ClusterCoordinator(Coordinator):
         if replicas == (self.self_node,):
             return ReadResult(self.replica.read(key))
         round_ = KeyRound(key, replicas, quorum.r)
-        await self._quorum_read(round_)
+        await self._reads.read(round_)
         return ReadResult(round_.merged[0])
 
     async def get_many(self, keys: Sequence[bytes]) -> list[ReadResult]:
@@ -198,129 +187,11 @@ class ClusterCoordinator(Coordinator):
             return [by_key[key] for key in keys]
 
         round_ = ReadRound(unique, replicas, quorum.r)
-        await self._quorum_read(round_)
+        await self._reads.read(round_)
         by_key = {
             key: ReadResult(siblings) for key, siblings in zip(unique, round_.merged, strict=True)
         }
         return [by_key[key] for key in keys]
-
-    async def _quorum_read(self, round_: Round) -> None:
-        """Read this node's replica, ask the others, and wait until ``round_`` is decided;
-        later answers go on to read repair.
-
-        Raises:
-            QuorumUnavailable, QuorumTimeout: see :meth:`get_many`.
-        """
-        deadline = trio.current_time() + self.request_timeout
-        me = self.self_node
-        local_indices = round_.unanswered(me)
-        local = [self.replica.read_record(round_.keys[index]) for index in local_indices]
-        if local:
-            round_.record_reply(me, [siblings for siblings, _record in local])
-        answers = self._peers.fan_out(
-            [(peer, "replica_read", (round_.batch(peer),)) for peer in round_.nodes if peer != me],
-            deadline,
-        )
-        in_flight = _QuorumRead(round_, answers, deadline)
-        for index, (siblings, record) in zip(local_indices, local, strict=True):
-            if record is not None:
-                in_flight.known[index] = (record, siblings)
-        try:
-            while not round_.decided:
-                answer = await answers.receive()  # every call is answered by its deadline
-                if answer is None:
-                    break
-                self._record_read(in_flight, answer)
-        finally:
-            # Stop waiting, not listening: the rest of the replies feed read repair.
-            answers.listen(partial(self._record_read, in_flight), partial(self._after_read, round_))
-        error = round_.error()
-        if error is not None:
-            raise error
-
-    def _record_read(self, read: _QuorumRead, answer: Answer) -> None:
-        """Count one ``replica_read`` answer; ask again for keys a partial answer left out."""
-        round_, peer = read.round, answer.peer
-        if not answer.ok:
-            round_.record_failure(peer, timed_out=answer.timed_out)
-            return
-        try:
-            records = answer.result
-            if not isinstance(records, list):
-                raise RpcBadRequest(f"replica_read answered {type(records).__name__}")
-            indices = round_.unanswered(peer)
-            if not 1 <= len(records) <= len(indices):
-                raise RpcBadRequest(f"replica_read answered {len(records)} of {len(indices)} keys")
-            sibling_sets: list[SiblingSet] = []
-            for index, record in zip(indices, records, strict=False):
-                mine = read.known.get(index)
-                if record is None:
-                    sibling_sets.append(())
-                elif mine is not None and record == mine[0]:
-                    sibling_sets.append(mine[1])  # same bytes, same versions: no decoding
-                else:
-                    sibling_sets.append(siblings_from_wire(record))
-            left = round_.record_reply(peer, sibling_sets)
-        except (RpcBadRequest, ValueError) as exc:
-            logger.warning("replica %s sent a malformed replica_read answer: %s", peer, exc)
-            self._peers.errors += 1
-            round_.record_failure(peer, timed_out=False)
-            return
-        if left:
-            # The peer stopped at its answer-size budget: ask for the rest, same deadline.
-            self._peers.add_calls(
-                read.answers, [(peer, "replica_read", (round_.batch(peer),))], read.deadline
-            )
-
-    def _after_read(self, round_: Round) -> None:
-        """Every replica answered (or timed out): repair the stale ones."""
-        remote = self._read_repair(round_)
-        if remote:
-            self._peers.start(self._repair_peers, remote)
-
-    def _read_repair(self, round_: Round) -> dict[NodeId, list[tuple[bytes, bytes]]]:
-        """Repair this node's stale replicas; the repairs to send to each stale peer."""
-        by_peer: dict[NodeId, list[tuple[bytes, bytes]]] = defaultdict(list)
-        records: dict[int, bytes] = {}
-        for index, node in round_.stale_replicas():
-            key, merged = round_.keys[index], round_.merged[index]
-            if node == self.self_node:
-                self._repair_locally(key, merged)
-                continue
-            record = records.get(index)
-            if record is None:
-                record = records[index] = encode_siblings(merged)
-            by_peer[node].append((key, record))
-        return by_peer
-
-    async def _repair_peers(self, by_peer: dict[NodeId, list[tuple[bytes, bytes]]]) -> None:
-        """Send each stale peer the merged sibling sets of the keys it answered with less."""
-        deadline = trio.current_time() + self.request_timeout
-        async with trio.open_nursery() as nursery:
-            for peer, repairs in by_peer.items():
-                nursery.start_soon(self._repair_peer, peer, repairs, deadline)
-
-    def _repair_locally(self, key: bytes, merged: SiblingSet) -> None:
-        try:
-            self.replica.apply(key, merged)
-        except TooManySiblings as exc:
-            logger.warning("read repair of %r skipped locally: %s", key, exc)
-            return
-        self.read_repairs += 1
-
-    async def _repair_peer(
-        self, peer: NodeId, repairs: list[tuple[bytes, bytes]], deadline: float
-    ) -> None:
-        # One peer's repairs go one after the other: a node that missed a whole multi-get
-        # gets them at the pace it answers, and the first failure ends its round (the next
-        # read or anti-entropy tries again).
-        for key, record in repairs:
-            answer = await self._peers.call(peer, "replica_apply", (key, record), deadline)
-            if not answer.ok:
-                logger.info("read repair of %r on %s failed; giving up on it for now", key, peer)
-                return
-            self.read_repairs += 1
-        logger.debug("read repair: %d keys sent to %s", len(repairs), peer)
 
     # --- writes -------------------------------------------------------------------------------
 
