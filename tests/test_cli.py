@@ -78,7 +78,7 @@ def test_kai_rejects_a_bad_config_naming_the_key(
     assert "colour" in capsys.readouterr().err
 
 
-def test_kai_freezes_its_start_up_objects_before_serving(
+def test_kai_freezes_its_start_up_objects_and_tunes_collection_before_serving(
     tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import gc
@@ -88,17 +88,22 @@ def test_kai_freezes_its_start_up_objects_before_serving(
 
     import kai.__main__ as kai_cli
 
-    frozen_when_run: list[int] = []
+    when_run: list[tuple[int, tuple[int, ...]]] = []
 
     def fake_run(*args: object) -> None:
-        frozen_when_run.append(gc.get_freeze_count())
+        when_run.append((gc.get_freeze_count(), gc.get_threshold()))
 
     monkeypatch.setattr(trio, "run", fake_run)
     monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)
+    thresholds = gc.get_threshold()
     gc.unfreeze()
     try:
         assert kai_cli.main(["--data-dir", str(tmp_path / "data")]) == 0
     finally:
         gc.unfreeze()  # give the test process its objects back
-    assert frozen_when_run
-    assert frozen_when_run[0] > 1000  # imported modules, classes and functions
+        gc.set_threshold(*thresholds)
+    assert when_run
+    frozen, serving_thresholds = when_run[0]
+    assert frozen > 1000  # imported modules, classes and functions
+    assert serving_thresholds == kai_cli.GC_THRESHOLDS
+    assert kai_cli.GC_THRESHOLDS[2] > 10  # full collections rarer than CPython's default
