@@ -90,10 +90,10 @@ class FailureDetector:
             self.record_success(node)
 
     def _record(self, node: NodeId, *, up: bool) -> None:
-        now = self._clock()
+        # Called for every answer a peer gives: the common case (no change) reads no clock.
         state = self._states.get(node)
         if state is None:
-            self._states[node] = (up, now)
+            self._states[node] = (up, self._clock())
             if not up:
                 self._transitions += 1
                 logger.info("%s is down", node)
@@ -101,6 +101,7 @@ class FailureDetector:
         was_up, since = state
         if was_up == up:
             return
+        now = self._clock()
         self._states[node] = (up, now)
         self._transitions += 1
         if up:
