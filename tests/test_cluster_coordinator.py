@@ -10,8 +10,6 @@ work, so checks after it need no sleeps.
 from __future__ import annotations
 
 import inspect
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -689,14 +687,3 @@ def test_a_read_round_counts_each_replica_once_per_key() -> None:
     round_.record_failure(b, timed_out=False)
     assert round_.decided
     assert isinstance(round_.error(), QuorumUnavailable)
-
-
-def test_the_quorum_bookkeeping_is_pure() -> None:
-    code = (
-        "import sys, kai.cluster.quorum\n"
-        "print(','.join(sorted(m for m in ('trio', 'plyvel', 'socket') if m in sys.modules)))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    )
-    assert result.stdout.strip() == ""

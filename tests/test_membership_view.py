@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import msgpack
 import pytest
 from hypothesis import given, strategies as st
@@ -234,14 +231,3 @@ def test_construction_refuses_invalid_views() -> None:
         Member(a, "dead", 1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="integer >= 0"):
         MembershipView().with_flush(-5)
-
-
-def test_view_module_is_pure() -> None:
-    code = (
-        "import sys, kai.membership.view\n"
-        "print(','.join(m for m in ('trio', 'plyvel', 'socket') if m in sys.modules))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    )
-    assert result.stdout.strip() == ""

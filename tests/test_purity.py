@@ -10,6 +10,7 @@ import pytest
 PURE_MODULES = [
     "kai.ring",
     "kai.membership.view",
+    "kai.cluster.quorum",
     "kai.vclock",
     "kai.versions",
     "kai.config",
