@@ -173,30 +173,27 @@ class LocalReplica:
         cached = self.cache.get(key)
         if cached is not None:
             return cached
-        return self._fetch(self.partition(key), key)
+        return self._fetch(self.partition(key), key)[0]
 
     def _load(self, partition: int, key: bytes) -> SiblingSet:
         cached = self.cache.get(key)
         if cached is not None:
             return cached
-        return self._fetch(partition, key)
+        return self._fetch(partition, key)[0]
 
     def read_record(self, key: bytes) -> tuple[SiblingSet, bytes | None]:
         """The stored sibling set of ``key`` and its record as stored (None when absent)."""
         cached = self.cache.get_record(key)
         if cached is not None:
             return cached
-        partition = self.partition(key)
+        return self._fetch(self.partition(key), key)
+
+    def _fetch(self, partition: int, key: bytes) -> tuple[SiblingSet, bytes | None]:
+        """Read ``key`` from storage (a cache miss) and cache it."""
         record = self.engine.get(partition, key)
         siblings = decode_siblings(record) if record is not None else ()
         self.cache.put(key, siblings, record)
         return siblings, record
-
-    def _fetch(self, partition: int, key: bytes) -> SiblingSet:
-        record = self.engine.get(partition, key)
-        siblings = decode_siblings(record) if record is not None else ()
-        self.cache.put(key, siblings, record)
-        return siblings
 
     # --- writes -------------------------------------------------------------------------------
 
