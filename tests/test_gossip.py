@@ -167,6 +167,18 @@ def full_view(nodes: Iterable[NodeId]) -> MembershipView:
     return MembershipView(tuple(Member(node, "valid", 1) for node in sorted(nodes)))
 
 
+def node_a(view: MembershipView, seen: list[MembershipView] | None = None) -> Membership:
+    """Node A's membership on a network of its own, recording its view changes in ``seen``."""
+    return Membership(
+        A,
+        view,
+        transport=FakeNetwork().transport(A),
+        detector=FailureDetector(clock=lambda: 0.0),
+        rng=random.Random(1),
+        on_change=(lambda view: None) if seen is None else seen.append,
+    )
+
+
 async def test_five_nodes_that_know_one_seed_converge(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -373,14 +385,7 @@ async def test_join_self_only_marks_valid(autojump_clock: trio.testing.MockClock
 
 
 def test_a_node_asserts_its_own_membership_unless_it_has_left() -> None:
-    network = FakeNetwork()
-    membership = Membership(
-        A,
-        full_view([B]),
-        transport=network.transport(A),
-        detector=FailureDetector(clock=lambda: 0.0),
-        rng=random.Random(1),
-    )
+    membership = node_a(full_view([B]))
     assert membership.view == full_view([A, B])
     # Others marking us as leaving or left is an explicit change; we accept it.
     assert membership.merge(MembershipView((Member(A, "left", 2),)))
@@ -392,15 +397,7 @@ def test_a_node_asserts_its_own_membership_unless_it_has_left() -> None:
 
 def test_merge_reports_changes_to_on_change_only() -> None:
     seen: list[MembershipView] = []
-    network = FakeNetwork()
-    membership = Membership(
-        A,
-        MembershipView.single(A),
-        transport=network.transport(A),
-        detector=FailureDetector(clock=lambda: 0.0),
-        rng=random.Random(1),
-        on_change=seen.append,
-    )
+    membership = node_a(MembershipView.single(A), seen)
     assert not membership.merge(MembershipView.single(A))
     assert membership.merge(full_view([B]))
     assert seen == [full_view([A, B])]
@@ -414,15 +411,7 @@ def test_merge_reports_changes_to_on_change_only() -> None:
 
 def test_handle_gossip_refuses_a_bad_view_and_keeps_ours() -> None:
     seen: list[MembershipView] = []
-    network = FakeNetwork()
-    membership = Membership(
-        A,
-        MembershipView.single(A),
-        transport=network.transport(A),
-        detector=FailureDetector(clock=lambda: 0.0),
-        rng=random.Random(1),
-        on_change=seen.append,
-    )
+    membership = node_a(MembershipView.single(A), seen)
     with pytest.raises(RpcBadRequest, match="bad membership view"):
         membership.handle_gossip({"members": [["127.0.0.1", 1, "bogus", 1]], "flush_times": []})
     assert membership.view == MembershipView.single(A)
