@@ -316,6 +316,33 @@ def _encode_outcome(
         return framing.encode_response(message.msgid, error=error)
 
 
+async def _await_handler(message: Request | Notification, pending: Awaitable[object]) -> _Outcome:
+    """The outcome of a handler that did not answer at once."""
+    try:
+        return _Outcome(await pending)
+    except RpcError as exc:
+        logger.debug("RPC handler %s raised %r", message.method, exc)
+        return _Outcome(error=exc)
+    except Exception as exc:
+        logger.exception("RPC handler %s failed", message.method)
+        return _Outcome(error=_remote_error(exc))
+
+
+async def respond(
+    request: Request, handlers: Mapping[str, Handler], framing: RpcConnection
+) -> bytes:
+    """Run ``request``'s handler exactly as the server does; the encoded response.
+
+    For an in-process network (:mod:`kai.testing.network`) that must answer as a real peer.
+    """
+    outcome = _start_handler(request, handlers)
+    if not isinstance(outcome, _Outcome):
+        outcome = await _await_handler(request, outcome)
+    response = _encode_outcome(request, outcome, framing)
+    assert response is not None  # only notifications go unanswered
+    return response
+
+
 async def _finish_handler(
     message: Request | Notification,
     pending: Awaitable[object],
@@ -325,14 +352,7 @@ async def _finish_handler(
 ) -> None:
     """Await a handler that did not answer at once, and queue its response."""
     try:
-        try:
-            outcome = _Outcome(await pending)
-        except RpcError as exc:
-            logger.debug("RPC handler %s raised %r", message.method, exc)
-            outcome = _Outcome(error=exc)
-        except Exception as exc:
-            logger.exception("RPC handler %s failed", message.method)
-            outcome = _Outcome(error=_remote_error(exc))
+        outcome = await _await_handler(message, pending)
         data = _encode_outcome(message, outcome, framing)
         if data is None:
             return

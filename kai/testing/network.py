@@ -24,7 +24,6 @@ faulty and draw nothing.
 from __future__ import annotations
 
 import collections
-import inspect
 import logging
 import random
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -34,10 +33,10 @@ from typing import Final, NoReturn
 import attrs
 import trio
 
-from kai.errors import RpcConnectionError, RpcError, RpcMethodNotFound, RpcRemoteError
+from kai.errors import RpcConnectionError
 from kai.ring import NodeId
 from kai.rpc.protocol import Request, Response, RpcConnection
-from kai.rpc.server import Handler
+from kai.rpc.server import Handler, respond
 from kai.transport import CancelCall, FanOutTransport, OnDone
 
 logger = logging.getLogger(__name__)
@@ -424,29 +423,7 @@ class FakeNetwork:
         method = request.method
         self._statistics["delivered"] += 1
         self.calls[(endpoint.node, method)] += 1
-        error: RpcError | None = None
-        result: object = None
-        handler = endpoint.handlers.get(method)
-        if handler is None:
-            error = RpcMethodNotFound(f"no RPC method named {method!r}")
-            logger.debug("unknown RPC method %r on %s", method, endpoint.node)
-        else:
-            try:
-                result = handler(*request.params)
-                if inspect.isawaitable(result):
-                    result = await result
-            except RpcError as exc:
-                error = exc
-                logger.debug("RPC handler %s on %s raised %r", method, endpoint.node, exc)
-            except Exception as exc:
-                error = RpcRemoteError(f"{type(exc).__name__}: {exc}")
-                logger.exception("RPC handler %s on %s failed", method, endpoint.node)
-        try:
-            return self._framing.encode_response(_MSGID, result=result, error=error)
-        except RpcError as exc:
-            logger.error("RPC handler %s returned an unsendable result: %s", method, exc)
-            error = RpcRemoteError(f"the result of {method} cannot be sent: {exc}")
-            return self._framing.encode_response(_MSGID, error=error)
+        return await respond(request, endpoint.handlers, self._framing)
 
 
 def _decode(data: bytes) -> Request | Response:
