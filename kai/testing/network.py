@@ -24,7 +24,6 @@ faulty and draw nothing.
 from __future__ import annotations
 
 import collections
-import logging
 import random
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -38,9 +37,6 @@ from kai.ring import NodeId
 from kai.rpc.protocol import Request, Response, RpcConnection
 from kai.rpc.server import Handler, respond
 from kai.transport import CancelCall, FanOutTransport, OnDone
-
-logger = logging.getLogger(__name__)
-
 
 #: The message id used on the fake wire; every call has its own reply slot, so ids do not
 #: need to differ.
