@@ -1,27 +1,36 @@
 """Latency under fixed offered loads, from light load up to saturation, in one command.
 
-For each target (one kai node; a 3-node cluster with N=3 R=2 W=2) it starts fresh servers on
-free loopback ports, sets every key, and measures the saturation throughput with a short
-closed-loop run (each connection sends its next request as soon as the reply arrives). Then
-it offers fixed rates in open loop -- by default 10%, 25%, 50%, 70%, 80%, 90%, 100% and 110%
-of that saturation figure -- and records, for each step, the latency percentiles measured
-from each request's *due* time (so queueing behind a slow reply is not hidden), the rate
-actually achieved, and how many requests were due but never sent. Around every step it
-splits the machine's CPU use into kai nodes, load generator and other processes.
+Targets, each on freshly started servers on free loopback ports:
 
-Default workloads: one node 90% get / 100-byte values over 16 connections (as
+- ``node``: one kai node;
+- ``bare-trio``: the bare trio dict server (``bare_trio.py``, the ceiling of the approach)
+  under the same workload;
+- ``memcached``: ``memcached -t 1`` under the same workload, offered the *same rates as the
+  node's steps* (when the node was measured first in the run), so the floor that the machine
+  and the generator put under any server shows next to kai's figures at equal load;
+- ``cluster``: a 3-node kai cluster with N=3 R=2 W=2.
+
+For each it sets every key and measures the saturation throughput with a short closed-loop
+run (each connection sends its next request as soon as the reply arrives). Then it offers
+fixed rates in open loop -- by default 10%, 25%, 50%, 70%, 80%, 90%, 100% and 110% of that
+saturation figure -- and records, for each step, the latency percentiles measured from each
+request's *due* time (so queueing behind a slow reply is not hidden), the rate actually
+achieved, and how many requests were due but never sent. Around every step it splits the
+machine's CPU use into the server processes, load generator and other processes.
+
+Default workloads: one process 90% get / 100-byte values over 16 connections (as
 ``single_node.py``); the cluster 80% get / 1 KB values over 30 connections spread across the
 nodes (as ``cluster.py``). The load generator is ``loadgen.py``, run in this process.
 
 It prints a markdown table, writes JSON under ``bench/results/`` and, with
 ``--update-readme``, fills the ``latency results`` block of ``bench/README.md``. Servers and
-temporary directories are always cleaned up, and every step is bounded in time (under two
+temporary directories are always cleaned up, and every step is bounded in time (about four
 minutes in all with the defaults, plus any wait for a quiet machine).
 
 Example::
 
-    python bench/latency.py                          # both targets, 4 s per step
-    python bench/latency.py --only node --fractions 0.5,0.9,1.0 --step-duration 3
+    python bench/latency.py                          # every target, 4 s per step
+    python bench/latency.py --only node,memcached --fractions 0.5,0.8 --step-duration 3
 """
 
 from __future__ import annotations
@@ -59,11 +68,15 @@ from cluster import (
 from loadgen import run_load
 from single_node import start_server
 
-from kai.testing.process import KaiProcess  # the repository is on sys.path via cluster.py
+from kai.testing.process import (  # the repository is on sys.path via cluster.py
+    KaiProcess,
+    MemcachedProcess,
+    ServerProcess,
+)
 
 BENCH_DIR = Path(__file__).resolve().parent
 FRACTIONS = (0.1, 0.25, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1)
-TARGETS = ("node", "cluster")
+TARGETS = ("node", "bare-trio", "memcached", "cluster")
 #: A step "kept up" when it achieved at least this share of the offered rate and ended with
 #: fewer requests due but unsent than this share of the requests offered while measuring.
 KEPT_UP = 0.97
@@ -80,27 +93,42 @@ HEADER = (
     "due but unsent",
     "misses+errors",
     "load avg",
-    "CPU cores: kai / generator / other",
+    "CPU cores: server / generator / other",
 )
+
+
+#: What each one-process target runs (``start_server`` of single_node.py).
+SERVER_OF = {"node": "kai", "bare-trio": "bare-trio", "memcached": "memcached"}
+KIND_OF = {"kai": "1 kai node", "bare-trio": "bare trio dict server", "memcached": "memcached -t 1"}
 
 
 @dataclass(frozen=True)
 class Target:
-    """What is measured: how many nodes, and the workload offered to them."""
+    """What is measured: which server, how many nodes, and the workload offered to them."""
 
     name: str
     nodes: int
     connections: int
     get_ratio: float
     value_size: int
+    server: str = "kai"
 
     def describe(self, quorum: str) -> str:
-        kind = "1 kai node" if self.nodes == 1 else f"{self.nodes}-node cluster"
+        kind = KIND_OF[self.server] if self.nodes == 1 else f"{self.nodes}-node cluster"
         used = effective_quorum(quorum, self.nodes) if self.nodes > 1 else None
         return (
             f"{kind}{f' (N,R,W {used})' if used else ''}: {self.get_ratio:.0%} get, "
             f"{self.value_size}-byte values, {self.connections} connections"
         )
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """Comma-separated target names, e.g. ``node,memcached``."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [name for name in names if name not in TARGETS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"targets are {', '.join(TARGETS)}, not {text!r}")
+    return names
 
 
 def parse_fractions(text: str) -> tuple[float, ...]:
@@ -181,16 +209,13 @@ def print_step(label: str, step: dict[str, Any]) -> None:
     )
 
 
-def start_target(target: Target, args: argparse.Namespace, scratch: Path) -> list[KaiProcess]:
-    """Start the target's nodes (the caller stops them, also when this raises)."""
-    nodes: list[KaiProcess] = []
+def start_target(target: Target, args: argparse.Namespace, scratch: Path) -> list[ServerProcess]:
+    """Start the target's servers (the caller stops them, also when this raises)."""
     base = scratch / target.name
     base.mkdir()
     if target.nodes == 1:
-        node = start_server("kai", base, args.kai_arg)
-        assert isinstance(node, KaiProcess)
-        nodes.append(node)
-        return nodes
+        return [start_server(target.server, base, args.kai_arg)]
+    nodes: list[KaiProcess] = []
     config = node_config(args.quorum, args.membership_interval)
     try:
         start_cluster(target.nodes, base, config, nodes)
@@ -200,15 +225,24 @@ def start_target(target: Target, args: argparse.Namespace, scratch: Path) -> lis
             node.stop()
         raise
     print(f"cluster of {target.nodes} formed after {seconds:.1f} s", flush=True)
-    return nodes
+    return list(nodes)
 
 
-def measure_target(target: Target, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    """Saturation, then the open-loop steps, against freshly started servers."""
+def measure_target(
+    target: Target,
+    args: argparse.Namespace,
+    scratch: Path,
+    rates: Sequence[tuple[float, float]] | None = None,
+) -> dict[str, Any]:
+    """Saturation, then the open-loop steps, against freshly started servers.
+
+    The steps offer ``fraction`` times the closed-loop throughput, or, given ``rates``
+    (fraction, ops/s) pairs, those rates: another target's steps, to compare at equal load.
+    """
     print(f"\n== {target.describe(args.quorum)} ==", flush=True)
     record: dict[str, Any] = {"target": asdict(target), "description": target.describe(args.quorum)}
     record["machine"] = wait_for_quiet_machine(args.max_load, args.load_wait)
-    nodes: list[KaiProcess] = []
+    nodes: list[ServerProcess] = []
     try:
         nodes = start_target(target, args, scratch)
         ports = [node.port for node in nodes]
@@ -224,23 +258,30 @@ def measure_target(target: Target, args: argparse.Namespace, scratch: Path) -> d
         if not saturation:
             raise RuntimeError("the closed-loop run completed no requests")
         record["steps"] = []
-        for fraction in args.fractions:
-            config = load_config(
-                target, ports, args, rate=fraction * saturation, duration=args.step_duration
-            )
+        record["rates_of"] = "node" if rates is not None else None
+        if rates is None:
+            rates = [(fraction, fraction * saturation) for fraction in args.fractions]
+        for fraction, rate in rates:
+            config = load_config(target, ports, args, rate=rate, duration=args.step_duration)
             step = {"fraction": fraction, **measure_run(config, pids)}
             record["steps"].append(step)
-            print_step(f"{fraction:.0%}", step)
+            print_step(step_label(record, step), step)
     except (OSError, RuntimeError, TimeoutError, ValueError) as error:
         record["error"] = f"{type(error).__name__}: {error}"
         print(f"{target.name}: {record['error']}", file=sys.stderr)
     finally:
         record["exit_codes"] = [node.stop() for node in nodes]
         for node, code in zip(nodes, record["exit_codes"], strict=True):
-            if code not in (0, None):
+            if code not in (0, None) and isinstance(node, KaiProcess):
                 tail = node.log_text().splitlines()[-12:]
                 record.setdefault("log_tails", {})[str(node.port)] = tail
     return record
+
+
+def step_label(record: dict[str, Any], step: dict[str, Any]) -> str:
+    """``80%`` of the target's own closed-loop throughput, or ``80% of node``."""
+    rates_of = record.get("rates_of")
+    return f"{step['fraction']:.0%}" + (f" of {rates_of}" if rates_of else "")
 
 
 def kept_up(run: dict[str, Any], duration: float) -> bool:
@@ -259,7 +300,7 @@ def table_rows(record: dict[str, Any], duration: float) -> list[list[str]]:
         return [[name, "failed", record.get("error", "?")] + [""] * (len(HEADER) - 3)]
     rows = []
     runs = [("closed loop", record["saturation"])]
-    runs += [(f"{step['fraction']:.0%}", step) for step in record.get("steps", [])]
+    runs += [(step_label(record, step), step) for step in record.get("steps", [])]
     for label, run in runs:
         offered = run["offered_ops_per_sec"]
         achieved = run["achieved_ops_per_sec"]
@@ -285,12 +326,17 @@ def table_rows(record: dict[str, Any], duration: float) -> list[list[str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Latency percentiles of kai under fixed offered loads (open loop), "
-        "for one node and for a 3-node cluster.",
+        description="Latency percentiles under fixed offered loads (open loop): one kai "
+        "node, the bare trio dict server, memcached -t 1 and a 3-node kai cluster.",
         epilog="example: python bench/latency.py --only node --step-duration 3",
     )
     add = parser.add_argument
-    add("--only", choices=TARGETS, default=None, help="measure just one target")
+    add(
+        "--only",
+        type=parse_targets,
+        default=TARGETS,
+        help=f"targets to measure, comma-separated ({','.join(TARGETS)})",
+    )
     add(
         "--fractions",
         type=parse_fractions,
@@ -328,8 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--quorum: {error}")
     if args.cluster_nodes < 2:
         parser.error("--cluster-nodes must be at least 2 (use --only node for one node)")
+    one_node = (args.node_connections, args.node_get_ratio, args.node_value_size)
     targets = [
-        Target("node", 1, args.node_connections, args.node_get_ratio, args.node_value_size),
+        *(Target(name, 1, *one_node, server=server) for name, server in SERVER_OF.items()),
         Target(
             "cluster",
             args.cluster_nodes,
@@ -338,7 +385,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.cluster_value_size,
         ),
     ]
-    targets = [target for target in targets if args.only in (None, target.name)]
+    targets = [target for target in targets if target.name in args.only]
+    if "memcached" in args.only and not MemcachedProcess.available():
+        print("memcached is not installed: skipping that target", file=sys.stderr)
+        targets = [target for target in targets if target.name != "memcached"]
     try:  # validate the workload options before starting anything
         for target in targets:
             load_config(target, [1] * target.nodes, args, rate=None, duration=1.0)
@@ -351,7 +401,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = []
     try:
         for target in targets:
-            records.append(measure_target(target, args, scratch))
+            rates = None
+            if target.server == "memcached" and records and records[0]["target"]["name"] == "node":
+                rates = [
+                    (step["fraction"], step["offered_ops_per_sec"])
+                    for step in records[0].get("steps", [])
+                ] or None
+            records.append(measure_target(target, args, scratch, rates))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     table = markdown_table(
