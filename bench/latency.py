@@ -6,7 +6,7 @@ Targets, each on freshly started servers on free loopback ports:
 - ``bare-trio``: the bare trio dict server (``bare_trio.py``, the ceiling of the approach)
   under the same workload;
 - ``memcached``: ``memcached -t 1`` under the same workload, offered the *same rates as the
-  node's steps* (when the node was measured first in the run), so the floor that the machine
+  node's steps* (when the node is measured in the same run), so the floor that the machine
   and the generator put under any server shows next to kai's figures at equal load;
 - ``cluster``: a 3-node kai cluster with N=3 R=2 W=2.
 
@@ -232,12 +232,12 @@ def measure_target(
     target: Target,
     args: argparse.Namespace,
     scratch: Path,
-    rates: Sequence[tuple[float, float]] | None = None,
+    reference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Saturation, then the open-loop steps, against freshly started servers.
 
-    The steps offer ``fraction`` times the closed-loop throughput, or, given ``rates``
-    (fraction, ops/s) pairs, those rates: another target's steps, to compare at equal load.
+    The steps offer ``fraction`` times the closed-loop throughput, or, given the record of a
+    ``reference`` target measured before, the rates of its steps (to compare at equal load).
     """
     print(f"\n== {target.describe(args.quorum)} ==", flush=True)
     record: dict[str, Any] = {"target": asdict(target), "description": target.describe(args.quorum)}
@@ -258,9 +258,12 @@ def measure_target(
         if not saturation:
             raise RuntimeError("the closed-loop run completed no requests")
         record["steps"] = []
-        record["rates_of"] = "node" if rates is not None else None
-        if rates is None:
+        if reference is None:
+            record["rates_of"] = None
             rates = [(fraction, fraction * saturation) for fraction in args.fractions]
+        else:
+            record["rates_of"] = reference["target"]["name"]
+            rates = [(step["fraction"], step["offered_ops_per_sec"]) for step in reference["steps"]]
         for fraction, rate in rates:
             config = load_config(target, ports, args, rate=rate, duration=args.step_duration)
             step = {"fraction": fraction, **measure_run(config, pids)}
@@ -401,13 +404,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = []
     try:
         for target in targets:
-            rates = None
-            if target.server == "memcached" and records and records[0]["target"]["name"] == "node":
-                rates = [
-                    (step["fraction"], step["offered_ops_per_sec"])
-                    for step in records[0].get("steps", [])
-                ] or None
-            records.append(measure_target(target, args, scratch, rates))
+            # memcached is offered the node's rates when the node was measured in this run.
+            node = next((r for r in records if r["target"]["name"] == "node"), None)
+            reference = (
+                node if target.server == "memcached" and node and node.get("steps") else None
+            )
+            records.append(measure_target(target, args, scratch, reference))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     table = markdown_table(

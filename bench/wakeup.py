@@ -40,11 +40,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import trio
 from _common import markdown_table, percentile
 from _results import add_output_options, publish
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kai import netpoll
 from kai.testing.process import (
     KaiProcess,
     MemcachedProcess,
@@ -81,8 +83,6 @@ def serve_plain(listener: socket.socket) -> None:
 
 
 async def serve_trio(listener: socket.socket, use_netpoll: bool) -> None:
-    import trio
-
     listener.setblocking(False)
     while True:
         try:
@@ -96,10 +96,6 @@ async def serve_trio(listener: socket.socket, use_netpoll: bool) -> None:
 
 async def echo(connection: socket.socket, use_netpoll: bool) -> None:
     """Answer one connection's requests until it closes."""
-    import trio
-
-    from kai import netpoll
-
     connection.setblocking(False)
     watch = netpoll.watch(connection) if use_netpoll else None
     try:
@@ -125,8 +121,6 @@ def serve(mode: str, port: int) -> None:
     if mode == "plain":
         serve_plain(listener)
     else:
-        import trio
-
         trio.run(serve_trio, listener, mode == "netpoll")
 
 
