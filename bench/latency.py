@@ -17,6 +17,10 @@ saturation figure -- and records, for each step, the latency percentiles measure
 request's *due* time (so queueing behind a slow reply is not hidden), the rate actually
 achieved, and how many requests were due but never sent. Around every step it splits the
 machine's CPU use into the server processes, load generator and other processes.
+``--rates`` offers fixed rates (ops/s) instead of fractions. ``--repeat n`` runs every
+open-loop step n times back to back and reports the run with the median p99.9, with the
+range over the runs: one step of a few seconds can be decided by a single stall of the
+machine, which memcached shows as well.
 
 Default workloads: one process 90% get / 100-byte values over 16 connections (as
 ``single_node.py``); the cluster 80% get / 1 KB values over 30 connections spread across the
@@ -82,6 +86,8 @@ TARGETS = ("node", "bare-trio", "memcached", "cluster")
 KEPT_UP = 0.97
 MAX_UNSENT = 0.01
 README_BLOCK = "latency results"
+#: Runs with ``--repeat`` fill their own block, so the single-run table of every target stays.
+REPEATED_README_BLOCK = "latency repeated results"
 PERCENTILES = ("p50", "p90", "p99", "p99.9", "max")
 HEADER = (
     "target",
@@ -90,6 +96,7 @@ HEADER = (
     "achieved ops/s",
     "kept up",
     *(f"{name} ms" for name in PERCENTILES),
+    "runs: p99.9 range ms",
     "due but unsent",
     "misses+errors",
     "load avg",
@@ -140,6 +147,17 @@ def parse_fractions(text: str) -> tuple[float, ...]:
     if not fractions or any(not 0 < fraction <= 5 for fraction in fractions):
         raise argparse.ArgumentTypeError("fractions must be in (0, 5]")
     return fractions
+
+
+def parse_rates(text: str) -> tuple[float, ...]:
+    """Comma-separated positive offered rates in ops/s, e.g. ``5000,10000``."""
+    try:
+        rates = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected rates like 5000,10000, got {text!r}") from None
+    if not rates or any(not 0 < rate <= 10_000_000 for rate in rates):
+        raise argparse.ArgumentTypeError("rates must be in (0, 10000000] ops/s")
+    return rates
 
 
 def load_config(
@@ -236,8 +254,10 @@ def measure_target(
 ) -> dict[str, Any]:
     """Saturation, then the open-loop steps, against freshly started servers.
 
-    The steps offer ``fraction`` times the closed-loop throughput, or, given the record of a
-    ``reference`` target measured before, the rates of its steps (to compare at equal load).
+    The steps offer ``fraction`` times the closed-loop throughput, or the fixed ``--rates``,
+    or, given the record of a ``reference`` target measured before, the rates of its steps (to
+    compare at equal load). Each step runs ``--repeat`` times; its record is the run with the
+    median p99.9, plus every run's summary under ``repeats``.
     """
     print(f"\n== {target.describe(args.quorum)} ==", flush=True)
     record: dict[str, Any] = {"target": asdict(target), "description": target.describe(args.quorum)}
@@ -258,15 +278,22 @@ def measure_target(
         if not saturation:
             raise RuntimeError("the closed-loop run completed no requests")
         record["steps"] = []
-        if reference is None:
-            record["rates_of"] = None
-            rates = [(fraction, fraction * saturation) for fraction in args.fractions]
-        else:
+        record["rates_of"] = None
+        if reference is not None:
             record["rates_of"] = reference["target"]["name"]
             rates = [(step["fraction"], step["offered_ops_per_sec"]) for step in reference["steps"]]
+        elif args.rates:
+            rates = [(rate / saturation, rate) for rate in args.rates]
+        else:
+            rates = [(fraction, fraction * saturation) for fraction in args.fractions]
         for fraction, rate in rates:
             config = load_config(target, ports, args, rate=rate, duration=args.step_duration)
-            step = {"fraction": fraction, **measure_run(config, pids)}
+            runs = []
+            for _ in range(args.repeat):
+                runs.append(measure_run(config, pids))
+                if args.repeat > 1:
+                    print_step(f"{step_label(record, {'fraction': fraction})} run", runs[-1])
+            step = {"fraction": fraction, **median_run(runs, args.step_duration)}
             record["steps"].append(step)
             print_step(step_label(record, step), step)
     except (OSError, RuntimeError, TimeoutError, ValueError) as error:
@@ -279,6 +306,34 @@ def measure_target(
                 tail = node.log_text().splitlines()[-12:]
                 record.setdefault("log_tails", {})[str(node.port)] = tail
     return record
+
+
+def median_run(runs: list[dict[str, Any]], duration: float) -> dict[str, Any]:
+    """The run with the median p99.9 of a repeated step, with every run's summary (in the
+    order they ran) under ``repeats``."""
+    ranked = sorted(runs, key=lambda run: run["latency_ms"]["p99.9"])
+    repeats = [
+        {
+            "achieved_ops_per_sec": run["achieved_ops_per_sec"],
+            "p99.9_ms": run["latency_ms"]["p99.9"],
+            "kept_up": kept_up(run, duration),
+        }
+        for run in runs
+    ]
+    return {**ranked[(len(ranked) - 1) // 2], "repeats": repeats}
+
+
+def describe_repeats(run: dict[str, Any]) -> str:
+    """``n: low-high`` p99.9 ms over a repeated step and how many runs kept up, or ``1``."""
+    repeats = run.get("repeats", [])
+    if len(repeats) < 2:
+        return "1"
+    tails = [repeat["p99.9_ms"] for repeat in repeats]
+    kept = sum(repeat["kept_up"] for repeat in repeats)
+    return (
+        f"{len(tails)}: {format_ms(min(tails))}-{format_ms(max(tails))}, "
+        f"{kept}/{len(tails)} kept up"
+    )
 
 
 def step_label(record: dict[str, Any], step: dict[str, Any]) -> str:
@@ -316,6 +371,7 @@ def table_rows(record: dict[str, Any], duration: float) -> list[list[str]]:
                 format_count(achieved),
                 "" if offered is None else ("yes" if kept_up(run, duration) else "no"),
                 *(format_ms(run["latency_ms"][key]) for key in PERCENTILES),
+                describe_repeats(run) if offered else "",
                 format_count(run["due_but_unsent"]) if offered else "",
                 format_count(run["get_misses"] + run["error_count"]),
                 f"{run['load_average_before']:.2f}",
@@ -343,10 +399,18 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--fractions",
         type=parse_fractions,
-        default=FRACTIONS,
+        default=None,
         help="offered loads as fractions of the closed-loop throughput "
         "(0.1,0.25,0.5,0.7,0.8,0.9,1.0,1.1)",
     )
+    add(
+        "--rates",
+        type=parse_rates,
+        default=None,
+        help="offered loads in ops/s instead of fractions, e.g. 5000,10000 (memcached still "
+        "gets the node's rates)",
+    )
+    add("--repeat", type=int, default=1, help="runs of each open-loop step; median p99.9 (1)")
     add("--step-duration", type=float, default=4.0, help="measured seconds per step (4)")
     add("--saturation-duration", type=float, default=4.0, help="closed-loop seconds (4)")
     add("--warmup", type=float, default=1.0, help="unmeasured seconds before each run (1)")
@@ -375,6 +439,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parse_quorum(args.quorum)
     except ValueError as error:
         parser.error(f"--quorum: {error}")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    if args.rates and args.fractions:
+        parser.error("give --rates or --fractions, not both")
+    args.fractions = args.fractions or FRACTIONS
     if args.cluster_nodes < 2:
         parser.error("--cluster-nodes must be at least 2 (use --only node for one node)")
     one_node = (args.node_connections, args.node_get_ratio, args.node_value_size)
@@ -420,7 +489,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"load generator on one machine over loopback; pipeline {args.pipeline}, "
         f"{args.processes} loadgen process(es), {args.keys:,} keys; {args.warmup:g} s warmup, "
         f"then {args.saturation_duration:g} s closed loop and {args.step_duration:g} s per "
-        "open-loop step; latency is measured from each request's due time",
+        "open-loop step"
+        + (
+            f", each step run {args.repeat} times (the row is the run with the median p99.9)"
+            if args.repeat > 1
+            else ""
+        )
+        + "; latency is measured from each request's due time",
         "",
     ]
     for record in records:
@@ -447,7 +522,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.results_dir,
         "latency",
         document,
-        readme_block=README_BLOCK if args.update_readme else None,
+        readme_block=(REPEATED_README_BLOCK if args.repeat > 1 else README_BLOCK)
+        if args.update_readme
+        else None,
     )
     failed = any("error" in record for record in records)
     failed = failed or any(
