@@ -83,6 +83,22 @@ class Coordinator(abc.ABC):
                 exactly that); None supersedes every version the coordinator knows.
         """
 
+    def get_at_once(self, key: bytes) -> ReadResult | None:
+        """What :meth:`get` returns, when no other node takes part in the read (a cluster of
+        one); None when the read must go through :meth:`get`. Never waits."""
+        return None
+
+    def put_at_once(
+        self, key: bytes, payload: Payload, *, context: VClock | None
+    ) -> Version | None:
+        """What :meth:`put` does and returns, when no other node takes part in the write; None
+        (having written nothing) when the write must go through :meth:`put`. Never waits.
+
+        Raises:
+            TooManySiblings: as :meth:`put`.
+        """
+        return None
+
     @abc.abstractmethod
     async def flush_all(self, at: int) -> None:
         """Make every version written before unix time ``at`` (microseconds) invisible."""
@@ -117,12 +133,22 @@ class LocalCoordinator(Coordinator):
         """Read from the local replica."""
         return ReadResult.of(self.replica.read(key))
 
+    def get_at_once(self, key: bytes) -> ReadResult | None:
+        """Read from the local replica."""
+        return ReadResult.of(self.replica.read(key))
+
     async def get_many(self, keys: Sequence[bytes]) -> list[ReadResult]:
         """Read every key from the local replica without yielding in between."""
         read = self.replica.read
         return [ReadResult.of(read(key)) for key in keys]
 
     async def put(self, key: bytes, payload: Payload, *, context: VClock | None) -> Version:
+        """Write to the local replica."""
+        return self.replica.coordinate_write(key, payload, context)
+
+    def put_at_once(
+        self, key: bytes, payload: Payload, *, context: VClock | None
+    ) -> Version | None:
         """Write to the local replica."""
         return self.replica.coordinate_write(key, payload, context)
 

@@ -14,6 +14,10 @@ the last time its task found nothing to read always wakes it. It may wake a task
 finds nothing (after data was read before the task waited), so callers read until
 ``BlockingIOError`` and wait again. On systems without epoll, watches fall back to trio's own
 wait.
+
+A watch may also have an :attr:`Watch.on_ready` callback, which the poller calls instead of
+waking the waiting task: it can serve what arrived right there, in the poller's own step, and
+leave the task asleep. A request then costs no task switch at all.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import contextlib
 import logging
 import select
 import socket
+from collections.abc import Callable
 from typing import NoReturn
 
 import outcome
@@ -40,9 +45,17 @@ _EVENTS = (
 
 
 class Watch:
-    """One socket's read readiness; one task at a time may wait on it."""
+    """One socket's read readiness; one task at a time may wait on it.
 
-    __slots__ = ("_closed", "_fd", "_poller", "_ready", "_sock", "_task")
+    Attributes:
+        on_ready: if set, called by the poller when the socket becomes readable while a task
+            waits on it. Returning True keeps the task waiting: the callback took care of
+            everything that arrived (so it must read until it is sure nothing is left, or the
+            next wake-up may never come); False wakes the task as usual. It runs inside the
+            poller's task step, so it must not raise or wait, and should be short.
+    """
+
+    __slots__ = ("_closed", "_fd", "_poller", "_ready", "_sock", "_task", "on_ready")
 
     def __init__(self, poller: ReadPoller | None, sock: socket.socket) -> None:
         self._poller = poller
@@ -53,6 +66,7 @@ class Watch:
         self._ready = True
         self._task: trio.lowlevel.Task | None = None
         self._closed = False
+        self.on_ready: Callable[[], bool] | None = None
 
     async def wait_readable(self) -> None:
         """Return once the socket may have something to read (data, end of file, an error).
@@ -97,11 +111,15 @@ class Watch:
             trio.lowlevel.reschedule(task, outcome.Error(error))
 
     def _wake(self) -> None:
-        task, self._task = self._task, None
+        task = self._task
         if task is None:
             self._ready = True
-        else:
-            trio.lowlevel.reschedule(task)
+            return
+        on_ready = self.on_ready
+        if on_ready is not None and on_ready():
+            return
+        self._task = None
+        trio.lowlevel.reschedule(task)
 
 
 class ReadPoller:

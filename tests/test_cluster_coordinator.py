@@ -619,6 +619,23 @@ async def test_a_cluster_of_one_never_uses_the_transport(
         assert [r.siblings for r in await coordinator.get_many([b"k", b"x"])] == [(written,), ()]
         await coordinator.flush_all(1)
         assert coordinator.members() == ["127.0.0.1:11011"]
+        # Alone, it also answers at once (the memcached listener's shortcut).
+        again = coordinator.put_at_once(b"k", Payload(0, 0, b"w"), context=None)
+        assert again is not None
+        assert again.clock.descends(written.clock)
+        at_once = coordinator.get_at_once(b"k")
+        assert at_once is not None
+        assert at_once.siblings == (again,)
+
+
+async def test_a_node_with_peers_never_answers_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with cluster_of(3) as cluster:
+        coordinator = cluster.coordinators[cluster.nodes[0]]
+        assert coordinator.put_at_once(b"k", Payload(0, 0, b"v"), context=None) is None
+        assert coordinator.get_at_once(b"k") is None
+        assert all(cluster.stored(node, b"k") == () for node in cluster.nodes)
 
 
 # --- handlers ---------------------------------------------------------------------------------

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import attrs
 import pytest
+import trio
+from hypothesis import given, settings, strategies as st
 
 from kai.coordinator import Coordinator, LocalCoordinator, ReadResult
 from kai.errors import QuorumTimeout
+from kai.memcache import protocol as mc
 from kai.memcache.commands import CommandExecutor, NodeInfo, parse_counter
 from kai.replica import LocalReplica, Payload
 from kai.stats import NodeStats
@@ -293,3 +296,113 @@ async def test_stats_groups(h: Harness) -> None:
     assert h.stats.get_hits == 0
     assert await h.send(b"stats items\r\n") == b"END\r\n"
     assert await h.send(b"stats bogus\r\n") == b"ERROR\r\n"
+
+
+# --- answering at once ------------------------------------------------------------------------
+
+#: Requests that are answered at once and requests that must wait, over three keys (``c``
+#: expires a second after each set of it).
+AT_ONCE_MIX = [
+    b"set a 0 0 1\r\nx\r\n",
+    b"set b 5 0 3\r\nxyz\r\n",
+    b"set a 1 0 2 noreply\r\nyy\r\n",
+    b"set c 0 1 1\r\nz\r\n",
+    b"get a\r\n",
+    b"gets b\r\n",
+    b"get c\r\n",
+    b"version\r\n",
+    b"get a b c\r\n",
+    b"add c 0 0 1\r\nq\r\n",
+    b"incr a 1\r\n",
+    b"delete b\r\n",
+    b"touch a 100\r\n",
+    b"flush_all\r\n",
+]
+
+
+def parse_one(raw: bytes) -> mc.Request | mc.Invalid:
+    parser = mc.MemcacheParser(max_item_size=1024)
+    parser.receive_data(raw)
+    event = parser.next_event()
+    assert not isinstance(event, type)
+    return event
+
+
+def counters(stats: NodeStats) -> dict[str, object]:
+    """Every counter, and how many latencies each histogram recorded (not their values)."""
+    fields = attrs.asdict(stats, recurse=False)
+    for name in ("get_latency", "set_latency"):
+        fields[name] = fields[name].total
+    return fields
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(AT_ONCE_MIX), st.integers(0, 2)), max_size=30))
+def test_execute_now_answers_exactly_as_execute(steps: list[tuple[bytes, int]]) -> None:
+    """Two nodes get the same requests: one through execute only, the other through
+    execute_now wherever it answers. Replies, counters and stored versions stay equal, and a
+    request execute_now declines leaves no trace."""
+    waiting, at_once = make_harness(), make_harness()
+
+    async def run() -> None:
+        for raw, seconds in steps:
+            for harness in (waiting, at_once):
+                harness.clock.now += seconds
+            expected = await waiting.executor.execute(parse_one(raw))
+            request = parse_one(raw)
+            before = counters(at_once.stats)
+            reply = at_once.executor.execute_now(request)
+            if reply is None:
+                assert counters(at_once.stats) == before
+                reply = await at_once.executor.execute(request)
+            assert reply == expected, raw
+            assert counters(at_once.stats) == counters(waiting.stats)
+        for key in (b"a", b"b", b"c"):
+            assert at_once.replica.read(key) == waiting.replica.read(key)
+
+    trio.run(run)
+
+
+async def test_execute_now_takes_gets_and_sets_and_declines_the_rest(h: Harness) -> None:
+    answered = [b"set k 0 0 1\r\nv\r\n", b"get k\r\n", b"gets k\r\n", b"version\r\n"]
+    for raw in answered:
+        assert h.executor.execute_now(parse_one(raw)) is not None, raw
+    declined = [
+        b"get k j\r\n",  # several keys
+        b"add j 0 0 1\r\nv\r\n",  # read, check, write under the key's lock
+        b"cas k 0 0 1 1\r\nv\r\n",
+        b"append k 0 0 1\r\nv\r\n",
+        b"incr k 1\r\n",
+        b"delete k\r\n",
+        b"touch k 1\r\n",
+        b"gat 1 k\r\n",
+        b"flush_all\r\n",
+        b"stats\r\n",
+        b"verbosity 1\r\n",
+        b"bogus\r\n",
+    ]
+    for raw in declined:
+        assert h.executor.execute_now(parse_one(raw)) is None, raw
+    sibling_view = make_harness(all_siblings=True)
+    assert sibling_view.executor.execute_now(parse_one(b"get k\r\n")) is None
+
+
+async def test_execute_now_declines_when_other_nodes_take_part(h: Harness) -> None:
+    class Replicated(LocalCoordinator):
+        def get_at_once(self, key: bytes) -> ReadResult | None:
+            return None
+
+        def put_at_once(
+            self, key: bytes, payload: Payload, *, context: VClock | None
+        ) -> Version | None:
+            return None
+
+    h.executor.coordinator = Replicated(h.replica, node_name="n")
+    before = counters(h.stats)
+    assert h.executor.execute_now(parse_one(b"set k 0 0 1\r\nv\r\n")) is None
+    assert h.executor.execute_now(parse_one(b"get k\r\n")) is None
+    assert counters(h.stats) == before
+    assert h.replica.read(b"k") == ()
+    assert await h.send(b"set k 0 0 1\r\nv\r\nget k\r\n") == (
+        b"STORED\r\nVALUE k 0 1\r\nv\r\nEND\r\n"
+    )

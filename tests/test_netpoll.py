@@ -97,6 +97,61 @@ async def test_data_sent_while_nobody_waited_is_found_by_the_next_wait(
         assert ours.recv(10) == b"early"
 
 
+async def test_on_ready_serves_in_the_pollers_step_and_the_task_sleeps_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with watched_pair() as (ours, theirs, watch, _), trio.open_nursery() as nursery:
+        served: list[bytes] = []
+        keep_waiting = True
+
+        def on_ready() -> bool:
+            if not keep_waiting:
+                return False  # leave it to the task
+            served.append(ours.recv(65536))
+            return True
+
+        watch.on_ready = on_ready
+        received: list[bytes] = []
+
+        async def reader() -> None:
+            received.append(await receive(ours, watch))
+
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        theirs.send(b"first")
+        await trio.testing.wait_all_tasks_blocked()
+        assert served == [b"first"]
+        assert received == []  # the callback took it: the task still waits
+        theirs.send(b"second")
+        await trio.testing.wait_all_tasks_blocked()
+        assert served == [b"first", b"second"]  # every edge reaches the callback
+        keep_waiting = False
+        theirs.send(b"third")
+        await trio.testing.wait_all_tasks_blocked()
+        assert received == [b"third"]  # woken as without a callback
+        assert served == [b"first", b"second"]
+
+
+async def test_on_ready_is_not_called_while_no_task_waits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with watched_pair() as (ours, theirs, watch, _):
+        calls: list[None] = []
+
+        def on_ready() -> bool:
+            calls.append(None)
+            return True
+
+        watch.on_ready = on_ready
+        await use_up_first_wait(watch)
+        theirs.send(b"while busy")
+        await trio.testing.wait_all_tasks_blocked()
+        assert calls == []  # the task was busy, not waiting: the edge is kept for it
+        with trio.fail_after(1):
+            await watch.wait_readable()
+        assert ours.recv(20) == b"while busy"
+
+
 async def test_end_of_file_and_shutdown_wake_the_waiter(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -162,6 +162,10 @@ class ClusterCoordinator(Coordinator):
         await self._reads.read(round_)
         return ReadResult(round_.merged[0])
 
+    def get_at_once(self, key: bytes) -> ReadResult | None:
+        """The local read while this node is the only member; None otherwise."""
+        return ReadResult(self.replica.read(key)) if self._alone() else None
+
     async def get_many(self, keys: Sequence[bytes]) -> list[ReadResult]:
         """Quorum-read keys; results are in the order of ``keys``.
 
@@ -217,6 +221,12 @@ class ClusterCoordinator(Coordinator):
         if self.self_node in primaries:
             return await self._coordinate_write(key, payload, context, primaries)
         return await self._forward_write(key, payload, context, primaries)
+
+    def put_at_once(
+        self, key: bytes, payload: Payload, *, context: VClock | None
+    ) -> Version | None:
+        """The local write while this node is the only member; None otherwise."""
+        return self.replica.coordinate_write(key, payload, context) if self._alone() else None
 
     async def _coordinate_write(
         self,

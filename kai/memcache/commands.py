@@ -138,6 +138,43 @@ class CommandExecutor:
         except TooManySiblings:
             return b"" if _noreply(request) else mc.server_error("too many siblings")
 
+    def execute_now(self, request: mc.Request | mc.Invalid) -> bytes | None:
+        """The reply to ``request`` if it can be made without waiting; None if it needs
+        :meth:`execute` (and then nothing was done or counted).
+
+        Answered at once: a one-key ``get``/``gets`` and a ``set``, when the coordinator
+        serves the key without other nodes (:meth:`Coordinator.get_at_once`), and a
+        ``version``. Replies, counters and errors are those :meth:`execute` gives.
+        """
+        if type(request) is mc.Get:
+            if len(request.keys) != 1 or self.all_siblings:
+                return None
+            started = time.perf_counter()
+            key = request.keys[0]
+            result = self.coordinator.get_at_once(key)
+            if result is None:
+                return None
+            return self._get_reply(key, result, request.with_cas, started)
+        if type(request) is mc.Store:
+            if request.command != "set":
+                return None
+            started = time.perf_counter()
+            payload = Payload(
+                request.flags, absolute_expiry(request.exptime, self.wall_clock()), request.value
+            )
+            try:
+                if self.coordinator.put_at_once(request.key, payload, context=None) is None:
+                    return None
+                reply = _quiet(request.noreply, mc.STORED)
+            except TooManySiblings:
+                reply = b"" if request.noreply else mc.server_error("too many siblings")
+            self.stats.cmd_set += 1
+            self.stats.set_latency.record(time.perf_counter() - started)
+            return reply
+        if type(request) is mc.Version:
+            return VERSION_REPLY
+        return None
+
     async def _dispatch(self, request: mc.Request | mc.Invalid) -> bytes:
         match request:
             case mc.Get(keys=keys, with_cas=with_cas):
@@ -187,26 +224,7 @@ class CommandExecutor:
         if len(keys) == 1 and not self.all_siblings:
             # The most common request of all: one key, newest-version view.
             key = keys[0]
-            result = await self.coordinator.get(key)
-            stats = self.stats
-            stats.cmd_get += 1
-            siblings = result.siblings
-            now = self.wall_clock()
-            flushed_before = self.coordinator.flushed_before(now)
-            latest = siblings[0] if len(siblings) == 1 else newest(siblings)
-            if latest is None or not latest.is_live(now, flushed_before):
-                stats.get_misses += 1
-                self._count_miss(result, now, flushed_before)
-                reply = mc.END
-            else:
-                stats.get_hits += 1
-                if len(siblings) > 1:
-                    stats.kai_unreconciled_get += 1
-                assert latest.value is not None
-                cas = result.cas_unique if with_cas else None
-                reply = mc.encode_value(key, latest.flags, latest.value, cas) + mc.END
-            stats.get_latency.record(time.perf_counter() - started)
-            return reply
+            return self._get_reply(key, await self.coordinator.get(key), with_cas, started)
         results = await self.coordinator.get_many(keys)
         now = self.wall_clock()
         flushed_before = self.coordinator.flushed_before(now)
@@ -231,6 +249,28 @@ class CommandExecutor:
         parts.append(mc.END)
         stats.get_latency.record(time.perf_counter() - started)
         return b"".join(parts)
+
+    def _get_reply(self, key: bytes, result: ReadResult, with_cas: bool, started: float) -> bytes:
+        """The reply to a one-key get in the newest-version view, counted."""
+        stats = self.stats
+        stats.cmd_get += 1
+        siblings = result.siblings
+        now = self.wall_clock()
+        flushed_before = self.coordinator.flushed_before(now)
+        latest = siblings[0] if len(siblings) == 1 else newest(siblings)
+        if latest is None or not latest.is_live(now, flushed_before):
+            stats.get_misses += 1
+            self._count_miss(result, now, flushed_before)
+            reply = mc.END
+        else:
+            stats.get_hits += 1
+            if len(siblings) > 1:
+                stats.kai_unreconciled_get += 1
+            assert latest.value is not None
+            cas = result.cas_unique if with_cas else None
+            reply = mc.encode_value(key, latest.flags, latest.value, cas) + mc.END
+        stats.get_latency.record(time.perf_counter() - started)
+        return reply
 
     def _count_miss(self, result: ReadResult, now: float, flushed_before: int) -> None:
         latest = max(result.siblings, key=Version.sort_key, default=None)

@@ -50,9 +50,21 @@ _GONE = (ConnectionError, OSError)
 
 @attrs.define(eq=False)
 class _Connection:
+    """A client connection: its socket and parser, and what the poller's step (see
+    :meth:`MemcacheServer._serve_at_once`) leaves for the connection's task."""
+
     sock: socket.socket
     watch: Watch
+    parser: mc.MemcacheParser
     closing: bool = False
+    #: A parsed request that could not be answered at once: the task executes it first.
+    deferred: mc.Request | mc.Invalid | type | None = None
+    #: Reply bytes the socket did not take at once: the task sends them before anything else.
+    unsent: bytes = b""
+    #: The last receive filled its buffer, so more may be waiting in the socket.
+    unread: bool = False
+    #: What the poller's step raised: the task raises it.
+    error: Exception | None = None
 
     def close_when_idle(self) -> None:
         """Make the connection end after the requests it already received.
@@ -176,7 +188,9 @@ class MemcacheServer:
                 with contextlib.suppress(OSError):  # a fresh socket's buffer takes it whole
                     sock.send(TOO_MANY_CONNECTIONS)
                 return
-            connection = _Connection(sock, watch(sock))
+            parser = mc.MemcacheParser(max_item_size=self.max_item_size)
+            connection = _Connection(sock, watch(sock), parser)
+            connection.watch.on_ready = lambda: self._serve_at_once(connection)
             self._connections.add(connection)
             stats.curr_connections += 1
             try:
@@ -191,25 +205,43 @@ class MemcacheServer:
             sock.close()
 
     async def _serve_connection(self, connection: _Connection) -> None:
+        """Serve one connection until it ends.
+
+        While this task waits for input, the poller serves what arrives by itself as long as
+        every request can be answered at once (:meth:`_serve_at_once`); it wakes this task for
+        anything else, leaving it in ``connection``. So after every wait the task first takes
+        up what the poller left: an error, unsent replies, a request to execute.
+        """
         sock = connection.sock
         wait_readable = connection.watch.wait_readable
-        parser = mc.MemcacheParser(max_item_size=self.max_item_size)
+        parser = connection.parser
         execute = self.executor.execute
         stats = self.stats
         pending: list[bytes] = []
         pending_size = 0
         batches = 0
         while True:
-            event = parser.next_event()
+            if connection.error is not None:
+                raise connection.error
+            if connection.unsent:
+                pending.append(connection.unsent)
+                pending_size += len(connection.unsent)
+                connection.unsent = b""
+            event = connection.deferred
+            if event is None:
+                event = parser.next_event()
+            else:
+                connection.deferred = None
             if event is mc.NEED_DATA:
                 if pending:
                     await self._send(sock, pending)
                     pending, pending_size = [], 0
-                    if not parser.buffered:
+                    if not parser.buffered and not connection.unread:
                         # A client that waited for these replies has sent nothing yet: wait
                         # for it rather than paying for a receive that would find nothing.
                         batches = 0
                         await wait_readable()
+                        continue
                 batches += 1
                 if batches >= FAIR_SHARE:
                     batches = 0
@@ -218,8 +250,10 @@ class MemcacheServer:
                     data = sock.recv(RECEIVE_SIZE)
                 except BlockingIOError:
                     batches = 0
+                    connection.unread = False
                     await wait_readable()
                     continue
+                connection.unread = False
                 stats.bytes_read += len(data)
                 parser.receive_data(data)
                 continue
@@ -237,6 +271,64 @@ class MemcacheServer:
                 break
         if pending:
             await self._send(sock, pending)
+
+    def _serve_at_once(self, connection: _Connection) -> bool:
+        """Serve what arrived on an idle connection inside the poller's step, without waking
+        its task; True if everything was served (see :attr:`Watch.on_ready`).
+
+        One receive, then every complete request in the parser while each can be answered at
+        once (:meth:`CommandExecutor.execute_now`) and the replies stay under
+        ``SEND_THRESHOLD``, then one send of the replies. Anything else goes to the task
+        through ``connection``: the first request that must wait (and so everything after it),
+        requests past the threshold (left in the parser), end of file (in the parser), replies
+        the socket did not take, an error, or a full receive buffer (more may be waiting).
+        """
+        try:
+            sock = connection.sock
+            parser = connection.parser
+            data = sock.recv(RECEIVE_SIZE)
+            parser.receive_data(data)
+            if not data:
+                return False
+            self.stats.bytes_read += len(data)
+            execute_now = self.executor.execute_now
+            replies: list[bytes] = []
+            size = 0
+            served = True
+            while True:
+                event = parser.next_event()
+                if event is mc.NEED_DATA:
+                    break
+                reply = None if isinstance(event, type) else execute_now(event)
+                if reply is None:
+                    connection.deferred = event
+                    served = False
+                    break
+                if reply:
+                    replies.append(reply)
+                    size += len(reply)
+                    if size >= SEND_THRESHOLD:
+                        served = False  # the task serves the rest, a batch at a time
+                        break
+            if replies:
+                data_out = replies[0] if len(replies) == 1 else b"".join(replies)
+                try:
+                    sent = sock.send(data_out)
+                except BlockingIOError:
+                    sent = 0
+                self.stats.bytes_written += sent  # the task counts the rest when it sends it
+                if sent < len(data_out):
+                    connection.unsent = data_out[sent:]
+                    served = False
+            if len(data) == RECEIVE_SIZE:
+                connection.unread = True
+                served = False
+            return served
+        except BlockingIOError:
+            return True  # woken for nothing: whatever came was read before
+        except Exception as error:  # noqa: BLE001 - the task raises it as its own
+            connection.error = error
+            return False
 
     async def _send(self, sock: socket.socket, replies: list[bytes]) -> None:
         data = replies[0] if len(replies) == 1 else b"".join(replies)

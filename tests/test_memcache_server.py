@@ -1,0 +1,173 @@
+"""The memcached listener over real loopback sockets, in one trio run with its clients.
+
+What these pin down is the hand-over between the poller's step, which answers gets and sets
+of an idle connection at once, and the connection's task, which takes everything else: the
+replies must come back in request order, and nothing may be lost or counted twice, whichever
+of the two handles a request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from kai.coordinator import LocalCoordinator
+from kai.memcache import protocol as mc
+from kai.memcache.commands import VERSION_REPLY, CommandExecutor, NodeInfo
+from kai.memcache.server import RECEIVE_SIZE, SEND_THRESHOLD, MemcacheServer
+from kai.replica import LocalReplica
+from kai.stats import NodeStats
+from kai.storage.memory import MemoryEngine
+
+MAX_ITEM_SIZE = 1 << 20
+#: Every exchange here finishes in milliseconds; this only bounds a hang.
+DEADLINE = 10
+
+
+@asynccontextmanager
+async def serving() -> AsyncIterator[tuple[MemcacheServer, int]]:
+    """A listener on a free loopback port over one in-memory replica, shut down afterwards."""
+    stats = NodeStats()
+    replica = LocalReplica(MemoryEngine(), actor=b"actor-1", buckets=64, stats=stats)
+    info = NodeInfo(
+        node="127.0.0.1:11011",
+        quorum="1,1,1",
+        buckets=64,
+        virtual_nodes=2,
+        store="memory",
+        max_connections=16,
+        max_item_size=MAX_ITEM_SIZE,
+        settings={},
+    )
+    executor = CommandExecutor(LocalCoordinator(replica, node_name=info.node), stats, info)
+    server = MemcacheServer(executor, stats, max_connections=16, max_item_size=MAX_ITEM_SIZE)
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            addresses = await nursery.start(server.serve, "127.0.0.1", 0)
+            yield server, addresses[0][1]
+            server.shut_down()
+
+
+async def read_until(stream: trio.SocketStream, ending: bytes, count: int = 1) -> bytes:
+    """Receive until ``ending`` has been seen ``count`` times (at the end of the data)."""
+    received = bytearray()
+    while received.count(ending) < count or not received.endswith(ending):
+        chunk = await stream.receive_some(1 << 20)
+        if not chunk:
+            raise EOFError(f"connection closed after {len(received)} bytes")
+        received += chunk
+    return bytes(received)
+
+
+async def test_answers_at_once_and_after_waiting_come_back_in_request_order() -> None:
+    requests = (
+        b"set a 0 0 1\r\n1\r\n"  # at once
+        b"get a\r\n"  # at once
+        b"incr a 5\r\n"  # waits for the connection's task (read, check, write)
+        b"get a\r\n"  # after it, so also the task's
+        b"set b 3 0 2 noreply\r\nbb\r\n"
+        b"version\r\n"
+        b"get a b\r\n"  # several keys: the task
+        b"delete b\r\n"
+        b"get b\r\n"
+    )
+    expected = (
+        b"STORED\r\n"
+        b"VALUE a 0 1\r\n1\r\nEND\r\n"
+        b"6\r\n"
+        b"VALUE a 0 1\r\n6\r\nEND\r\n"
+        + VERSION_REPLY
+        + b"VALUE a 0 1\r\n6\r\nVALUE b 3 2\r\nbb\r\nEND\r\n"
+        b"DELETED\r\n"
+        b"END\r\n"
+    )
+    async with serving() as (server, port):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(requests)
+            assert await read_until(stream, b"END\r\n", 4) == expected
+    assert server.stats.cmd_get == 5
+    assert server.stats.cmd_set == 2
+
+
+async def test_requests_one_at_a_time_are_answered_and_counted_once() -> None:
+    async with serving() as (server, port):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            sent = received = 0
+            for i in range(200):
+                value = b"%d" % i
+                request = b"set k%d 0 0 %d\r\n%s\r\n" % (i % 7, len(value), value)
+                await stream.send_all(request)
+                received += len(await read_until(stream, b"STORED\r\n"))
+                request2 = b"get k%d\r\n" % (i % 7)
+                await stream.send_all(request2)
+                reply = await read_until(stream, b"END\r\n")
+                assert reply == b"VALUE k%d 0 %d\r\n%s\r\nEND\r\n" % (i % 7, len(value), value)
+                received += len(reply)
+                sent += len(request) + len(request2)
+        stats = server.stats
+        assert (stats.cmd_set, stats.cmd_get, stats.get_hits) == (200, 200, 200)
+        assert stats.bytes_read == sent
+        assert stats.bytes_written == received
+
+
+async def test_a_value_longer_than_one_receive_reaches_an_idle_connection() -> None:
+    value = bytes(range(256)) * (3 * RECEIVE_SIZE // 256 + 1)
+    async with serving() as (_server, port):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(b"set big 0 0 %d\r\n%s\r\nget big\r\n" % (len(value), value))
+            reply = await read_until(stream, b"END\r\n")
+    assert reply == b"STORED\r\nVALUE big 0 %d\r\n%s\r\nEND\r\n" % (len(value), value)
+
+
+async def test_replies_beyond_what_the_socket_takes_are_all_delivered() -> None:
+    value = b"v" * 100_000
+    gets = 120  # 12 MB of replies, more than the loopback socket buffers hold
+    assert 2 * len(value) < SEND_THRESHOLD < 5 * len(value)
+    async with serving() as (server, port):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(b"set v 0 0 %d\r\n%s\r\n" % (len(value), value))
+            await read_until(stream, b"STORED\r\n")
+            written = server.stats.bytes_written
+            # Five replies to one receive pass the threshold: the task sends the last ones.
+            await stream.send_all(b"get v\r\n" * 5)
+            first = await read_until(stream, b"END\r\n", 5)
+            for _ in range(gets):  # one at a time, nobody reading: the buffers fill up
+                await stream.send_all(b"get v\r\n")
+                await trio.sleep(0.001)
+            await stream.send_all(b"get v\r\n" * gets)  # and a batch far past the threshold
+            replies = await read_until(stream, b"END\r\n", 2 * gets)
+    reply = b"VALUE v 0 %d\r\n%s\r\nEND\r\n" % (len(value), value)
+    assert first == reply * 5
+    assert replies == reply * (2 * gets)
+    assert server.stats.bytes_written - written == len(first) + len(replies)
+    assert server.stats.get_hits == 5 + 2 * gets
+
+
+async def test_a_failing_connection_ends_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with serving() as (server, port):
+        execute_now = server.executor.execute_now
+
+        def failing(request: mc.Request | mc.Invalid) -> bytes | None:
+            if isinstance(request, mc.Get) and request.keys == (b"boom",):
+                raise ConnectionResetError("the peer went away mid-request")
+            return execute_now(request)
+
+        monkeypatch.setattr(server.executor, "execute_now", failing)
+        doomed = await trio.open_tcp_stream("127.0.0.1", port)
+        healthy = await trio.open_tcp_stream("127.0.0.1", port)
+        async with doomed, healthy:
+            await healthy.send_all(b"set k 0 0 1\r\nv\r\n")
+            await read_until(healthy, b"STORED\r\n")
+            await doomed.send_all(b"get boom\r\n")
+            assert await doomed.receive_some(100) == b""  # closed without a reply
+            await healthy.send_all(b"get k\r\n")
+            assert await read_until(healthy, b"END\r\n") == b"VALUE k 0 1\r\nv\r\nEND\r\n"
+            # The server closes the socket after it stopped counting the connection.
+            assert server.stats.curr_connections == 1
