@@ -336,13 +336,17 @@ def counters(stats: NodeStats) -> dict[str, object]:
     return fields
 
 
+@pytest.mark.parametrize("all_siblings", [False, True])
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(AT_ONCE_MIX), st.integers(0, 2)), max_size=30))
-def test_execute_now_answers_exactly_as_execute(steps: list[tuple[bytes, int]]) -> None:
+def test_execute_now_answers_exactly_as_execute(
+    all_siblings: bool, steps: list[tuple[bytes, int]]
+) -> None:
     """Two nodes get the same requests: one through execute only, the other through
     execute_now wherever it answers. Replies, counters and stored versions stay equal, and a
     request execute_now declines leaves no trace."""
-    waiting, at_once = make_harness(), make_harness()
+    waiting = make_harness(all_siblings=all_siblings)
+    at_once = make_harness(all_siblings=all_siblings)
 
     async def run() -> None:
         for raw, seconds in steps:
@@ -364,11 +368,16 @@ def test_execute_now_answers_exactly_as_execute(steps: list[tuple[bytes, int]]) 
 
 
 async def test_execute_now_takes_gets_and_sets_and_declines_the_rest(h: Harness) -> None:
-    answered = [b"set k 0 0 1\r\nv\r\n", b"get k\r\n", b"gets k\r\n", b"version\r\n"]
+    answered = [
+        b"set k 0 0 1\r\nv\r\n",
+        b"get k\r\n",
+        b"gets k\r\n",
+        b"get k j k\r\n",
+        b"version\r\n",
+    ]
     for raw in answered:
         assert h.executor.execute_now(parse_one(raw)) is not None, raw
     declined = [
-        b"get k j\r\n",  # several keys
         b"add j 0 0 1\r\nv\r\n",  # read, check, write under the key's lock
         b"cas k 0 0 1 1\r\nv\r\n",
         b"append k 0 0 1\r\nv\r\n",
@@ -383,8 +392,6 @@ async def test_execute_now_takes_gets_and_sets_and_declines_the_rest(h: Harness)
     ]
     for raw in declined:
         assert h.executor.execute_now(parse_one(raw)) is None, raw
-    sibling_view = make_harness(all_siblings=True)
-    assert sibling_view.executor.execute_now(parse_one(b"get k\r\n")) is None
 
 
 async def test_execute_now_declines_when_other_nodes_take_part(h: Harness) -> None:
@@ -401,6 +408,7 @@ async def test_execute_now_declines_when_other_nodes_take_part(h: Harness) -> No
     before = counters(h.stats)
     assert h.executor.execute_now(parse_one(b"set k 0 0 1\r\nv\r\n")) is None
     assert h.executor.execute_now(parse_one(b"get k\r\n")) is None
+    assert h.executor.execute_now(parse_one(b"gets k j\r\n")) is None
     assert counters(h.stats) == before
     assert h.replica.read(b"k") == ()
     assert await h.send(b"set k 0 0 1\r\nv\r\nget k\r\n") == (

@@ -70,7 +70,7 @@ async def test_answers_at_once_and_after_waiting_come_back_in_request_order() ->
         b"get a\r\n"  # after it, so also the task's
         b"set b 3 0 2 noreply\r\nbb\r\n"
         b"version\r\n"
-        b"get a b\r\n"  # several keys: the task
+        b"get a b\r\n"
         b"delete b\r\n"
         b"get b\r\n"
     )

@@ -142,19 +142,26 @@ class CommandExecutor:
         """The reply to ``request`` if it can be made without waiting; None if it needs
         :meth:`execute` (and then nothing was done or counted).
 
-        Answered at once: a one-key ``get``/``gets`` and a ``set``, when the coordinator
-        serves the key without other nodes (:meth:`Coordinator.get_at_once`), and a
-        ``version``. Replies, counters and errors are those :meth:`execute` gives.
+        Answered at once: ``get``/``gets`` and ``set``, when the coordinator serves the keys
+        without other nodes (:meth:`Coordinator.get_at_once`), and ``version``. Replies,
+        counters and errors are those :meth:`execute` gives.
         """
         if type(request) is mc.Get:
-            if len(request.keys) != 1 or self.all_siblings:
-                return None
             started = time.perf_counter()
-            key = request.keys[0]
-            result = self.coordinator.get_at_once(key)
-            if result is None:
-                return None
-            return self._get_reply(key, result, request.with_cas, started)
+            keys = request.keys
+            get_at_once = self.coordinator.get_at_once
+            if len(keys) == 1 and not self.all_siblings:
+                result = get_at_once(keys[0])
+                if result is None:
+                    return None
+                return self._get_reply(keys[0], result, request.with_cas, started)
+            results = []
+            for key in keys:
+                found = get_at_once(key)
+                if found is None:
+                    return None
+                results.append(found)
+            return self._get_many_reply(keys, results, request.with_cas, started)
         if type(request) is mc.Store:
             if request.command != "set":
                 return None
@@ -226,6 +233,12 @@ class CommandExecutor:
             key = keys[0]
             return self._get_reply(key, await self.coordinator.get(key), with_cas, started)
         results = await self.coordinator.get_many(keys)
+        return self._get_many_reply(keys, results, with_cas, started)
+
+    def _get_many_reply(
+        self, keys: Sequence[bytes], results: Sequence[ReadResult], with_cas: bool, started: float
+    ) -> bytes:
+        """The reply to a get of any number of keys in either view, counted."""
         now = self.wall_clock()
         flushed_before = self.coordinator.flushed_before(now)
         stats = self.stats
