@@ -138,26 +138,25 @@ def parse_targets(text: str) -> tuple[str, ...]:
     return names
 
 
+def positive_numbers(text: str, *, what: str, example: str, maximum: float) -> tuple[float, ...]:
+    """Comma-separated numbers in (0, ``maximum``], e.g. ``example``."""
+    try:
+        numbers = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what} like {example}, got {text!r}") from None
+    if not numbers or any(not 0 < number <= maximum for number in numbers):
+        raise argparse.ArgumentTypeError(f"{what} must be in (0, {maximum:,}]")
+    return numbers
+
+
 def parse_fractions(text: str) -> tuple[float, ...]:
     """Comma-separated positive fractions of the saturation throughput, e.g. ``0.5,0.9,1``."""
-    try:
-        fractions = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 0.5,0.9,1, got {text!r}") from None
-    if not fractions or any(not 0 < fraction <= 5 for fraction in fractions):
-        raise argparse.ArgumentTypeError("fractions must be in (0, 5]")
-    return fractions
+    return positive_numbers(text, what="fractions", example="0.5,0.9,1", maximum=5)
 
 
 def parse_rates(text: str) -> tuple[float, ...]:
     """Comma-separated positive offered rates in ops/s, e.g. ``5000,10000``."""
-    try:
-        rates = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected rates like 5000,10000, got {text!r}") from None
-    if not rates or any(not 0 < rate <= 10_000_000 for rate in rates):
-        raise argparse.ArgumentTypeError("rates must be in (0, 10000000] ops/s")
-    return rates
+    return positive_numbers(text, what="rates", example="5000,10000", maximum=10_000_000)
 
 
 def load_config(

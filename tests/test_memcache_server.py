@@ -14,13 +14,10 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
-from kai.coordinator import LocalCoordinator
 from kai.memcache import protocol as mc
-from kai.memcache.commands import VERSION_REPLY, CommandExecutor, NodeInfo
+from kai.memcache.commands import VERSION_REPLY
 from kai.memcache.server import RECEIVE_SIZE, SEND_THRESHOLD, MemcacheServer
-from kai.replica import LocalReplica
-from kai.stats import NodeStats
-from kai.storage.memory import MemoryEngine
+from tests.test_commands import make_harness
 
 MAX_ITEM_SIZE = 1 << 20
 #: Every exchange here finishes in milliseconds; this only bounds a hang.
@@ -29,21 +26,11 @@ DEADLINE = 10
 
 @asynccontextmanager
 async def serving() -> AsyncIterator[tuple[MemcacheServer, int]]:
-    """A listener on a free loopback port over one in-memory replica, shut down afterwards."""
-    stats = NodeStats()
-    replica = LocalReplica(MemoryEngine(), actor=b"actor-1", buckets=64, stats=stats)
-    info = NodeInfo(
-        node="127.0.0.1:11011",
-        quorum="1,1,1",
-        buckets=64,
-        virtual_nodes=2,
-        store="memory",
-        max_connections=16,
-        max_item_size=MAX_ITEM_SIZE,
-        settings={},
+    """A listener on a free loopback port over one in-memory node, shut down afterwards."""
+    executor = make_harness().executor
+    server = MemcacheServer(
+        executor, executor.stats, max_connections=16, max_item_size=MAX_ITEM_SIZE
     )
-    executor = CommandExecutor(LocalCoordinator(replica, node_name=info.node), stats, info)
-    server = MemcacheServer(executor, stats, max_connections=16, max_item_size=MAX_ITEM_SIZE)
     with trio.fail_after(DEADLINE):
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(server.serve, "127.0.0.1", 0)
