@@ -18,7 +18,8 @@ import trio
 
 from kai.coordinator import LocalCoordinator
 from kai.memcache import protocol as mc
-from kai.memcache.commands import CommandExecutor, NodeInfo
+from kai.memcache.commands import CommandExecutor
+from kai.memcache.report import NodeInfo
 from kai.replica import LocalReplica
 from kai.stats import NodeStats
 from kai.storage.leveldb import LevelDBEngine

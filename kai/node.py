@@ -17,7 +17,8 @@ import trio
 from kai import __version__
 from kai.cluster.wiring import Cluster
 from kai.config import Config
-from kai.memcache.commands import CommandExecutor, NodeInfo
+from kai.memcache.commands import CommandExecutor
+from kai.memcache.report import NodeInfo
 from kai.memcache.server import MemcacheServer
 from kai.node_admin import AdminHandlers
 from kai.replica import LocalReplica

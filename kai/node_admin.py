@@ -82,7 +82,7 @@ class AdminHandlers:
     async def stats(self) -> dict[str, object]:
         """The memcached-style ``stats`` fields."""
         assert self.node.executor is not None
-        return dict(self.node.executor.general_stats())
+        return dict(self.node.executor.report.general())
 
     async def members(self) -> list[dict[str, object]]:
         """Every member in the gossiped view, with its status and local reachability."""

@@ -10,7 +10,8 @@ from hypothesis import given, settings, strategies as st
 from kai.coordinator import Coordinator, LocalCoordinator, ReadResult
 from kai.errors import QuorumTimeout
 from kai.memcache import protocol as mc
-from kai.memcache.commands import CommandExecutor, NodeInfo, parse_counter
+from kai.memcache.commands import CommandExecutor, parse_counter
+from kai.memcache.report import NodeInfo
 from kai.replica import LocalReplica, Payload
 from kai.stats import NodeStats
 from kai.storage.memory import MemoryEngine

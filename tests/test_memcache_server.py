@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from kai.memcache import protocol as mc
-from kai.memcache.commands import VERSION_REPLY
+from kai.memcache.report import VERSION_REPLY
 from kai.memcache.server import RECEIVE_SIZE, SEND_THRESHOLD, MemcacheServer
 from tests.test_commands import make_harness
 

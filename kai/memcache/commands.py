@@ -11,47 +11,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import resource
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
-import attrs
 import trio
 
-from kai import __version__
 from kai.coordinator import Coordinator, ReadResult
 from kai.errors import CoordinatorError, TooManySiblings
 from kai.memcache import protocol as mc
+from kai.memcache.report import VERSION_REPLY, NodeInfo, StatsReport
 from kai.replica import Payload
 from kai.stats import NodeStats
 from kai.versions import Version, absolute_expiry, newest, visible
 
 logger = logging.getLogger(__name__)
 
-#: The memcached version we answer with; libmemcached and memccapable need major.minor >= 1.6.
-MEMCACHED_VERSION = f"1.6.21-kai-{__version__}"
-VERSION_REPLY = f"VERSION {MEMCACHED_VERSION}\r\n".encode()
-
 _U64 = 2**64
 _NON_NUMERIC = mc.client_error("cannot increment or decrement non-numeric value")
 _TOO_LARGE = mc.server_error("object too large for cache")
 _OUT_OF_MEMORY = mc.server_error("out of memory storing object")
-
-
-@attrs.frozen(slots=True, kw_only=True)
-class NodeInfo:
-    """Static facts about the node that ``stats`` reports."""
-
-    node: str
-    quorum: str
-    buckets: int
-    virtual_nodes: int
-    store: str
-    max_connections: int
-    max_item_size: int
-    settings: dict[str, object]
-    started_at: float = attrs.field(factory=time.time)
 
 
 class KeyLocks:
@@ -117,11 +95,18 @@ class CommandExecutor:
         self.coordinator = coordinator
         self.stats = stats
         self.info = info
-        self.item_counts = item_counts
-        self.extra_stats = extra_stats
         self.all_siblings = all_siblings
         self.wall_clock = wall_clock
         self.locks = KeyLocks()
+        #: What ``stats`` answers (``general()`` is also what ``kai-admin stats`` shows).
+        self.report = StatsReport(
+            stats,
+            info,
+            members=lambda: self.coordinator.members(),
+            item_counts=item_counts,
+            extra_stats=extra_stats,
+            wall_clock=wall_clock,
+        )
 
     async def execute(self, request: mc.Request | mc.Invalid) -> bytes:
         """The reply bytes for one request (``b""`` when noreply suppresses it).
@@ -205,7 +190,7 @@ class CommandExecutor:
             case mc.FlushAll(delay=delay, noreply=noreply):
                 return _quiet(noreply, await self._flush_all(delay))
             case mc.Stats(args=args):
-                return self._stats(args)
+                return self.report.reply(args)
             case mc.Version():
                 return VERSION_REPLY
             case mc.Verbosity(noreply=noreply):
@@ -438,75 +423,6 @@ class CommandExecutor:
         at = absolute_expiry(delay, now) if delay > 0 else now
         await self.coordinator.flush_all(int(at * 1_000_000))
         return mc.OK
-
-    # --- stats --------------------------------------------------------------------------------
-
-    def _stats(self, args: tuple[bytes, ...]) -> bytes:
-        if not args:
-            return mc.encode_stats(self.general_stats())
-        if args == (b"settings",):
-            return mc.encode_stats(self.settings_stats())
-        if args == (b"reset",):
-            self.stats.reset()
-            return mc.RESET
-        if args[0] in (b"items", b"slabs", b"sizes", b"conns"):
-            return mc.END  # Kai has no slabs; an empty listing is what clients accept
-        return mc.ERROR
-
-    def general_stats(self) -> list[tuple[str, object]]:
-        """memcached's general ``stats`` fields followed by Kai's own."""
-        now = self.wall_clock()
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        stats = self.stats
-        items, item_bytes = self.item_counts()
-        fields: list[tuple[str, object]] = [
-            ("pid", os.getpid()),
-            ("uptime", int(now - self.info.started_at)),
-            ("time", int(now)),
-            ("version", MEMCACHED_VERSION),
-            ("pointer_size", 64),
-            ("rusage_user", f"{usage.ru_utime:.6f}"),
-            ("rusage_system", f"{usage.ru_stime:.6f}"),
-            ("max_connections", self.info.max_connections),
-            ("curr_connections", stats.curr_connections),
-            ("connection_structures", stats.curr_connections),
-            ("curr_items", items),
-            ("bytes", item_bytes),
-            ("evictions", 0),
-            ("limit_maxbytes", 0),
-            ("threads", 1),
-            ("accepting_conns", 1),
-        ]
-        fields += stats.counters()  # total/rejected connections and every request counter
-        fields += [
-            ("kai_node", self.info.node),
-            ("kai_quorum", self.info.quorum),
-            ("kai_buckets", self.info.buckets),
-            ("kai_virtual_nodes", self.info.virtual_nodes),
-            ("kai_store", self.info.store),
-            ("kai_curr_nodes", " ".join(self.coordinator.members())),
-        ]
-        fields += stats.latency_fields()
-        fields += self.extra_stats()
-        return fields
-
-    def settings_stats(self) -> list[tuple[str, object]]:
-        """``stats settings``: memcached's names where they apply, then Kai's settings."""
-        fields: list[tuple[str, object]] = [
-            ("maxconns", self.info.max_connections),
-            ("item_size_max", self.info.max_item_size),
-            ("evictions", "off"),
-            ("cas_enabled", "yes"),
-            ("num_threads", 1),
-            ("udpport", 0),
-        ]
-        for name, value in self.info.settings.items():
-            if isinstance(value, list):
-                value = ",".join(str(item) for item in value) or "-"
-            elif isinstance(value, bool):
-                value = "yes" if value else "no"
-            fields.append((f"kai_{name}", value))
-        return fields
 
 
 def _quiet(noreply: bool, reply: bytes) -> bytes:

@@ -1,7 +1,9 @@
-"""Sans-IO memcached text protocol: request parser and reply encoder.
+"""Sans-IO memcached text protocol: the request parser.
 
-This module turns the bytes a memcached client sends into request records and turns results
-into reply bytes. It must never do I/O, import trio or plyvel, or know about storage: the
+This module turns the bytes a memcached client sends into request records
+(:mod:`kai.memcache.requests`); the reply lines and encoders are in
+:mod:`kai.memcache.replies`. It re-exports both, so ``protocol`` is the one name users of the
+protocol need. It must never do I/O, import trio or plyvel, or know about storage: the
 connection loop feeds it bytes with :meth:`MemcacheParser.receive_data`, takes requests out
 with :meth:`MemcacheParser.next_event`, and writes the bytes the encoders return.
 
@@ -24,11 +26,50 @@ Typical use::
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Final, TypeAlias
 
-import attrs
+from kai.memcache.replies import (
+    DELETED,
+    END,
+    ERROR,
+    EXISTS,
+    NOT_FOUND,
+    NOT_STORED,
+    OBJECT_TOO_LARGE,
+    OK,
+    RESET,
+    STORED,
+    TOUCHED,
+    client_error,
+    encode_stats,
+    encode_value,
+    server_error,
+)
+from kai.memcache.requests import (
+    INT32_MAX,
+    INT32_MIN,
+    KEY_MAX_LENGTH,
+    STORE_COMMANDS,
+    UINT32_MAX,
+    UINT64_MAX,
+    Arithmetic,
+    Delete,
+    Event,
+    FlushAll,
+    Get,
+    GetAndTouch,
+    Invalid,
+    Quit,
+    Request,
+    Stats,
+    Store,
+    Touch,
+    ValueTooLarge,
+    Verbosity,
+    Version,
+    is_valid_key,
+)
 
 __all__ = [
     "CLOSED",
@@ -69,34 +110,12 @@ __all__ = [
     "server_error",
 ]
 
-#: Longest key memcached accepts, in bytes.
-KEY_MAX_LENGTH: Final = 250
-#: Storage command names, as carried in :attr:`Store.command`.
-STORE_COMMANDS: Final = frozenset({"set", "add", "replace", "append", "prepend", "cas"})
-
-_UINT32_MAX: Final = 2**32 - 1
-_UINT64_MAX: Final = 2**64 - 1
-_INT32_MIN: Final = -(2**31)
-_INT32_MAX: Final = 2**31 - 1
 # memcached rejects a declared value length above INT_MAX - 2 (the "+2" for the "\r\n").
-_MAX_DECLARED_LENGTH: Final = _INT32_MAX - 2
+_MAX_DECLARED_LENGTH: Final = INT32_MAX - 2
 # Longer numeric tokens are rejected before int() sees them (int() refuses huge digit strings).
 _MAX_NUMBER_TOKEN_LENGTH: Final = 64
 
-# --- Replies --------------------------------------------------------------------------------
-
-STORED: Final = b"STORED\r\n"
-NOT_STORED: Final = b"NOT_STORED\r\n"
-EXISTS: Final = b"EXISTS\r\n"
-NOT_FOUND: Final = b"NOT_FOUND\r\n"
-DELETED: Final = b"DELETED\r\n"
-TOUCHED: Final = b"TOUCHED\r\n"
-END: Final = b"END\r\n"
-OK: Final = b"OK\r\n"
-RESET: Final = b"RESET\r\n"
-ERROR: Final = b"ERROR\r\n"
-#: The reply to :class:`ValueTooLarge`.
-OBJECT_TOO_LARGE: Final = b"SERVER_ERROR object too large for cache\r\n"
+# --- Parser replies --------------------------------------------------------------------------
 
 _BAD_FORMAT: Final = b"CLIENT_ERROR bad command line format\r\n"
 _BAD_DELETE: Final = b"CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]\r\n"
@@ -106,77 +125,9 @@ _BAD_DELTA: Final = b"CLIENT_ERROR invalid numeric delta argument\r\n"
 _LINE_TOO_LONG: Final = b"CLIENT_ERROR line too long\r\n"
 _BINARY_PROTOCOL: Final = b"CLIENT_ERROR binary protocol is not supported\r\n"
 
-# Bytes never allowed in a key (Kai is stricter than memcached, which only splits on " ").
-_FORBIDDEN_KEY_BYTE: Final = re.compile(rb"[\x00-\x20\x7f]")
 # Lines starting like this may be as long as max_get_line_length (multi-gets are unbounded).
 _RETRIEVAL_PREFIXES: Final = (b"get ", b"gets ", b"gat ", b"gats ")
 _BINARY_PROTOCOL_MAGIC: Final = 0x80
-
-
-def client_error(message: str) -> bytes:
-    """Return the reply line ``CLIENT_ERROR <message>``.
-
-    Raises:
-        ValueError: if the message contains a line break, which would break framing.
-    """
-    return _error_line(b"CLIENT_ERROR ", message)
-
-
-def server_error(message: str) -> bytes:
-    """Return the reply line ``SERVER_ERROR <message>``.
-
-    Raises:
-        ValueError: if the message contains a line break, which would break framing.
-    """
-    return _error_line(b"SERVER_ERROR ", message)
-
-
-def _error_line(prefix: bytes, message: str) -> bytes:
-    if "\r" in message or "\n" in message:
-        raise ValueError(f"a reply line cannot contain a line break: {message!r}")
-    return prefix + message.encode() + b"\r\n"
-
-
-def encode_value(key: bytes, flags: int, value: bytes, cas_unique: int | None = None) -> bytes:
-    """Return one item of a retrieval reply: ``VALUE <key> <flags> <bytes>[ <cas>]`` + data.
-
-    The caller sends :data:`END` after the last item.
-    """
-    if cas_unique is None:
-        return b"VALUE %b %d %d\r\n%b\r\n" % (key, flags, len(value), value)
-    return b"VALUE %b %d %d %d\r\n%b\r\n" % (key, flags, len(value), cas_unique, value)
-
-
-def encode_stats(items: Iterable[tuple[str, object]]) -> bytes:
-    """Return a stats reply: one ``STAT <name> <value>`` line per item, then ``END``.
-
-    Values are written with ``str()`` (bytes as they are, booleans as ``1``/``0`` as
-    memcached does); format floats such as ``rusage_user`` before passing them.
-
-    Raises:
-        ValueError: if a name is empty or contains whitespace, or a value contains a line
-            break.
-    """
-    lines = []
-    for name, value in items:
-        if not name or any(character.isspace() for character in name):
-            raise ValueError(f"invalid stat name {name!r}")
-        if isinstance(value, bytes):
-            text = value
-        elif isinstance(value, bool):
-            text = b"1" if value else b"0"
-        else:
-            text = str(value).encode()
-        if b"\r" in text or b"\n" in text:
-            raise ValueError(f"stat {name} has a line break in its value {value!r}")
-        lines.append(b"STAT %b %b\r\n" % (name.encode(), text))
-    lines.append(END)
-    return b"".join(lines)
-
-
-def is_valid_key(key: bytes) -> bool:
-    """Whether ``key`` is 1 to 250 bytes long with no space, control byte or DEL."""
-    return 0 < len(key) <= KEY_MAX_LENGTH and _FORBIDDEN_KEY_BYTE.search(key) is None
 
 
 # --- Sentinels ------------------------------------------------------------------------------
@@ -208,227 +159,6 @@ class CLOSED(_Sentinel, metaclass=_Sentinel):
     """
 
 
-# --- Requests -------------------------------------------------------------------------------
-
-
-def _check_key(key: bytes) -> None:
-    if not is_valid_key(key):
-        raise ValueError(f"invalid key {key[:60]!r}")
-
-
-def _check_keys(keys: tuple[bytes, ...]) -> None:
-    if len(keys) == 1:
-        if is_valid_key(keys[0]):
-            return
-    # C-speed checks for multi-gets, which may carry many thousands of keys.
-    elif (
-        keys
-        and b"" not in keys
-        and max(map(len, keys)) <= KEY_MAX_LENGTH
-        and _FORBIDDEN_KEY_BYTE.search(b"".join(keys)) is None
-    ):
-        return
-    raise ValueError(f"invalid key list {keys[:3]!r}...")
-
-
-def _check_int32(value: int, what: str) -> None:
-    if not _INT32_MIN <= value <= _INT32_MAX:
-        raise ValueError(f"{what} {value} is not a signed 32-bit integer")
-
-
-@attrs.frozen(slots=True)
-class Get:
-    """``get``/``gets``: fetch each key (duplicates included), ``with_cas`` for ``gets``."""
-
-    keys: tuple[bytes, ...]
-    with_cas: bool = False
-
-    def __attrs_post_init__(self) -> None:
-        _check_keys(self.keys)
-
-
-@attrs.frozen(slots=True)
-class GetAndTouch:
-    """``gat``/``gats``: set each key's exptime and fetch it."""
-
-    exptime: int
-    keys: tuple[bytes, ...]
-    with_cas: bool = False
-
-    def __attrs_post_init__(self) -> None:
-        _check_int32(self.exptime, "exptime")
-        _check_keys(self.keys)
-
-
-@attrs.frozen(slots=True)
-class Store:
-    """A storage command with its data block.
-
-    Attributes:
-        command: one of :data:`STORE_COMMANDS`.
-        exptime: as sent: 0 never expires, negative is already expired, up to 30 days is
-            relative, larger is a Unix time.
-        cas_unique: the token to compare, present exactly when ``command`` is ``"cas"``.
-    """
-
-    command: str
-    key: bytes
-    flags: int
-    exptime: int
-    value: bytes
-    noreply: bool = False
-    cas_unique: int | None = None
-
-    def __attrs_post_init__(self) -> None:
-        if self.command not in STORE_COMMANDS:
-            raise ValueError(f"unknown storage command {self.command!r}")
-        _check_key(self.key)
-        if not 0 <= self.flags <= _UINT32_MAX:
-            raise ValueError(f"flags {self.flags} is not an unsigned 32-bit integer")
-        _check_int32(self.exptime, "exptime")
-        if not isinstance(self.value, bytes):
-            raise TypeError(f"value must be bytes, not {type(self.value).__name__}")
-        if (self.cas_unique is None) != (self.command != "cas"):
-            raise ValueError("cas_unique is required for cas and allowed only there")
-        if self.cas_unique is not None and not 0 <= self.cas_unique <= _UINT64_MAX:
-            raise ValueError(f"cas unique {self.cas_unique} is not an unsigned 64-bit integer")
-
-
-@attrs.frozen(slots=True)
-class ValueTooLarge:
-    """A storage command whose value exceeded ``max_item_size``; its data was swallowed.
-
-    Reply :data:`OBJECT_TOO_LARGE` (unless ``noreply``); for ``set`` also delete the old
-    value, as memcached does.
-    """
-
-    command: str
-    key: bytes
-    noreply: bool = False
-
-    def __attrs_post_init__(self) -> None:
-        if self.command not in STORE_COMMANDS:
-            raise ValueError(f"unknown storage command {self.command!r}")
-        _check_key(self.key)
-
-
-@attrs.frozen(slots=True)
-class Delete:
-    """``delete <key> [0] [noreply]``."""
-
-    key: bytes
-    noreply: bool = False
-
-    def __attrs_post_init__(self) -> None:
-        _check_key(self.key)
-
-
-@attrs.frozen(slots=True)
-class Arithmetic:
-    """``incr``/``decr <key> <delta> [noreply]``; ``incr`` tells which."""
-
-    key: bytes
-    delta: int
-    incr: bool
-    noreply: bool = False
-
-    def __attrs_post_init__(self) -> None:
-        _check_key(self.key)
-        if not 0 <= self.delta <= _UINT64_MAX:
-            raise ValueError(f"delta {self.delta} is not an unsigned 64-bit integer")
-
-
-@attrs.frozen(slots=True)
-class Touch:
-    """``touch <key> <exptime> [noreply]``."""
-
-    key: bytes
-    exptime: int
-    noreply: bool = False
-
-    def __attrs_post_init__(self) -> None:
-        _check_key(self.key)
-        _check_int32(self.exptime, "exptime")
-
-
-@attrs.frozen(slots=True)
-class FlushAll:
-    """``flush_all [delay] [noreply]``; ``delay`` 0 (or negative) means now."""
-
-    delay: int = 0
-    noreply: bool = False
-
-    def __attrs_post_init__(self) -> None:
-        _check_int32(self.delay, "delay")
-
-
-@attrs.frozen(slots=True)
-class Stats:
-    """``stats [args...]``: ``()`` for the general group; the server rejects unknown groups."""
-
-    args: tuple[bytes, ...] = ()
-
-    def __attrs_post_init__(self) -> None:
-        if any(not arg or b" " in arg for arg in self.args):
-            raise ValueError(f"invalid stats arguments {self.args!r}")
-
-
-@attrs.frozen(slots=True)
-class Version:
-    """``version`` (extra tokens are ignored, as in memcached 1.6)."""
-
-
-@attrs.frozen(slots=True)
-class Verbosity:
-    """``verbosity <level> [noreply]``."""
-
-    level: int
-    noreply: bool = False
-
-    def __attrs_post_init__(self) -> None:
-        if not 0 <= self.level <= _UINT32_MAX:
-            raise ValueError(f"verbosity level {self.level} is not an unsigned 32-bit integer")
-
-
-@attrs.frozen(slots=True)
-class Quit:
-    """``quit``: close the connection without a reply."""
-
-
-@attrs.frozen(slots=True)
-class Invalid:
-    """Input the parser rejected, with exactly what to do about it.
-
-    Attributes:
-        reply: the bytes to send; ``b""`` when ``noreply`` silenced the error.
-        close: whether to close the connection after sending ``reply`` (framing is lost or
-            the peer does not speak this protocol). The parser returns :data:`CLOSED` next.
-    """
-
-    reply: bytes
-    close: bool = False
-
-    def __attrs_post_init__(self) -> None:
-        if self.reply and not self.reply.endswith(b"\r\n"):
-            raise ValueError(f"a reply must end with CRLF: {self.reply!r}")
-
-
-Request: TypeAlias = (
-    Get
-    | GetAndTouch
-    | Store
-    | ValueTooLarge
-    | Delete
-    | Arithmetic
-    | Touch
-    | FlushAll
-    | Stats
-    | Version
-    | Verbosity
-    | Quit
-)
-#: Everything :meth:`MemcacheParser.next_event` returns apart from the sentinels.
-Event: TypeAlias = Request | Invalid
 _Outcome: TypeAlias = Event | type[NEED_DATA] | type[CLOSED]
 
 _SILENT: Final = Invalid(b"")
@@ -455,7 +185,7 @@ def _parse_int32(token: bytes) -> int | None:
     if len(digits) > _MAX_NUMBER_TOKEN_LENGTH or not digits.isdigit():
         return None
     value = int(token)
-    return value if _INT32_MIN <= value <= _INT32_MAX else None
+    return value if INT32_MIN <= value <= INT32_MAX else None
 
 
 # --- Parser ---------------------------------------------------------------------------------
@@ -674,14 +404,14 @@ class MemcacheParser:
         key = tokens[1]
         if not is_valid_key(key):
             return _silenced(Invalid(_BAD_FORMAT), noreply)
-        flags = _parse_unsigned(tokens[2], _UINT32_MAX)
+        flags = _parse_unsigned(tokens[2], UINT32_MAX)
         exptime = _parse_int32(tokens[3])
         length = _parse_int32(tokens[4])
         if flags is None or exptime is None or length is None:
             return _silenced(Invalid(_BAD_FORMAT), noreply)
         cas_unique = None
         if is_cas:
-            cas_unique = _parse_unsigned(tokens[5], _UINT64_MAX)
+            cas_unique = _parse_unsigned(tokens[5], UINT64_MAX)
             if cas_unique is None:
                 return _silenced(Invalid(_BAD_FORMAT), noreply)
         if not 0 <= length <= _MAX_DECLARED_LENGTH:
@@ -740,7 +470,7 @@ class MemcacheParser:
         key = tokens[1]
         if not is_valid_key(key):
             return _silenced(Invalid(_BAD_FORMAT), noreply)
-        delta = _parse_unsigned(tokens[2], _UINT64_MAX)
+        delta = _parse_unsigned(tokens[2], UINT64_MAX)
         if delta is None:
             return _silenced(Invalid(_BAD_DELTA), noreply)
         return Arithmetic(key, delta, tokens[0] == b"incr", noreply)
@@ -782,7 +512,7 @@ class MemcacheParser:
         if len(tokens) != 2 and len(tokens) != 3:
             return _UNKNOWN_COMMAND
         noreply = tokens[-1] == b"noreply"
-        level = _parse_unsigned(tokens[1], _UINT32_MAX)
+        level = _parse_unsigned(tokens[1], UINT32_MAX)
         if level is None:
             return _silenced(Invalid(_BAD_FORMAT), noreply)
         return Verbosity(level, noreply)

@@ -19,7 +19,8 @@ import trio
 
 from kai.cluster.wiring import Cluster
 from kai.config import Address, Config, Quorum
-from kai.memcache.commands import CommandExecutor, NodeInfo
+from kai.memcache.commands import CommandExecutor
+from kai.memcache.report import NodeInfo
 from kai.replica import LocalReplica
 from kai.ring import NodeId
 from kai.stats import NodeStats

@@ -1,0 +1,135 @@
+"""What a node answers to memcached's ``stats`` command, and the version it reports.
+
+memcached's field names come first, where they mean something here, then Kai's own
+(``kai_*``); ``kai-admin stats`` shows the same fields. Never touches sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Callable
+
+import attrs
+
+from kai import __version__
+from kai.memcache import replies as mc
+from kai.stats import NodeStats
+
+#: The memcached version we answer with; libmemcached and memccapable need major.minor >= 1.6.
+MEMCACHED_VERSION = f"1.6.21-kai-{__version__}"
+VERSION_REPLY = f"VERSION {MEMCACHED_VERSION}\r\n".encode()
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class NodeInfo:
+    """Static facts about the node that ``stats`` reports."""
+
+    node: str
+    quorum: str
+    buckets: int
+    virtual_nodes: int
+    store: str
+    max_connections: int
+    max_item_size: int
+    settings: dict[str, object]
+    started_at: float = attrs.field(factory=time.time)
+
+
+class StatsReport:
+    """Renders ``stats`` replies from the node's counters and facts.
+
+    Args:
+        stats: the node's counters (``stats reset`` clears them).
+        info: static node facts.
+        members: the cluster's members, for ``kai_curr_nodes``.
+        item_counts: returns (items, bytes) for ``curr_items`` / ``bytes``.
+        extra_stats: more fields from other parts of the node (storage, cache).
+        wall_clock: unix time in seconds.
+    """
+
+    def __init__(
+        self,
+        stats: NodeStats,
+        info: NodeInfo,
+        *,
+        members: Callable[[], list[str]],
+        item_counts: Callable[[], tuple[int, int]] = lambda: (0, 0),
+        extra_stats: Callable[[], list[tuple[str, object]]] = list,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.stats = stats
+        self.info = info
+        self.members = members
+        self.item_counts = item_counts
+        self.extra_stats = extra_stats
+        self.wall_clock = wall_clock
+
+    def reply(self, args: tuple[bytes, ...]) -> bytes:
+        """The reply to ``stats`` with ``args`` (a group name, or none for the general one)."""
+        if not args:
+            return mc.encode_stats(self.general())
+        if args == (b"settings",):
+            return mc.encode_stats(self.settings())
+        if args == (b"reset",):
+            self.stats.reset()
+            return mc.RESET
+        if args[0] in (b"items", b"slabs", b"sizes", b"conns"):
+            return mc.END  # Kai has no slabs; an empty listing is what clients accept
+        return mc.ERROR
+
+    def general(self) -> list[tuple[str, object]]:
+        """memcached's general ``stats`` fields followed by Kai's own."""
+        now = self.wall_clock()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        stats = self.stats
+        items, item_bytes = self.item_counts()
+        fields: list[tuple[str, object]] = [
+            ("pid", os.getpid()),
+            ("uptime", int(now - self.info.started_at)),
+            ("time", int(now)),
+            ("version", MEMCACHED_VERSION),
+            ("pointer_size", 64),
+            ("rusage_user", f"{usage.ru_utime:.6f}"),
+            ("rusage_system", f"{usage.ru_stime:.6f}"),
+            ("max_connections", self.info.max_connections),
+            ("curr_connections", stats.curr_connections),
+            ("connection_structures", stats.curr_connections),
+            ("curr_items", items),
+            ("bytes", item_bytes),
+            ("evictions", 0),
+            ("limit_maxbytes", 0),
+            ("threads", 1),
+            ("accepting_conns", 1),
+        ]
+        fields += stats.counters()  # total/rejected connections and every request counter
+        fields += [
+            ("kai_node", self.info.node),
+            ("kai_quorum", self.info.quorum),
+            ("kai_buckets", self.info.buckets),
+            ("kai_virtual_nodes", self.info.virtual_nodes),
+            ("kai_store", self.info.store),
+            ("kai_curr_nodes", " ".join(self.members())),
+        ]
+        fields += stats.latency_fields()
+        fields += self.extra_stats()
+        return fields
+
+    def settings(self) -> list[tuple[str, object]]:
+        """``stats settings``: memcached's names where they apply, then Kai's settings."""
+        fields: list[tuple[str, object]] = [
+            ("maxconns", self.info.max_connections),
+            ("item_size_max", self.info.max_item_size),
+            ("evictions", "off"),
+            ("cas_enabled", "yes"),
+            ("num_threads", 1),
+            ("udpport", 0),
+        ]
+        for name, value in self.info.settings.items():
+            if isinstance(value, list):
+                value = ",".join(str(item) for item in value) or "-"
+            elif isinstance(value, bool):
+                value = "yes" if value else "no"
+            fields.append((f"kai_{name}", value))
+        return fields
