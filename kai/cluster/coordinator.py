@@ -152,8 +152,9 @@ class ClusterCoordinator(Coordinator):
 
     async def get(self, key: bytes) -> ReadResult:
         """Quorum-read one key (see :meth:`get_many`)."""
-        if self._alone():
-            return ReadResult(self.replica.read(key))
+        at_once = self.get_at_once(key)
+        if at_once is not None:
+            return at_once
         ring, quorum = self._ring_and_quorum()
         replicas = ring.primaries(ring.partition_for_key(key), quorum.n)
         if replicas == (self.self_node,):
@@ -214,8 +215,9 @@ class ClusterCoordinator(Coordinator):
             QuorumTimeout: W acks did not arrive within ``request_timeout``.
             TooManySiblings: the write would leave too many siblings.
         """
-        if self._alone():
-            return self.replica.coordinate_write(key, payload, context)
+        at_once = self.put_at_once(key, payload, context=context)
+        if at_once is not None:
+            return at_once
         ring, quorum = self._ring_and_quorum()
         primaries = ring.primaries(ring.partition_for_key(key), quorum.n)
         if self.self_node in primaries:

@@ -30,6 +30,7 @@ _U64 = 2**64
 _NON_NUMERIC = mc.client_error("cannot increment or decrement non-numeric value")
 _TOO_LARGE = mc.server_error("object too large for cache")
 _OUT_OF_MEMORY = mc.server_error("out of memory storing object")
+_TOO_MANY_SIBLINGS = mc.server_error("too many siblings")
 
 
 class KeyLocks:
@@ -121,7 +122,7 @@ class CommandExecutor:
             self.stats.kai_quorum_failures += 1
             return b"" if _noreply(request) else mc.server_error(error.reply_text)
         except TooManySiblings:
-            return b"" if _noreply(request) else mc.server_error("too many siblings")
+            return b"" if _noreply(request) else _TOO_MANY_SIBLINGS
 
     def execute_now(self, request: mc.Request | mc.Invalid) -> bytes | None:
         """The reply to ``request`` if it can be made without waiting; None if it needs
@@ -151,15 +152,13 @@ class CommandExecutor:
             if request.command != "set":
                 return None
             started = time.perf_counter()
-            payload = Payload(
-                request.flags, absolute_expiry(request.exptime, self.wall_clock()), request.value
-            )
+            payload = self._payload_of(request)
             try:
                 if self.coordinator.put_at_once(request.key, payload, context=None) is None:
                     return None
                 reply = _quiet(request.noreply, mc.STORED)
             except TooManySiblings:
-                reply = b"" if request.noreply else mc.server_error("too many siblings")
+                reply = b"" if request.noreply else _TOO_MANY_SIBLINGS
             self.stats.cmd_set += 1
             self.stats.set_latency.record(time.perf_counter() - started)
             return reply
@@ -289,9 +288,7 @@ class CommandExecutor:
     async def _store(self, request: mc.Store) -> bytes:
         self.stats.cmd_set += 1
         command, key, noreply = request.command, request.key, request.noreply
-        payload = Payload(
-            request.flags, absolute_expiry(request.exptime, self.wall_clock()), request.value
-        )
+        payload = self._payload_of(request)
         if command == "set":
             await self.coordinator.put(key, payload, context=None)
             return _quiet(noreply, mc.STORED)
@@ -327,6 +324,11 @@ class CommandExecutor:
                         combined = Payload(live.flags, live.expiry, joined)
                         reply = await self._put(key, combined, result)
         return _quiet(noreply, reply)
+
+    def _payload_of(self, request: mc.Store) -> Payload:
+        return Payload(
+            request.flags, absolute_expiry(request.exptime, self.wall_clock()), request.value
+        )
 
     async def _put(self, key: bytes, payload: Payload, read: ReadResult) -> bytes:
         await self.coordinator.put(key, payload, context=read.context)

@@ -19,7 +19,7 @@ import contextlib
 import errno
 import logging
 import socket
-from typing import NoReturn
+from typing import NoReturn, TypeAlias
 
 import attrs
 import trio
@@ -48,6 +48,10 @@ _ACCEPT_RETRY_DELAY = 0.1
 _GONE = (ConnectionError, OSError)
 
 
+#: A request (or the parser's ``CLOSED``) left for a connection's task to take up, or None.
+Deferred: TypeAlias = mc.Request | mc.Invalid | type | None
+
+
 @attrs.define(eq=False)
 class _Connection:
     """A client connection: its socket and parser, and what the poller's step (see
@@ -58,13 +62,22 @@ class _Connection:
     parser: mc.MemcacheParser
     closing: bool = False
     #: A parsed request that could not be answered at once: the task executes it first.
-    deferred: mc.Request | mc.Invalid | type | None = None
+    deferred: Deferred = None
     #: Reply bytes the socket did not take at once: the task sends them before anything else.
     unsent: bytes = b""
     #: The last receive filled its buffer, so more may be waiting in the socket.
     unread: bool = False
     #: What the poller's step raised: the task raises it.
     error: Exception | None = None
+
+    def take_up(self) -> tuple[bytes, Deferred]:
+        """What the poller's step left for the task (unsent reply bytes, a request to execute
+        before any other), cleared; raises what the step raised."""
+        if self.error is not None:
+            raise self.error
+        unsent, self.unsent = self.unsent, b""
+        deferred, self.deferred = self.deferred, None
+        return unsent, deferred
 
     def close_when_idle(self) -> None:
         """Make the connection end after the requests it already received.
@@ -210,7 +223,8 @@ class MemcacheServer:
         While this task waits for input, the poller serves what arrives by itself as long as
         every request can be answered at once (:meth:`_serve_at_once`); it wakes this task for
         anything else, leaving it in ``connection``. So after every wait the task first takes
-        up what the poller left: an error, unsent replies, a request to execute.
+        up what the poller left (:meth:`_Connection.take_up`): an error, unsent replies, a
+        request to execute.
         """
         sock = connection.sock
         wait_readable = connection.watch.wait_readable
@@ -220,42 +234,41 @@ class MemcacheServer:
         pending: list[bytes] = []
         pending_size = 0
         batches = 0
+        deferred: Deferred = None
         while True:
-            if connection.error is not None:
-                raise connection.error
-            if connection.unsent:
-                pending.append(connection.unsent)
-                pending_size += len(connection.unsent)
-                connection.unsent = b""
-            event = connection.deferred
-            if event is None:
+            if deferred is None:
                 event = parser.next_event()
             else:
-                connection.deferred = None
+                event, deferred = deferred, None
             if event is mc.NEED_DATA:
+                # A client that waited for the replies sent now has sent nothing more yet:
+                # wait for it rather than paying for a receive that would find nothing.
+                idle = False
                 if pending:
                     await self._send(sock, pending)
                     pending, pending_size = [], 0
-                    if not parser.buffered and not connection.unread:
-                        # A client that waited for these replies has sent nothing yet: wait
-                        # for it rather than paying for a receive that would find nothing.
+                    idle = not parser.buffered and not connection.unread
+                if not idle:
+                    batches += 1
+                    if batches >= FAIR_SHARE:
                         batches = 0
-                        await wait_readable()
+                        await trio.lowlevel.checkpoint()
+                    try:
+                        data = sock.recv(RECEIVE_SIZE)
+                    except BlockingIOError:
+                        pass
+                    else:
+                        connection.unread = False
+                        stats.bytes_read += len(data)
+                        parser.receive_data(data)
                         continue
-                batches += 1
-                if batches >= FAIR_SHARE:
-                    batches = 0
-                    await trio.lowlevel.checkpoint()
-                try:
-                    data = sock.recv(RECEIVE_SIZE)
-                except BlockingIOError:
-                    batches = 0
-                    connection.unread = False
-                    await wait_readable()
-                    continue
+                batches = 0
                 connection.unread = False
-                stats.bytes_read += len(data)
-                parser.receive_data(data)
+                await wait_readable()
+                unsent, deferred = connection.take_up()
+                if unsent:
+                    pending.append(unsent)
+                    pending_size += len(unsent)
                 continue
             if event is mc.CLOSED or isinstance(event, mc.Quit):
                 break
