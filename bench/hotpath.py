@@ -17,12 +17,12 @@ from pathlib import Path
 import trio
 
 from kai.coordinator import LocalCoordinator
-from kai.memcache import protocol as mc
+from kai.core.memcache import protocol as mc
+from kai.core.memcache.report import NodeInfo
+from kai.core.stats import NodeStats
 from kai.memcache.commands import CommandExecutor
-from kai.memcache.report import NodeInfo
-from kai.replica import LocalReplica
-from kai.stats import NodeStats
 from kai.storage.leveldb import LevelDBEngine
+from kai.storage.replica import LocalReplica
 
 
 async def run(ops: int, data_dir: Path, cache_bytes: int) -> dict[str, float]:

@@ -25,13 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kai.cluster.coordinator import ClusterCoordinator
 from kai.cluster.replica_rpc import ReplicaRpcHandlers
-from kai.config import Quorum
-from kai.replica import LocalReplica, Payload
-from kai.ring import NodeId, Ring
+from kai.core.config import Quorum
+from kai.core.ring import NodeId, Ring
+from kai.core.stats import NodeStats
 from kai.rpc.server import Handler
-from kai.stats import NodeStats
+from kai.rpc.transport import CancelCall, OnDone
 from kai.storage.memory import MemoryEngine
-from kai.transport import CancelCall, OnDone
+from kai.storage.replica import LocalReplica, Payload
 
 NODES = [NodeId("127.0.0.1", 11011 + index) for index in range(3)]
 BUCKETS = 1024

@@ -25,10 +25,10 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kai.cluster.fanout import PeerCaller
-from kai.ring import NodeId
+from kai.core.ring import NodeId
 from kai.rpc.client import RpcClient
 from kai.rpc.server import serve_rpc
-from kai.transport import RpcTransport
+from kai.rpc.transport import RpcTransport
 
 HOST = "127.0.0.1"
 SECRET = b"bench-rpc-secret-0123456789abcdef"

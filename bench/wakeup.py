@@ -13,7 +13,7 @@ waits for every reply, and repeats; the server sleeps during each round trip. Se
 - ``plain``: a bare ``select.epoll`` loop in Python that answers each read at once;
 - ``trio``: the same in trio, waiting with ``trio.lowlevel.wait_readable``;
 - ``netpoll``: the same in trio, waiting through kai's edge-triggered poller
-  (:mod:`kai.netpoll`, what kai's memcached listener uses);
+  (:mod:`kai.memcache.netpoll`, what kai's memcached listener uses);
 - ``kai``: a real kai node (one node, default settings);
 - ``memcached``: ``memcached -t 1``, if installed.
 
@@ -46,7 +46,7 @@ from _results import add_output_options, publish
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kai import netpoll
+from kai.memcache import netpoll
 from kai.testing.process import (
     KaiProcess,
     MemcachedProcess,

@@ -21,8 +21,8 @@ from typing import Final
 import trio
 
 from kai import __version__
-from kai.config import LOG_LEVELS, Config, config_from_mapping, load_config_file
-from kai.errors import KaiError
+from kai.core.config import LOG_LEVELS, Config, config_from_mapping, load_config_file
+from kai.core.errors import KaiError
 from kai.node import Node
 
 logger = logging.getLogger("kai")

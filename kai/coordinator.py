@@ -11,9 +11,9 @@ import abc
 import time
 from collections.abc import Callable, Sequence
 
-from kai.replica import LocalReplica, Payload
-from kai.vclock import VClock
-from kai.versions import SiblingSet, Version, cas_unique, context_of
+from kai.core.vclock import VClock
+from kai.core.versions import SiblingSet, Version, cas_unique, context_of
+from kai.storage.replica import LocalReplica, Payload
 
 
 class ReadResult:
@@ -60,8 +60,8 @@ class ReadResult:
 class Coordinator(abc.ABC):
     """Reads and writes keys on behalf of clients, wherever the replicas are.
 
-    Errors: :class:`~kai.errors.CoordinatorError` when a quorum cannot be met (the client sees
-    ``SERVER_ERROR``), :class:`~kai.errors.TooManySiblings` when a write is refused.
+    Errors: :class:`~kai.core.errors.CoordinatorError` when a quorum cannot be met (the client sees
+    ``SERVER_ERROR``), :class:`~kai.core.errors.TooManySiblings` when a write is refused.
     """
 
     @abc.abstractmethod

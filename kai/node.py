@@ -15,19 +15,20 @@ import attrs
 import trio
 
 from kai import __version__
+from kai.admin.handlers import AdminHandlers
 from kai.cluster.wiring import Cluster
-from kai.config import Config
+from kai.core.config import Config
+from kai.core.memcache.report import NodeInfo
+from kai.core.ring import NodeId
+from kai.core.stats import NodeStats
+from kai.core.storage import StorageEngine
 from kai.memcache.commands import CommandExecutor
-from kai.memcache.report import NodeInfo
 from kai.memcache.server import MemcacheServer
-from kai.node_admin import AdminHandlers
-from kai.replica import LocalReplica
-from kai.ring import NodeId
 from kai.rpc.secret import load_or_create_secret
 from kai.rpc.server import Handler, serve_rpc
-from kai.stats import NodeStats
-from kai.storage.engine import StorageEngine, open_engine
-from kai.transport import RpcTransport
+from kai.rpc.transport import RpcTransport
+from kai.storage import open_engine
+from kai.storage.replica import LocalReplica
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import zlib
 
 from hypothesis import strategies as st
 
-from kai.vclock import VClock
-from kai.versions import Version
+from kai.core.vclock import VClock
+from kai.core.versions import Version
 
 ACTORS = [b"actor-a", b"actor-b", b"actor-c", b"actor-d"]
 

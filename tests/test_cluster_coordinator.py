@@ -20,10 +20,9 @@ import trio.testing
 
 from kai.cluster import reads as reads_module
 from kai.cluster.coordinator import ClusterCoordinator
-from kai.cluster.quorum import ReadRound
 from kai.cluster.replica_rpc import READ_REPLY_BUDGET, ReplicaRpcHandlers, siblings_from_wire
-from kai.config import Quorum
-from kai.errors import (
+from kai.core.config import Quorum
+from kai.core.errors import (
     QuorumTimeout,
     QuorumUnavailable,
     RpcBadRequest,
@@ -31,14 +30,15 @@ from kai.errors import (
     RpcError,
     TooManySiblings,
 )
-from kai.replica import LocalReplica, Payload
-from kai.ring import NodeId, Ring
+from kai.core.quorum import ReadRound
+from kai.core.ring import NodeId, Ring
+from kai.core.stats import NodeStats
+from kai.core.vclock import VClock
+from kai.core.versions import Version, encode_siblings
 from kai.rpc.server import Handler
-from kai.stats import NodeStats
+from kai.rpc.transport import CancelCall, OnDone
 from kai.storage.memory import MemoryEngine
-from kai.transport import CancelCall, OnDone
-from kai.vclock import VClock
-from kai.versions import Version, encode_siblings
+from kai.storage.replica import LocalReplica, Payload
 
 TIMEOUT = 5.0
 BUCKETS = 64

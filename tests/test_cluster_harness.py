@@ -6,10 +6,10 @@ import random
 
 import trio
 
-from kai.config import Quorum
+from kai.core.config import Quorum
+from kai.core.versions import check_sibling_set
 from kai.testing.cluster import InProcessCluster
 from kai.testing.network import Faults
-from kai.versions import check_sibling_set
 
 
 def token_of(reply: bytes) -> int:

@@ -8,16 +8,16 @@ import trio
 from hypothesis import given, settings, strategies as st
 
 from kai.coordinator import Coordinator, LocalCoordinator, ReadResult
-from kai.errors import QuorumTimeout
-from kai.memcache import protocol as mc
+from kai.core.errors import QuorumTimeout
+from kai.core.memcache import protocol as mc
+from kai.core.memcache.report import NodeInfo
+from kai.core.stats import NodeStats
+from kai.core.vclock import VClock
+from kai.core.versions import Version
 from kai.memcache.commands import CommandExecutor, parse_counter
-from kai.memcache.report import NodeInfo
-from kai.replica import LocalReplica, Payload
-from kai.stats import NodeStats
 from kai.storage.memory import MemoryEngine
+from kai.storage.replica import LocalReplica, Payload
 from kai.testing.memcache import execute_raw
-from kai.vclock import VClock
-from kai.versions import Version
 
 NOW = 1_700_000_000.0
 

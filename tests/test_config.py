@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from kai.__main__ import build_parser, config_from_args
-from kai.config import Address, Config, Quorum, config_from_mapping, load_config_file
-from kai.errors import ConfigError
+from kai.core.config import Address, Config, Quorum, config_from_mapping, load_config_file
+from kai.core.errors import ConfigError
 
 
 def test_defaults_match_the_design() -> None:

@@ -8,9 +8,9 @@ import pytest
 import trio
 import trio.testing
 
-from kai.errors import RpcConnectionError
+from kai.core.errors import RpcConnectionError
+from kai.core.ring import NodeId
 from kai.membership.detector import FailureDetector
-from kai.ring import NodeId
 
 A = NodeId("127.0.0.1", 11011)
 B = NodeId("127.0.0.1", 11012)

@@ -17,10 +17,10 @@ import trio
 import trio.testing
 
 from kai.cluster.fanout import Answer, FanOut, PeerCaller
-from kai.errors import RpcBadRequest, RpcConnectionError, RpcError
-from kai.ring import NodeId
+from kai.core.errors import RpcBadRequest, RpcConnectionError, RpcError
+from kai.core.ring import NodeId
 from kai.rpc.server import Handler, handle_rpc_connection
-from kai.transport import CancelCall, OnDone, RpcTransport
+from kai.rpc.transport import CancelCall, OnDone, RpcTransport
 
 SECRET = b"cluster-secret-0123456789abcdef!"
 A = NodeId("127.0.0.1", 11011)

@@ -18,11 +18,11 @@ import pytest
 import trio
 import trio.testing
 
-from kai.errors import RpcBadRequest, RpcConnectionError, RpcMethodNotFound
+from kai.core.errors import RpcBadRequest, RpcConnectionError, RpcMethodNotFound
+from kai.core.membership import Member, MembershipView
+from kai.core.ring import NodeId
 from kai.membership.detector import FailureDetector
 from kai.membership.gossip import Membership
-from kai.membership.view import Member, MembershipView
-from kai.ring import NodeId
 
 NODES = [NodeId("127.0.0.1", 11011 + index) for index in range(6)]
 A, B, C, D, E, F = NODES

@@ -6,14 +6,14 @@ import msgpack
 import pytest
 from hypothesis import given, strategies as st
 
-from kai.membership.view import (
+from kai.core.membership import (
     MAX_FLUSH_TIMES,
     STATUSES,
     Member,
     MembershipView,
     Status,
 )
-from kai.ring import NodeId
+from kai.core.ring import NodeId
 
 # A small pool, so generated views often share nodes and the merge has ties to break.
 NODES = [NodeId("127.0.0.1", port) for port in (11011, 11012, 11013)] + [

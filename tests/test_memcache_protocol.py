@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from kai.memcache.protocol import (
+from kai.core.memcache.protocol import (
     CLOSED,
     DELETED,
     END,
@@ -540,7 +540,7 @@ def test_is_valid_key() -> None:
 
 def test_protocol_module_does_no_io_imports() -> None:
     code = (
-        "import sys, kai.memcache.protocol\n"
+        "import sys, kai.core.memcache.protocol\n"
         "bad = {'trio', 'plyvel', 'socket', 'asyncio'} & set(sys.modules)\n"
         "assert not bad, bad\n"
     )

@@ -14,8 +14,8 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
-from kai.memcache import protocol as mc
-from kai.memcache.report import VERSION_REPLY
+from kai.core.memcache import protocol as mc
+from kai.core.memcache.report import VERSION_REPLY
 from kai.memcache.server import RECEIVE_SIZE, SEND_THRESHOLD, MemcacheServer
 from tests.test_commands import make_harness
 

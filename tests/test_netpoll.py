@@ -15,8 +15,8 @@ import pytest
 import trio
 import trio.testing
 
-from kai import netpoll
-from kai.netpoll import ReadPoller, Watch
+from kai.memcache import netpoll
+from kai.memcache.netpoll import ReadPoller, Watch
 
 
 @contextmanager
@@ -333,7 +333,7 @@ def poller_tasks() -> int:
     found, stack = 0, [root]
     while stack:
         task = stack.pop()
-        found += task.name == "kai.netpoll"
+        found += task.name == "kai.memcache.netpoll"
         stack.extend(child for nursery in task.child_nurseries for child in nursery.child_tasks)
     return found
 

@@ -12,14 +12,14 @@ import pytest
 import trio
 import trio.testing
 
-from kai.errors import (
+from kai.core.errors import (
     RpcBadRequest,
     RpcConnectionError,
     RpcError,
     RpcMethodNotFound,
     RpcRemoteError,
 )
-from kai.ring import NodeId
+from kai.core.ring import NodeId
 from kai.rpc.client import RpcClient
 from kai.rpc.server import Handler, serve_rpc
 from kai.testing.network import FakeNetwork, Faults

@@ -1,28 +1,31 @@
-"""The pure core never imports trio or plyvel (DESIGN §2, STYLE rule 2)."""
+"""The pure core never imports trio, plyvel or socket (DESIGN §2, STYLE rule 2).
+
+The rule is a folder rule: every module under ``kai/core/`` is checked, each in a clean
+interpreter, so a new module there is covered without being listed.
+"""
 
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
-PURE_MODULES = [
-    "kai.ring",
-    "kai.membership.view",
-    "kai.cluster.quorum",
-    "kai.vclock",
-    "kai.versions",
-    "kai.config",
-    "kai.stats",
-    "kai.memcache.protocol",
-    "kai.memcache.requests",
-    "kai.memcache.replies",
-    "kai.memcache.report",
-    "kai.rpc.protocol",
-    "kai.rpc.auth",
-    "kai.storage.engine",
-]
+import kai.core
+
+CORE = pathlib.Path(kai.core.__file__).parent
+PURE_MODULES = sorted(
+    ".".join(("kai", "core", *path.relative_to(CORE).with_suffix("").parts)).removesuffix(
+        ".__init__"
+    )
+    for path in CORE.rglob("*.py")
+)
+
+
+def test_the_core_has_modules() -> None:
+    assert "kai.core.ring" in PURE_MODULES
+    assert "kai.core.memcache.protocol" in PURE_MODULES
 
 
 @pytest.mark.parametrize("module", PURE_MODULES)

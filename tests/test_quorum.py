@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from hypothesis import given, strategies as st
 
-from kai.cluster.quorum import KeyRound, ReadRound, Round
-from kai.ring import NodeId
-from kai.versions import Version
+from kai.core.quorum import KeyRound, ReadRound, Round
+from kai.core.ring import NodeId
+from kai.core.versions import Version
 
 from .strategies import versions
 

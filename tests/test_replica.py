@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from hypothesis import given, strategies as st
 
-from kai.replica import LocalReplica, Payload
-from kai.stats import NodeStats
+from kai.core.stats import NodeStats
+from kai.core.vclock import VClock
+from kai.core.versions import Version, apply_write, decode_siblings, encode_siblings
 from kai.storage.memory import MemoryEngine
-from kai.vclock import VClock
-from kai.versions import Version, apply_write, decode_siblings, encode_siblings
+from kai.storage.replica import LocalReplica, Payload
 
 from .strategies import versions
 

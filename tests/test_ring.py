@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kai.ring import (
+from kai.core.ring import (
     HASH_SPACE,
     NodeId,
     Ring,
@@ -191,7 +191,7 @@ def test_preference_list_is_cached() -> None:
 
 def test_ring_module_stays_pure() -> None:
     code = (
-        "import sys, kai.ring; "
+        "import sys, kai.core.ring; "
         "print(sorted(m for m in ('trio', 'plyvel', 'socket', 'asyncio') if m in sys.modules))"
     )
     result = subprocess.run(

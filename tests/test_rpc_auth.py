@@ -1,4 +1,4 @@
-"""Tests for the RPC handshake (kai.rpc.auth) and the cluster secret file (kai.rpc.secret)."""
+"""Tests for the RPC handshake (kai.core.rpc.auth) and the cluster secret file (kai.rpc.secret)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import msgpack
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kai.errors import ConfigError, RpcAuthenticationError, RpcProtocolError
-from kai.rpc.auth import (
+from kai.core.errors import ConfigError, RpcAuthenticationError, RpcProtocolError
+from kai.core.rpc.auth import (
     MAX_HANDSHAKE_MESSAGE_SIZE,
     PROTOCOL_VERSION,
     REJECTION,

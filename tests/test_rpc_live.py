@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from kai.errors import (
+from kai.core.errors import (
     RpcAuthenticationError,
     RpcBadRequest,
     RpcConnectionError,

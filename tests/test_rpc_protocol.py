@@ -1,4 +1,4 @@
-"""Tests for the sans-IO MessagePack-RPC framing in kai.rpc.protocol."""
+"""Tests for the sans-IO MessagePack-RPC framing in kai.core.rpc.protocol."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import msgpack
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kai.errors import (
+from kai.core.errors import (
     RpcBadRequest,
     RpcError,
     RpcMethodNotFound,
     RpcProtocolError,
     RpcRemoteError,
 )
-from kai.rpc.protocol import (
+from kai.core.rpc.protocol import (
     CLOSED,
     MAX_MSGID,
     NEED_DATA,
@@ -255,7 +255,7 @@ def test_records_refuse_invalid_fields() -> None:
 
 def test_pure_modules_do_not_import_trio() -> None:
     code = (
-        "import sys, kai.rpc.protocol, kai.rpc.auth, kai.rpc.secret\n"
+        "import sys, kai.core.rpc.protocol, kai.core.rpc.auth, kai.rpc.secret\n"
         "assert 'trio' not in sys.modules, 'trio imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from kai.stats import LatencyHistogram, NodeStats
+from kai.core.stats import LatencyHistogram, NodeStats
 
 
 def test_percentiles_are_close_to_exact_values() -> None:

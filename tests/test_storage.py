@@ -19,8 +19,9 @@ import pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from kai.errors import StorageError
-from kai.storage.engine import MAX_PARTITION, StorageEngine, StorageStatistics, open_engine
+from kai.core.errors import StorageError
+from kai.core.storage import MAX_PARTITION, StorageEngine, StorageStatistics
+from kai.storage import open_engine
 from kai.storage.leveldb import LevelDBEngine
 from kai.storage.memory import MemoryEngine
 
@@ -390,7 +391,7 @@ def test_open_engine(tmp_path: Path) -> None:
 
 def test_only_the_leveldb_module_imports_plyvel() -> None:
     code = (
-        "import sys, kai.storage.engine, kai.storage.memory;"
+        "import sys, kai.core.storage, kai.storage.memory;"
         "bad = {'plyvel', 'trio'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 
-from kai.vclock import Order, VClock
+from kai.core.vclock import Order, VClock
 
 from .strategies import clocks
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from hypothesis import given, strategies as st
 
-from kai.vclock import VClock
-from kai.versions import (
+from kai.core.vclock import VClock
+from kai.core.versions import (
     Version,
     absolute_expiry,
     apply_write,

@@ -22,8 +22,8 @@ from typing import Any
 
 import trio
 
-from kai.config import Address
-from kai.errors import KaiError, RpcError
+from kai.core.config import Address
+from kai.core.errors import KaiError, RpcError
 from kai.rpc.client import RpcClient
 from kai.rpc.secret import load_secret
 

@@ -30,7 +30,6 @@ from collections.abc import Callable, Sequence
 import trio
 
 from kai.cluster.fanout import PeerCaller
-from kai.cluster.quorum import KeyRound, ReadRound, Tally
 from kai.cluster.reads import QuorumReader
 from kai.cluster.replica_rpc import (
     READ_REPLY_BUDGET,
@@ -39,20 +38,21 @@ from kai.cluster.replica_rpc import (
     raise_forwarded,
     siblings_from_wire,
 )
-from kai.config import Quorum
 from kai.coordinator import Coordinator, ReadResult
-from kai.errors import (
+from kai.core.config import Quorum
+from kai.core.errors import (
     QuorumTimeout,
     QuorumUnavailable,
     RpcBadRequest,
     RpcConnectionError,
 )
-from kai.replica import LocalReplica, Payload
-from kai.ring import NodeId, Ring
+from kai.core.quorum import KeyRound, ReadRound, Tally
+from kai.core.ring import NodeId, Ring
+from kai.core.vclock import VClock
+from kai.core.versions import Version
 from kai.rpc.server import Handler
-from kai.transport import FanOutTransport
-from kai.vclock import VClock
-from kai.versions import Version
+from kai.rpc.transport import FanOutTransport
+from kai.storage.replica import LocalReplica, Payload
 
 logger = logging.getLogger(__name__)
 

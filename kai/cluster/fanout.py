@@ -7,7 +7,7 @@ requester stops waiting once its quorum is in, then hands the fan-out a listener
 answers still reach read repair and the failure detector.
 
 A fan-out costs no task per call: requests are queued on the peers' RPC connections and each
-response is delivered by the connection's reader (:meth:`~kai.transport.FanOutTransport.start_call`).
+response is delivered by the connection's reader (:meth:`~kai.rpc.transport.FanOutTransport.start_call`).
 One sweeper task per caller ends the calls whose deadline passes. Only a transport that cannot
 start a call that way right now (not connected yet, or an in-process test network) gets a
 task for that call.
@@ -30,14 +30,14 @@ from functools import partial
 import attrs
 import trio
 
-from kai.errors import (
+from kai.core.errors import (
     RpcAuthenticationError,
     RpcConnectionError,
     RpcError,
     RpcProtocolError,
 )
-from kai.ring import NodeId
-from kai.transport import CancelCall, FanOutTransport
+from kai.core.ring import NodeId
+from kai.rpc.transport import CancelCall, FanOutTransport
 
 logger = logging.getLogger(__name__)
 

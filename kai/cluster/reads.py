@@ -19,12 +19,12 @@ from functools import partial
 import trio
 
 from kai.cluster.fanout import Answer, FanOut, PeerCaller
-from kai.cluster.quorum import Round
 from kai.cluster.replica_rpc import siblings_from_wire
-from kai.errors import RpcBadRequest, TooManySiblings
-from kai.replica import LocalReplica
-from kai.ring import NodeId
-from kai.versions import SiblingSet, encode_siblings
+from kai.core.errors import RpcBadRequest, TooManySiblings
+from kai.core.quorum import Round
+from kai.core.ring import NodeId
+from kai.core.versions import SiblingSet, encode_siblings
+from kai.storage.replica import LocalReplica
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Four methods, all called by :class:`~kai.cluster.coordinator.ClusterCoordinator` on peers:
 
 ``replica_read(keys: list[bytes]) -> list[bytes | None]``
-    The stored sibling set of each key as a record (:func:`~kai.versions.encode_siblings`),
+    The stored sibling set of each key as a record (:func:`~kai.core.versions.encode_siblings`),
     None when the key is absent. One call carries every key of a multi-get that the peer holds.
     The answer may cover only the first keys (at least one): records stop once they reach
     :data:`READ_REPLY_BUDGET` bytes, and the caller asks again for the rest, so a multi-get of
@@ -19,7 +19,7 @@ Four methods, all called by :class:`~kai.cluster.coordinator.ClusterCoordinator`
 ``flush(at: int) -> None``
     Record a ``flush_all`` taking effect at ``at`` (unix microseconds).
 
-Handlers validate every parameter and raise :class:`~kai.errors.RpcBadRequest` for bad input:
+Handlers validate every parameter and raise :class:`~kai.core.errors.RpcBadRequest` for bad input:
 a confused or hostile peer must never store a malformed record or crash a node. They never
 forward a request to another node (forwarding happens once, on the node a client talked to).
 """
@@ -33,7 +33,7 @@ from typing import TypeGuard
 import msgpack
 import trio
 
-from kai.errors import (
+from kai.core.errors import (
     QuorumTimeout,
     QuorumUnavailable,
     RpcBadRequest,
@@ -43,11 +43,11 @@ from kai.errors import (
     RpcTooManySiblings,
     TooManySiblings,
 )
-from kai.replica import LocalReplica, Payload
-from kai.rpc.protocol import MAX_MESSAGE_SIZE
+from kai.core.rpc.protocol import MAX_MESSAGE_SIZE
+from kai.core.vclock import VClock
+from kai.core.versions import SiblingSet, Version, decode_siblings, encode_siblings
 from kai.rpc.server import Handler
-from kai.vclock import VClock
-from kai.versions import SiblingSet, Version, decode_siblings, encode_siblings
+from kai.storage.replica import LocalReplica, Payload
 
 logger = logging.getLogger(__name__)
 

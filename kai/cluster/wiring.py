@@ -15,15 +15,15 @@ import msgpack
 import trio
 
 from kai.cluster.coordinator import ClusterCoordinator
-from kai.config import Config
+from kai.core.config import Config
+from kai.core.membership import MembershipView
+from kai.core.ring import NodeId, Ring
+from kai.core.storage import StorageEngine
 from kai.membership.detector import FailureDetector
 from kai.membership.gossip import Membership
-from kai.membership.view import MembershipView
-from kai.replica import LocalReplica
-from kai.ring import NodeId, Ring
 from kai.rpc.server import Handler
-from kai.storage.engine import StorageEngine
-from kai.transport import FanOutTransport
+from kai.rpc.transport import FanOutTransport
+from kai.storage.replica import LocalReplica
 
 logger = logging.getLogger(__name__)
 

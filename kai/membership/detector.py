@@ -16,9 +16,9 @@ from collections.abc import Callable
 
 import trio
 
-from kai.errors import RpcError
-from kai.ring import NodeId
-from kai.transport import Transport
+from kai.core.errors import RpcError
+from kai.core.ring import NodeId
+from kai.rpc.transport import Transport
 
 logger = logging.getLogger(__name__)
 

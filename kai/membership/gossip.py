@@ -3,7 +3,7 @@
 Every ``interval`` a node exchanges its view with one random member (push-pull: it sends its
 view in a ``gossip`` RPC and merges the view that comes back) and with every configured seed
 that is not yet a member, then pings the peers its failure detector marks down. Because
-views merge as a join-semilattice (``kai.membership.view``), repeated, reordered or lost
+views merge as a join-semilattice (``kai.core.membership``), repeated, reordered or lost
 exchanges only delay convergence, never corrupt it.
 
 This module must never remove a node from the view or change another node's status because
@@ -21,11 +21,11 @@ from typing import Final, NoReturn
 
 import trio
 
-from kai.errors import RpcBadRequest, RpcConnectionError, RpcError
+from kai.core.errors import RpcBadRequest, RpcConnectionError, RpcError
+from kai.core.membership import MembershipView, Status
+from kai.core.ring import NodeId
 from kai.membership.detector import FailureDetector
-from kai.membership.view import MembershipView, Status
-from kai.ring import NodeId
-from kai.transport import Transport
+from kai.rpc.transport import Transport
 
 logger = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import trio
 
 from kai.coordinator import Coordinator, ReadResult
-from kai.errors import CoordinatorError, TooManySiblings
-from kai.memcache import protocol as mc
-from kai.memcache.report import VERSION_REPLY, NodeInfo, StatsReport
-from kai.replica import Payload
-from kai.stats import NodeStats
-from kai.versions import Version, absolute_expiry, newest, visible
+from kai.core.errors import CoordinatorError, TooManySiblings
+from kai.core.memcache import protocol as mc
+from kai.core.memcache.report import VERSION_REPLY, NodeInfo, StatsReport
+from kai.core.stats import NodeStats
+from kai.core.versions import Version, absolute_expiry, newest, visible
+from kai.storage.replica import Payload
 
 logger = logging.getLogger(__name__)
 

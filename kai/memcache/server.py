@@ -8,7 +8,7 @@ interprets commands itself.
 Sockets are plain non-blocking stdlib sockets: a request whose bytes are already there costs
 no trip through the scheduler (trio's stream wrappers take several per request, a large share
 of the per-request cost here). Connections wait for input through one edge-triggered
-:class:`~kai.netpoll.Watch` (registered once per connection instead of once per wait)
+:class:`~kai.memcache.netpoll.Watch` (registered once per connection instead of once per wait)
 and for room to send with ``trio.lowlevel.wait_writable``. Fairness is kept explicitly: a
 connection that always has more input yields after :data:`FAIR_SHARE` batches.
 """
@@ -24,10 +24,10 @@ from typing import NoReturn, TypeAlias
 import attrs
 import trio
 
-from kai.memcache import protocol as mc
+from kai.core.memcache import protocol as mc
+from kai.core.stats import NodeStats
 from kai.memcache.commands import CommandExecutor
-from kai.netpoll import Watch, watch
-from kai.stats import NodeStats
+from kai.memcache.netpoll import Watch, watch
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The trio RPC client: one authenticated, multiplexed connection per peer.
 
-A thin shell around the sans-IO :mod:`kai.rpc.auth` and :mod:`kai.rpc.protocol`. It must
+A thin shell around the sans-IO :mod:`kai.core.rpc.auth` and :mod:`kai.core.rpc.protocol`. It must
 never send a request before the server has proved it holds the cluster secret, never let a
 cancelled caller disturb other callers on the same connection, never choose timeouts for
 callers (they wrap calls in :func:`trio.fail_after` / :func:`trio.move_on_after`), and never
@@ -27,9 +27,9 @@ from typing import Final, Self
 
 import trio
 
-from kai.errors import RpcConnectionError, RpcError, RpcProtocolError
-from kai.rpc.auth import NONCE_SIZE, ClientHandshake
-from kai.rpc.protocol import CLOSED, MAX_MSGID, NEED_DATA, Response, RpcConnection
+from kai.core.errors import RpcConnectionError, RpcError, RpcProtocolError
+from kai.core.rpc.auth import NONCE_SIZE, ClientHandshake
+from kai.core.rpc.protocol import CLOSED, MAX_MSGID, NEED_DATA, Response, RpcConnection
 from kai.rpc.sockets import MAX_BACKLOG, SocketIO, from_stream, send_all
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """The cluster secret file: create it once (32 random bytes, mode 0600) and load it safely.
 
 Every node and kai-admin must hold the same bytes; RPC authentication
-(:mod:`kai.rpc.auth`) is keyed on them. This module must never write over an existing
+(:mod:`kai.core.rpc.auth`) is keyed on them. This module must never write over an existing
 secret, never create a file that another user could read even briefly, and never accept a
 secret that is too short or readable by group or others.
 """
@@ -13,7 +13,7 @@ import stat
 from pathlib import Path
 from typing import Final
 
-from kai.errors import ConfigError
+from kai.core.errors import ConfigError
 
 #: Length of a newly generated secret, in bytes.
 SECRET_SIZE: Final = 32

@@ -1,6 +1,6 @@
 """The trio RPC server: authenticate each connection, then dispatch requests to handlers.
 
-A thin shell around the sans-IO :mod:`kai.rpc.auth` and :mod:`kai.rpc.protocol`. It must
+A thin shell around the sans-IO :mod:`kai.core.rpc.auth` and :mod:`kai.core.rpc.protocol`. It must
 never run a handler for a peer that has not proved it holds the cluster secret, never let one
 connection's bad input or failing handler disturb another connection, and never leave a
 task running after :func:`serve_rpc` returns (it follows :func:`trio.serve_listeners`).
@@ -20,15 +20,15 @@ from typing import Final, NoReturn, TypeAlias, TypeVar
 import attrs
 import trio
 
-from kai.errors import (
+from kai.core.errors import (
     RpcAuthenticationError,
     RpcError,
     RpcMethodNotFound,
     RpcProtocolError,
     RpcRemoteError,
 )
-from kai.rpc.auth import NONCE_SIZE, REJECTION, ServerHandshake
-from kai.rpc.protocol import (
+from kai.core.rpc.auth import NONCE_SIZE, REJECTION, ServerHandshake
+from kai.core.rpc.protocol import (
     CLOSED,
     NEED_DATA,
     Notification,
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 #: An RPC handler, called as ``handler(*params)``. A handler that can answer at once (never
 #: waits, and is quick) returns its result and runs in the connection's reader, in the order
 #: requests arrive; any other returns an awaitable (is ``async def``) and runs as a task of
-#: its own. Either may raise an :class:`~kai.errors.RpcError` to answer with that error.
+#: its own. Either may raise an :class:`~kai.core.errors.RpcError` to answer with that error.
 Handler: TypeAlias = Callable[..., object]
 
 ListenerT = TypeVar("ListenerT", bound=trio.abc.Listener[trio.abc.Stream])

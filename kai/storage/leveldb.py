@@ -2,7 +2,7 @@
 
 This is the only module in Kai that may import plyvel. It stores opaque bytes and must never
 interpret them, never await, and never let a plyvel exception escape: every failure becomes a
-`kai.errors.StorageError` that names the database path and what the operator should do.
+`kai.core.errors.StorageError` that names the database path and what the operator should do.
 
 On-disk layout (one LevelDB database, ordered bytewise):
 
@@ -25,8 +25,8 @@ from typing import Any, NoReturn
 
 import plyvel
 
-from kai.errors import StorageError
-from kai.storage.engine import MAX_PARTITION, StorageEngine, StorageStatistics
+from kai.core.errors import StorageError
+from kai.core.storage import MAX_PARTITION, StorageEngine, StorageStatistics
 
 #: The layout version this module reads and writes.
 LAYOUT_VERSION = b"1"

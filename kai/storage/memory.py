@@ -11,8 +11,8 @@ import bisect
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
-from kai.errors import StorageError
-from kai.storage.engine import MAX_PARTITION, StorageEngine, StorageStatistics
+from kai.core.errors import StorageError
+from kai.core.storage import MAX_PARTITION, StorageEngine, StorageStatistics
 
 _K = TypeVar("_K", bytes, tuple[int, bytes])
 

@@ -18,13 +18,13 @@ import attrs
 import trio
 
 from kai.cluster.wiring import Cluster
-from kai.config import Address, Config, Quorum
+from kai.core.config import Address, Config, Quorum
+from kai.core.memcache.report import NodeInfo
+from kai.core.ring import NodeId
+from kai.core.stats import NodeStats
 from kai.memcache.commands import CommandExecutor
-from kai.memcache.report import NodeInfo
-from kai.replica import LocalReplica
-from kai.ring import NodeId
-from kai.stats import NodeStats
 from kai.storage.memory import MemoryEngine
+from kai.storage.replica import LocalReplica
 from kai.testing.memcache import execute_raw
 from kai.testing.network import FakeNetwork, Faults
 

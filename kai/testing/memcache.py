@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kai.memcache import protocol as mc
+from kai.core.memcache import protocol as mc
 from kai.memcache.commands import CommandExecutor
 
 

@@ -2,14 +2,14 @@
 
 :class:`FakeNetwork` stands in for TCP between Kai nodes: every node registers its RPC
 handlers, and :meth:`FakeNetwork.transport_for` gives each node a
-:class:`~kai.transport.Transport` whose calls are routed, through a seeded
+:class:`~kai.rpc.transport.Transport` whose calls are routed, through a seeded
 :class:`random.Random`, to deliver, drop, duplicate or delay each request and each response
 (as trio's ``test_handshake_over_terrible_network``). Tests can also partition the network,
 crash (:meth:`~FakeNetwork.unregister`) and pause (:meth:`~FakeNetwork.hang`) nodes. Delays
 use :func:`trio.sleep`, so a test under ``autojump_clock`` runs in virtual time.
 
 It must never behave differently from the real RPC where a caller could tell: params and
-results are encoded and decoded by the real sans-IO framing (:mod:`kai.rpc.protocol`), and
+results are encoded and decoded by the real sans-IO framing (:mod:`kai.core.rpc.protocol`), and
 handler errors are mapped exactly as :mod:`kai.rpc.server` maps them. It must never choose a
 timeout (a lost message hangs the caller until the caller's own timeout fires), never let a
 cancelled caller cancel a handler that has already received the request, and never leave a
@@ -32,11 +32,11 @@ from typing import Final, NoReturn
 import attrs
 import trio
 
-from kai.errors import RpcConnectionError
-from kai.ring import NodeId
-from kai.rpc.protocol import Request, Response, RpcConnection
+from kai.core.errors import RpcConnectionError
+from kai.core.ring import NodeId
+from kai.core.rpc.protocol import Request, Response, RpcConnection
 from kai.rpc.server import Handler, respond
-from kai.transport import CancelCall, FanOutTransport, OnDone
+from kai.rpc.transport import CancelCall, FanOutTransport, OnDone
 
 #: The message id used on the fake wire; every call has its own reply slot, so ids do not
 #: need to differ.
@@ -128,7 +128,7 @@ class _Reply:
 
 @attrs.frozen
 class _NodeTransport:
-    """The :class:`~kai.transport.Transport` one node uses on a :class:`FakeNetwork`."""
+    """The :class:`~kai.rpc.transport.Transport` one node uses on a :class:`FakeNetwork`."""
 
     network: FakeNetwork
     node: NodeId

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from kai.errors import RpcError
+from kai.core.errors import RpcError
 from kai.rpc.client import RpcClient
 from kai.testing.process import KaiProcess, free_port
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kai.config import load_config_file
+from kai.core.config import load_config_file
 
 from .conftest import Server
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 import attrs
 import msgpack
 
-from kai.vclock import VClock
+from kai.core.vclock import VClock
 
 #: Leading byte of every stored record, so the format can evolve.
 RECORD_FORMAT = 1

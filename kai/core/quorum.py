@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 
-from kai.errors import CoordinatorError, QuorumTimeout, QuorumUnavailable
-from kai.ring import NodeId
-from kai.versions import SiblingSet, merge
+from kai.core.errors import CoordinatorError, QuorumTimeout, QuorumUnavailable
+from kai.core.ring import NodeId
+from kai.core.versions import SiblingSet, merge
 
 
 class Tally:

@@ -20,7 +20,7 @@ from typing import Final, Literal, TypeGuard, get_args
 
 import attrs
 
-from kai.ring import NodeId
+from kai.core.ring import NodeId
 
 #: A member's place in the cluster's life cycle, in the order statuses normally follow.
 Status = Literal["joining", "valid", "leaving", "left"]

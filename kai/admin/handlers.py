@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 import trio
 
 from kai import __version__
-from kai.errors import RpcBadRequest, RpcError
-from kai.ring import NodeId
+from kai.core.errors import RpcBadRequest, RpcError
+from kai.core.ring import NodeId
+from kai.core.versions import SiblingSet, decode_siblings
 from kai.rpc.server import Handler
-from kai.versions import SiblingSet, decode_siblings
 
 if TYPE_CHECKING:
     from kai.cluster.wiring import Cluster

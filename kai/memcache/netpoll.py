@@ -196,7 +196,7 @@ def watch(sock: socket.socket) -> Watch:
     except LookupError:
         poller = ReadPoller()
         _RUN_POLLER.set(poller)
-        trio.lowlevel.spawn_system_task(_run_poller, poller, name="kai.netpoll")
+        trio.lowlevel.spawn_system_task(_run_poller, poller, name="kai.memcache.netpoll")
     try:
         return poller.watch(sock)
     except OSError as exc:

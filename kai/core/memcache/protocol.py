@@ -1,8 +1,8 @@
 """Sans-IO memcached text protocol: the request parser.
 
 This module turns the bytes a memcached client sends into request records
-(:mod:`kai.memcache.requests`); the reply lines and encoders are in
-:mod:`kai.memcache.replies`. It re-exports both, so ``protocol`` is the one name users of the
+(:mod:`kai.core.memcache.requests`); the reply lines and encoders are in
+:mod:`kai.core.memcache.replies`. It re-exports both, so ``protocol`` is the one name users of the
 protocol need. It must never do I/O, import trio or plyvel, or know about storage: the
 connection loop feeds it bytes with :meth:`MemcacheParser.receive_data`, takes requests out
 with :meth:`MemcacheParser.next_event`, and writes the bytes the encoders return.
@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final, TypeAlias
 
-from kai.memcache.replies import (
+from kai.core.memcache.replies import (
     DELETED,
     END,
     ERROR,
@@ -46,7 +46,7 @@ from kai.memcache.replies import (
     encode_value,
     server_error,
 )
-from kai.memcache.requests import (
+from kai.core.memcache.requests import (
     INT32_MAX,
     INT32_MIN,
     KEY_MAX_LENGTH,

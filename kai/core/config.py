@@ -1,7 +1,7 @@
 """Node configuration: a frozen record built from a TOML file and command-line overrides.
 
 Pure code: parsing and validation only (no sockets, no trio). Every wrong key or value raises
-:class:`~kai.errors.ConfigError` naming it. The original Kai's configuration names are
+:class:`~kai.core.errors.ConfigError` naming it. The original Kai's configuration names are
 accepted as aliases (DESIGN §9); durations are in milliseconds, as in Kai.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import attrs
 
-from kai.errors import ConfigError
+from kai.core.errors import ConfigError
 
 StoreKind = Literal["leveldb", "memory"]
 SiblingView = Literal["newest", "all"]

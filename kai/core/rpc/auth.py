@@ -29,7 +29,7 @@ from typing import Final
 
 import msgpack
 
-from kai.errors import RpcAuthenticationError, RpcProtocolError
+from kai.core.errors import RpcAuthenticationError, RpcProtocolError
 
 #: The RPC protocol version both ends must speak.
 PROTOCOL_VERSION: Final = 1

@@ -1,6 +1,6 @@
 """The memcached requests a client can make, as validated records, and the key rules.
 
-:mod:`kai.memcache.protocol` parses bytes into these records and the command executor serves
+:mod:`kai.core.memcache.protocol` parses bytes into these records and the command executor serves
 them; every record checks its own fields when it is made, so no request can hold a key or a
 number that memcached would have refused. This module must never do I/O or parse bytes.
 """

@@ -15,12 +15,12 @@ from collections.abc import Callable
 import attrs
 import msgpack
 
-from kai.errors import TooManySiblings
-from kai.ring import key_hash, partition_of
-from kai.stats import NodeStats
-from kai.storage.engine import StorageEngine
-from kai.vclock import VClock
-from kai.versions import (
+from kai.core.errors import TooManySiblings
+from kai.core.ring import key_hash, partition_of
+from kai.core.stats import NodeStats
+from kai.core.storage import StorageEngine
+from kai.core.vclock import VClock
+from kai.core.versions import (
     SiblingSet,
     Version,
     apply_write,

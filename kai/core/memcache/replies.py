@@ -1,6 +1,6 @@
 """The memcached reply lines and how values and stats are written, byte for byte.
 
-Shared by the parser (:mod:`kai.memcache.protocol`, which answers malformed input itself) and
+Shared by the parser (:mod:`kai.core.memcache.protocol`, which answers malformed input itself) and
 the command executor. This module must never do I/O.
 """
 
@@ -19,7 +19,7 @@ END: Final = b"END\r\n"
 OK: Final = b"OK\r\n"
 RESET: Final = b"RESET\r\n"
 ERROR: Final = b"ERROR\r\n"
-#: The reply to :class:`~kai.memcache.requests.ValueTooLarge`.
+#: The reply to :class:`~kai.core.memcache.requests.ValueTooLarge`.
 OBJECT_TOO_LARGE: Final = b"SERVER_ERROR object too large for cache\r\n"
 
 

@@ -1,7 +1,7 @@
 """The storage engine contract: opaque records per (partition, key), plus metadata and hints.
 
 An engine stores bytes and gives them back; it never interprets a record (the sibling-set
-codec lives in `kai.versions`) and never decides what to keep (tombstones, GC and conflict
+codec lives in `kai.core.versions`) and never decides what to keep (tombstones, GC and conflict
 resolution belong to the layers above). It is synchronous: point reads and writes take
 microseconds and are called straight from the event loop, and long scans are chunked by the
 caller with ``scan(..., start_after=..., limit=...)``. This module must never import trio or
@@ -17,20 +17,19 @@ Three namespaces live in one engine:
 
 Invalid arguments (a partition out of range, an empty key, a record that is not `bytes`) are
 programming errors and raise `ValueError` or `TypeError` before anything is written. Failures
-of the engine itself, and any use after `StorageEngine.close`, raise `kai.errors.StorageError`.
+of the engine itself, and any use after `StorageEngine.close`, raise `kai.core.errors.StorageError`.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 import attrs
 
-from kai.errors import StorageError
+from kai.core.errors import StorageError
 
 #: The largest partition id; partitions are stored as 4 bytes, big-endian.
 MAX_PARTITION = 2**32 - 1
@@ -358,28 +357,3 @@ class StorageEngine(abc.ABC):
 
     @abc.abstractmethod
     def _statistics(self) -> StorageStatistics: ...
-
-
-def open_engine(kind: str, data_dir: Path, *, sync: bool = False) -> StorageEngine:
-    """Open the engine a node is configured with.
-
-    Args:
-        kind: ``"leveldb"`` (stored in ``data_dir / "db"``, created if missing) or
-            ``"memory"`` (nothing on disk; everything is lost when the process ends).
-        data_dir: the node's data directory.
-        sync: for LevelDB, flush every write to stable storage (see `LevelDBEngine`).
-
-    Raises:
-        ValueError: ``kind`` is not one of `ENGINE_KINDS`.
-        StorageError: the database cannot be opened; the message says why.
-    """
-    # Imported here: kai.storage.leveldb imports this module, and only it may import plyvel.
-    if kind == "leveldb":
-        from kai.storage.leveldb import LevelDBEngine
-
-        return LevelDBEngine(Path(data_dir) / "db", sync=sync)
-    if kind == "memory":
-        from kai.storage.memory import MemoryEngine
-
-        return MemoryEngine()
-    raise ValueError(f"unknown storage engine {kind!r}; use one of {', '.join(ENGINE_KINDS)}")

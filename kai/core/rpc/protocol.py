@@ -25,7 +25,7 @@ from typing import Final, Literal, TypeAlias
 import attrs
 import msgpack
 
-from kai.errors import RpcBadRequest, RpcError, RpcProtocolError
+from kai.core.errors import RpcBadRequest, RpcError, RpcProtocolError
 
 #: Largest encoded message (in bytes) either side accepts. A peer that sends a larger one has
 #: lost framing and is disconnected; :meth:`RpcConnection.encode_request` refuses to build one.

@@ -14,8 +14,8 @@ from collections.abc import Callable
 import attrs
 
 from kai import __version__
-from kai.memcache import replies as mc
-from kai.stats import NodeStats
+from kai.core.memcache import replies as mc
+from kai.core.stats import NodeStats
 
 #: The memcached version we answer with; libmemcached and memccapable need major.minor >= 1.6.
 MEMCACHED_VERSION = f"1.6.21-kai-{__version__}"

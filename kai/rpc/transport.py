@@ -3,7 +3,7 @@
 Gossip and the failure detector only ever use :class:`Transport`, the coordinator's fan-out
 :class:`FanOutTransport`, so the same code runs over authenticated TCP (:class:`RpcTransport`)
 and over the fault-injecting in-process network of ``kai.testing.network``. Callers own timeouts (wrap calls in
-``trio.fail_after``); an unreachable peer raises :class:`~kai.errors.RpcConnectionError`.
+``trio.fail_after``); an unreachable peer raises :class:`~kai.core.errors.RpcConnectionError`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Protocol, TypeAlias
 
 import trio
 
-from kai.errors import RpcError
-from kai.ring import NodeId
+from kai.core.errors import RpcError
+from kai.core.ring import NodeId
 from kai.rpc.pool import RpcClientPool
 
 #: Told how a call started with :meth:`Transport.start_call` ended: ``(result, None)`` or
@@ -32,7 +32,7 @@ class Transport(Protocol):
         """Call ``method(*params)`` on ``peer`` and return its result.
 
         Params and results must be msgpack-serialisable (bytes, str, int, float, bool, None,
-        lists, dicts). Raises an :class:`~kai.errors.RpcError` subclass on failure.
+        lists, dicts). Raises an :class:`~kai.core.errors.RpcError` subclass on failure.
         """
         ...
 
@@ -49,7 +49,7 @@ class FanOutTransport(Transport, Protocol):
         (unless cancelled first) from whatever task sees the outcome; ``on_done`` must not
         block or raise. Returns None, having sent nothing, when the call cannot start that
         way (not connected yet, the send queue is full, or the transport does not support
-        it): the caller then uses :meth:`call`. Raises an :class:`~kai.errors.RpcError` only
+        it): the caller then uses :meth:`call`. Raises an :class:`~kai.core.errors.RpcError` only
         for params that cannot be sent at all.
         """
         ...

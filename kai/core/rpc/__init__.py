@@ -1,0 +1,1 @@
+"""The sans-IO internal RPC: msgpack-RPC framing and the HMAC handshake."""
