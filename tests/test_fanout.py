@@ -18,6 +18,7 @@ import trio.testing
 
 from kai.cluster.fanout import Answer, FanOut, PeerCaller
 from kai.core.errors import RpcBadRequest, RpcConnectionError, RpcError
+from kai.core.pending import waits
 from kai.core.ring import NodeId
 from kai.rpc.server import Handler, handle_rpc_connection
 from kai.rpc.transport import CancelCall, OnDone, RpcTransport
@@ -38,6 +39,7 @@ class Peers:
         self.detector: list[tuple[str, NodeId]] = []
 
     def handlers(self, node_port: int) -> dict[str, Handler]:
+        @waits
         async def hang(tag: str) -> str:
             await self.release.wait()
             return tag

@@ -19,6 +19,7 @@ from kai.core.errors import (
     RpcMethodNotFound,
     RpcRemoteError,
 )
+from kai.core.pending import waits
 from kai.core.ring import NodeId
 from kai.rpc.client import RpcClient
 from kai.rpc.server import Handler, serve_rpc
@@ -45,10 +46,12 @@ class Service:
     def handlers(self) -> dict[str, Handler]:
         return {"echo": self.echo, "slow": self.slow, "wait": self.wait}
 
+    @waits
     async def echo(self, *params: object) -> object:
         self.received.append(params)
         return list(params)
 
+    @waits
     async def slow(self, seconds: float) -> str:
         self.received.append((seconds,))
         await trio.sleep(seconds)
@@ -56,6 +59,7 @@ class Service:
         self.finish_times.append(trio.current_time())
         return "done"
 
+    @waits
     async def wait(self) -> str:
         self.received.append(())
         await self.release.wait()
@@ -105,12 +109,15 @@ async def test_unknown_method_raises_method_not_found() -> None:
 
 
 async def test_handler_errors_are_mapped_like_the_server(caplog: pytest.LogCaptureFixture) -> None:
+    @waits
     async def refuse() -> None:
         raise RpcBadRequest("bad key")
 
+    @waits
     async def disconnect() -> None:
         raise RpcConnectionError("peer gone")
 
+    @waits
     async def explode() -> None:
         raise KeyError("k")
 
@@ -140,6 +147,7 @@ async def test_unencodable_params_fail_on_the_caller_and_send_nothing() -> None:
 
 
 async def test_unsendable_result_becomes_remote_error() -> None:
+    @waits
     async def unsendable() -> object:
         return {1, 2}
 
@@ -433,34 +441,42 @@ class Unsendable:
     """Not MessagePack-serialisable."""
 
 
+@waits
 async def _echo(*params: object) -> object:
     return list(params)
 
 
+@waits
 async def _param_types(*params: object) -> object:
     return [type(param).__name__ for param in params]
 
 
+@waits
 async def _raise_bad_request() -> None:
     raise RpcBadRequest("key too long")
 
 
+@waits
 async def _raise_connection_error() -> None:
     raise RpcConnectionError("downstream unreachable")
 
 
+@waits
 async def _raise_value_error() -> None:
     raise ValueError("boom")
 
 
+@waits
 async def _raise_key_error() -> None:
     raise KeyError("missing")
 
 
+@waits
 async def _return_unsendable() -> object:
     return Unsendable()
 
 
+@waits
 async def _return_tuple() -> object:
     return (1, (2, 3), {"k": (b"v",)})
 

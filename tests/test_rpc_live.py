@@ -22,6 +22,7 @@ from kai.core.errors import (
     RpcMethodNotFound,
     RpcRemoteError,
 )
+from kai.core.pending import waits
 from kai.rpc.client import RpcClient
 from kai.rpc.pool import RpcClientPool
 from kai.rpc.server import (
@@ -49,10 +50,12 @@ class Service:
         self.notes: list[object] = []
         self.noted = trio.Event()
 
+    @waits
     async def echo(self, *args: object) -> object:
         self.calls += 1
         return list(args)
 
+    @waits
     async def gate(self, name: str) -> str:
         """Returns ``name`` once the test opens ``gates[name]``."""
         self.calls += 1
@@ -60,9 +63,11 @@ class Service:
         await self.gates[name].wait()
         return name
 
+    @waits
     async def fail(self, kind: str) -> None:
         self.fail_now(kind)
 
+    @waits
     async def unsendable(self) -> object:
         return self.unsendable_now()
 
@@ -83,6 +88,7 @@ class Service:
         self.calls += 1
         return object()
 
+    @waits
     async def note(self, value: object) -> None:
         self.calls += 1
         self.notes.append(value)

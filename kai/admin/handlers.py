@@ -12,6 +12,7 @@ import trio
 
 from kai import __version__
 from kai.core.errors import RpcBadRequest, RpcError
+from kai.core.pending import waits
 from kai.core.ring import NodeId
 from kai.core.versions import SiblingSet, decode_siblings
 from kai.rpc.server import Handler
@@ -55,11 +56,11 @@ class AdminHandlers:
             "ping": self.ping,
         }
 
-    async def ping(self) -> str:
+    def ping(self) -> str:
         """Liveness probe for the failure detector."""
         return "pong"
 
-    async def status(self) -> dict[str, object]:
+    def status(self) -> dict[str, object]:
         """Identity, version, uptime, quorum and item counts."""
         node, cluster = self.node, self.cluster
         replica = cluster.replica
@@ -79,12 +80,12 @@ class AdminHandlers:
             "connections": node.stats.curr_connections,
         }
 
-    async def stats(self) -> dict[str, object]:
+    def stats(self) -> dict[str, object]:
         """The memcached-style ``stats`` fields."""
         assert self.node.executor is not None
         return dict(self.node.executor.report.general())
 
-    async def members(self) -> list[dict[str, object]]:
+    def members(self) -> list[dict[str, object]]:
         """Every member in the gossiped view, with its status and local reachability."""
         cluster = self.cluster
         view = cluster.membership.view
@@ -99,7 +100,7 @@ class AdminHandlers:
             for member in view.members
         ]
 
-    async def ring(self) -> dict[str, object]:
+    def ring(self) -> dict[str, object]:
         """Ring parameters and how many partitions each node is a primary for."""
         ring = self.cluster.ring()
         n = self.node.config.quorum.capped(len(ring.nodes)).n
@@ -115,6 +116,7 @@ class AdminHandlers:
             "partitions_per_node": owned,
         }
 
+    @waits
     async def locate(self, key: object) -> dict[str, object]:
         """Where ``key`` lives, and what each of its N replicas holds."""
         if not isinstance(key, bytes) or not key:
@@ -156,6 +158,7 @@ class AdminHandlers:
             "replicas": replicas,
         }
 
+    @waits
     async def join(self, seed: object) -> dict[str, object]:
         """Join the cluster that ``seed`` (an RPC ``host:port``) belongs to."""
         if not isinstance(seed, str):

@@ -43,6 +43,7 @@ from kai.core.errors import (
     RpcTooManySiblings,
     TooManySiblings,
 )
+from kai.core.pending import Pending, Step, waits
 from kai.core.rpc.protocol import MAX_MESSAGE_SIZE
 from kai.core.vclock import VClock
 from kai.core.versions import SiblingSet, Version, decode_siblings, encode_siblings
@@ -225,7 +226,7 @@ class ReplicaRpcHandlers:
             "flush": self.flush,
         }
 
-    def replica_read(self, keys: object) -> list[bytes | None] | Awaitable[list[bytes | None]]:
+    def replica_read(self, keys: object) -> Step[list[bytes | None]]:
         """The record of each key (None when absent), in the order asked; possibly only for
         the first keys, once the records reach :attr:`read_reply_budget` bytes.
 
@@ -242,7 +243,7 @@ class ReplicaRpcHandlers:
             records: list[bytes | None] = []
             self._read_records(checked, records, 0)
             return records
-        return self._read_in_chunks(checked)
+        return Pending(self._read_in_chunks(checked))
 
     def _read_records(self, keys: Sequence[bytes], records: list[bytes | None], size: int) -> int:
         """Append the records of ``keys`` until they would pass the budget (the very first
@@ -285,6 +286,7 @@ class ReplicaRpcHandlers:
         except TooManySiblings as exc:
             raise RpcBadRequest(str(exc)) from exc
 
+    @waits
     async def coordinate_put(
         self, key: object, flags: object, expiry: object, value: object, context: object
     ) -> bytes:

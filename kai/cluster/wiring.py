@@ -116,7 +116,4 @@ class Cluster:
     def handlers(self) -> dict[str, Handler]:
         """The peer-to-peer RPC methods: replication and gossip."""
 
-        async def gossip(wire: object) -> object:
-            return self.membership.handle_gossip(wire)
-
-        return {**self.coordinator.handlers(), "gossip": gossip}
+        return {**self.coordinator.handlers(), "gossip": self.membership.handle_gossip}

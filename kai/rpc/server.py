@@ -9,11 +9,10 @@ task running after :func:`serve_rpc` returns (it follows :func:`trio.serve_liste
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Final, NoReturn, TypeAlias, TypeVar
 
@@ -27,6 +26,7 @@ from kai.core.errors import (
     RpcProtocolError,
     RpcRemoteError,
 )
+from kai.core.pending import Pending, Step
 from kai.core.rpc.auth import NONCE_SIZE, REJECTION, ServerHandshake
 from kai.core.rpc.protocol import (
     CLOSED,
@@ -40,11 +40,12 @@ from kai.rpc.sockets import MAX_BACKLOG, SocketIO, from_stream, send_all
 
 logger = logging.getLogger(__name__)
 
-#: An RPC handler, called as ``handler(*params)``. A handler that can answer at once (never
-#: waits, and is quick) returns its result and runs in the connection's reader, in the order
-#: requests arrive; any other returns an awaitable (is ``async def``) and runs as a task of
-#: its own. Either may raise an :class:`~kai.core.errors.RpcError` to answer with that error.
-Handler: TypeAlias = Callable[..., object]
+#: An RPC handler: a step function called as ``handler(*params)``. Its result, if it has one
+#: at once, is answered from the connection's reader, in the order requests arrive; a
+#: :class:`~kai.core.pending.Pending` is awaited as a task of its own
+#: (:func:`~kai.core.pending.waits` makes an ``async def`` one). Either may raise an
+#: :class:`~kai.core.errors.RpcError` to answer with that error.
+Handler: TypeAlias = Callable[..., Step[object]]
 
 ListenerT = TypeVar("ListenerT", bound=trio.abc.Listener[trio.abc.Stream])
 
@@ -264,10 +265,6 @@ async def _read_requests(
                 batch, batch_size = [], 0
 
 
-#: Result types that are certainly not awaitable (checked first: the common case is cheap).
-_PLAIN_RESULTS: Final = frozenset({type(None), bool, int, float, str, bytes, list, tuple, dict})
-
-
 @attrs.frozen(slots=True)
 class _Outcome:
     """What a handler came to: its result, or the error to send back."""
@@ -278,8 +275,8 @@ class _Outcome:
 
 def _start_handler(
     message: Request | Notification, handlers: Mapping[str, Handler]
-) -> _Outcome | Awaitable[object]:
-    """Call the message's handler: its outcome, or the awaitable it returned."""
+) -> _Outcome | Pending[object]:
+    """Call the message's handler: its outcome, or the pending step it returned."""
     handler = handlers.get(message.method)
     if handler is None:
         logger.debug("unknown RPC method %r", message.method)
@@ -292,7 +289,7 @@ def _start_handler(
     except Exception as exc:
         logger.exception("RPC handler %s failed", message.method)
         return _Outcome(error=_remote_error(exc))
-    if type(result) not in _PLAIN_RESULTS and inspect.isawaitable(result):
+    if isinstance(result, Pending):
         return result
     return _Outcome(result)
 
@@ -316,7 +313,7 @@ def _encode_outcome(
         return framing.encode_response(message.msgid, error=error)
 
 
-async def _await_handler(message: Request | Notification, pending: Awaitable[object]) -> _Outcome:
+async def _await_handler(message: Request | Notification, pending: Pending[object]) -> _Outcome:
     """The outcome of a handler that did not answer at once."""
     try:
         return _Outcome(await pending)
@@ -345,7 +342,7 @@ async def respond(
 
 async def _finish_handler(
     message: Request | Notification,
-    pending: Awaitable[object],
+    pending: Pending[object],
     framing: RpcConnection,
     io: SocketIO,
     slots: trio.Semaphore,
