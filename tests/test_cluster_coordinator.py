@@ -9,7 +9,6 @@ work, so checks after it need no sleeps.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -19,8 +18,8 @@ import trio
 import trio.testing
 
 from kai.cluster import reads as reads_module
-from kai.cluster.coordinator import ClusterCoordinator
-from kai.cluster.replica_rpc import READ_REPLY_BUDGET, ReplicaRpcHandlers, siblings_from_wire
+from kai.cluster.coordinator import Coordinator
+from kai.cluster.replica_rpc import READ_REPLY_BUDGET, ReplicaRpcHandlers
 from kai.core.config import Quorum
 from kai.core.errors import (
     QuorumTimeout,
@@ -30,11 +29,13 @@ from kai.core.errors import (
     RpcError,
     TooManySiblings,
 )
+from kai.core.pending import Pending, resolve
 from kai.core.quorum import ReadRound
 from kai.core.ring import NodeId, Ring
 from kai.core.stats import NodeStats
 from kai.core.vclock import VClock
-from kai.core.versions import Version, encode_siblings
+from kai.core.versions import ReadResult, Version, encode_siblings
+from kai.core.wire import siblings_from_wire
 from kai.rpc.server import Handler
 from kai.rpc.transport import CancelCall, OnDone
 from kai.storage.memory import MemoryEngine
@@ -89,26 +90,37 @@ class Network:
         wire_params = msgpack.unpackb(msgpack.packb(list(params), use_bin_type=True), raw=False)
         handler = self.handlers[peer][method]
         try:
-            result = handler(*wire_params)
-            if inspect.isawaitable(result):
-                result = await result
+            result = await resolve(handler(*wire_params))
         except RpcError as exc:  # what the caller rebuilds from [code, message]
             raise RpcError.for_code(exc.code, str(exc)) from None
         return msgpack.unpackb(msgpack.packb(result, use_bin_type=True), raw=False)
 
 
 class NodeTransport:
-    def __init__(self, network: Network, node: NodeId) -> None:
+    def __init__(self, network: Network, node: NodeId, nursery: trio.Nursery) -> None:
         self.network = network
         self.node = node
+        self.nursery = nursery
 
     async def call(self, peer: NodeId, method: str, *params: object) -> object:
         return await self.network.call(self.node, peer, method, *params)
 
     def start_call(
         self, peer: NodeId, method: str, params: tuple[object, ...], on_done: OnDone
-    ) -> CancelCall | None:
-        return None  # every call runs as a task
+    ) -> CancelCall:
+        scope = trio.CancelScope()
+
+        async def run() -> None:
+            with scope:
+                try:
+                    result = await self.call(peer, method, *params)
+                except RpcError as exc:
+                    on_done(None, exc)
+                    return
+                on_done(result, None)
+
+        self.nursery.start_soon(run)
+        return scope.cancel
 
 
 class Cluster:
@@ -131,7 +143,7 @@ class Cluster:
         self.failures: list[NodeId] = []
         self.successes: list[NodeId] = []
         self.flushes: list[tuple[NodeId, int]] = []
-        self.coordinators: dict[NodeId, ClusterCoordinator] = {}
+        self.coordinators: dict[NodeId, Coordinator] = {}
         for index, node in enumerate(self.nodes):
             replica = LocalReplica(
                 MemoryEngine(),
@@ -141,10 +153,10 @@ class Cluster:
                 siblings_maximum=siblings_maximum,
                 wall_clock=wall_clock,
             )
-            coordinator = ClusterCoordinator(
+            coordinator = Coordinator(
                 self_node=node,
                 replica=replica,
-                transport=NodeTransport(self.network, node),
+                transport=NodeTransport(self.network, node, background),
                 ring=lambda: self.ring,
                 quorum=quorum,
                 is_up=lambda peer: peer not in self.down,
@@ -153,7 +165,6 @@ class Cluster:
                 request_timeout=TIMEOUT,
                 on_flush=self._flush_recorder(node),
                 background=background,
-                wall_clock=wall_clock,
                 read_reply_budget=read_reply_budget,
             )
             self.coordinators[node] = coordinator
@@ -162,8 +173,8 @@ class Cluster:
     def _flush_recorder(self, node: NodeId) -> Callable[[int], None]:
         return lambda at: self.flushes.append((node, at))
 
-    def __getitem__(self, node: NodeId) -> ClusterCoordinator:
-        return self.coordinators[node]
+    def __getitem__(self, node: NodeId) -> Client:
+        return Client(self.coordinators[node])
 
     def primaries(self, key: bytes) -> tuple[NodeId, ...]:
         return self.ring.primaries(self.ring.partition_for_key(key), 3)
@@ -174,6 +185,30 @@ class Cluster:
 
     def stored(self, node: NodeId, key: bytes) -> tuple[Version, ...]:
         return self.coordinators[node].replica.read(key)
+
+
+class Client:
+    """Awaits a coordinator's steps, as the memcached front end does."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+        self.replica = coordinator.replica
+        self.handlers = coordinator.handlers
+        self.statistics = coordinator.statistics
+        self.flushed_before = coordinator.flushed_before
+
+    async def get(self, key: bytes) -> ReadResult:
+        (siblings,) = await resolve(self.coordinator.get((key,)))
+        return ReadResult(siblings)
+
+    async def get_many(self, keys: list[bytes]) -> list[ReadResult]:
+        return [ReadResult(siblings) for siblings in await resolve(self.coordinator.get(keys))]
+
+    async def put(self, key: bytes, payload: Payload, *, context: VClock | None) -> Version:
+        return await resolve(self.coordinator.put(key, payload, context=context))
+
+    async def flush_all(self, at: int) -> None:
+        await resolve(self.coordinator.flush_all(at))
 
 
 @asynccontextmanager
@@ -265,7 +300,7 @@ async def test_a_primary_coordinates_a_forwarded_write_even_when_rings_disagree(
     async with cluster_of(4) as cluster:
         outsider = cluster.others(key)[0]
         pending = cluster[outsider].handlers()["coordinate_put"](key, 1, 0, b"v", None)
-        assert inspect.isawaitable(pending)
+        assert isinstance(pending, Pending)
         record = await pending
     assert cluster.network.calls_of("coordinate_put") == []  # never forwarded again
     assert values(cluster.stored(outsider, key)) == {b"v"}
@@ -491,7 +526,7 @@ async def test_a_peer_answers_a_large_multi_get_in_parts_within_its_budget(
     assert cluster.network.calls_of("replica_apply") == []  # nothing was stale
 
 
-async def _no_forwarded_writes(*args: object) -> Version:
+def _no_forwarded_writes(*args: object) -> Version:
     raise AssertionError("these tests forward no write")
 
 
@@ -526,7 +561,7 @@ async def test_a_replica_read_of_many_keys_in_chunks_also_stops_at_its_budget() 
         pending = ReplicaRpcHandlers(
             replica, _no_forwarded_writes, read_reply_budget=budget
         ).replica_read(keys)
-        assert inspect.isawaitable(pending)
+        assert isinstance(pending, Pending)
         records = await pending
         assert len(records) == expected
         assert all(record is not None for record in records)
@@ -591,22 +626,20 @@ async def test_flush_all_reaches_every_member_and_does_not_wait_for_down_ones(
         assert cluster[d].flushed_before(EPOCH + 1) == 0  # gossip's job
 
 
-async def test_a_cluster_of_one_never_uses_the_transport(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
+async def test_a_ring_of_one_answers_at_once_without_calling_peers() -> None:
     node = NodeId("127.0.0.1", 11011)
 
     class NoTransport:
         async def call(self, peer: NodeId, method: str, *params: object) -> object:
-            raise AssertionError("a cluster of one must not call peers")
+            raise AssertionError("a ring of one must not call peers")
 
         def start_call(
             self, peer: NodeId, method: str, params: tuple[object, ...], on_done: OnDone
-        ) -> CancelCall | None:
-            raise AssertionError("a cluster of one must not call peers")
+        ) -> CancelCall:
+            raise AssertionError("a ring of one must not call peers")
 
     async with trio.open_nursery() as background:
-        coordinator = ClusterCoordinator(
+        coordinator = Coordinator(
             self_node=node,
             replica=LocalReplica(MemoryEngine(), actor=b"solo", buckets=BUCKETS, stats=NodeStats()),
             transport=NoTransport(),
@@ -614,28 +647,26 @@ async def test_a_cluster_of_one_never_uses_the_transport(
             quorum=Quorum(3, 2, 2),
             background=background,
         )
-        written = await coordinator.put(b"k", Payload(0, 0, b"v"), context=None)
-        assert (await coordinator.get(b"k")).siblings == (written,)
-        assert [r.siblings for r in await coordinator.get_many([b"k", b"x"])] == [(written,), ()]
-        await coordinator.flush_all(1)
+        written = coordinator.put(b"k", Payload(0, 0, b"v"), context=None)
+        assert isinstance(written, Version)
+        assert coordinator.get((b"k",)) == [(written,)]
+        assert coordinator.get((b"k", b"x", b"k")) == [(written,), (), (written,)]
+        assert coordinator.flush_all(1) is None
         assert coordinator.members() == ["127.0.0.1:11011"]
-        # Alone, it also answers at once (the memcached listener's shortcut).
-        again = coordinator.put_at_once(b"k", Payload(0, 0, b"w"), context=None)
-        assert again is not None
-        assert again.clock.descends(written.clock)
-        at_once = coordinator.get_at_once(b"k")
-        assert at_once is not None
-        assert at_once.siblings == (again,)
 
 
-async def test_a_node_with_peers_never_answers_at_once(
+async def test_a_node_with_peers_hands_back_pending_steps(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with cluster_of(3) as cluster:
         coordinator = cluster.coordinators[cluster.nodes[0]]
-        assert coordinator.put_at_once(b"k", Payload(0, 0, b"v"), context=None) is None
-        assert coordinator.get_at_once(b"k") is None
-        assert all(cluster.stored(node, b"k") == () for node in cluster.nodes)
+        read = coordinator.get((b"k",))
+        assert isinstance(read, Pending)
+        assert await read == [()]
+        write = coordinator.put(b"k", Payload(0, 0, b"v"), context=None)
+        assert isinstance(write, Pending)
+        version = await write
+    assert all(cluster.stored(node, b"k") == (version,) for node in cluster.nodes)
 
 
 # --- handlers ---------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """The memcached listener over real loopback sockets, in one trio run with its clients.
 
-What these pin down is the hand-over between the poller's step, which answers gets and sets
-of an idle connection at once, and the connection's task, which takes everything else: the
-replies must come back in request order, and nothing may be lost or counted twice, whichever
-of the two handles a request.
+What these pin down is the one serving path in its two settings: run by the poller's task for
+input that arrives on an idle connection, and by a task of the listener's once a request
+hands back a pending step. Replies must come back in request order, nothing may be lost or
+counted twice, and a connection whose handling fails ends alone.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import trio
 
 from kai.core.memcache import protocol as mc
 from kai.core.memcache.report import VERSION_REPLY
+from kai.core.pending import Pending
 from kai.memcache.server import RECEIVE_SIZE, SEND_THRESHOLD, MemcacheServer
 from tests.test_commands import make_harness
 
@@ -27,15 +28,16 @@ DEADLINE = 10
 @asynccontextmanager
 async def serving() -> AsyncIterator[tuple[MemcacheServer, int]]:
     """A listener on a free loopback port over one in-memory node, shut down afterwards."""
-    executor = make_harness().executor
-    server = MemcacheServer(
-        executor, executor.stats, max_connections=16, max_item_size=MAX_ITEM_SIZE
-    )
     with trio.fail_after(DEADLINE):
         async with trio.open_nursery() as nursery:
+            executor = make_harness(nursery).executor
+            server = MemcacheServer(
+                executor, executor.stats, max_connections=16, max_item_size=MAX_ITEM_SIZE
+            )
             addresses = await nursery.start(server.serve, "127.0.0.1", 0)
             yield server, addresses[0][1]
             server.shut_down()
+            nursery.cancel_scope.deadline = trio.current_time() + DEADLINE
 
 
 async def read_until(stream: trio.SocketStream, ending: bytes, count: int = 1) -> bytes:
@@ -137,24 +139,44 @@ async def test_replies_beyond_what_the_socket_takes_are_all_delivered() -> None:
     assert server.stats.get_hits == 5 + 2 * gets
 
 
-async def test_a_failing_connection_ends_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("where", ["at once", "pending"])
+async def test_a_connection_whose_handling_fails_ends_alone(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
+    """A bug in request handling (here: an exception injected for the key ``boom``, raised
+    either while the request is answered at once or from its pending step) closes that
+    connection, is logged with its traceback, and every other connection goes on."""
     async with serving() as (server, port):
-        execute_now = server.executor.execute_now
+        execute = server.executor.execute
 
-        def failing(request: mc.Request | mc.Invalid) -> bytes | None:
+        async def explode() -> bytes:
+            raise RuntimeError("injected failure")
+
+        def failing(request: mc.Request | mc.Invalid) -> bytes | Pending[bytes]:
             if isinstance(request, mc.Get) and request.keys == (b"boom",):
-                raise ConnectionResetError("the peer went away mid-request")
-            return execute_now(request)
+                if where == "pending":
+                    return Pending(explode())
+                raise RuntimeError("injected failure")
+            return execute(request)
 
-        monkeypatch.setattr(server.executor, "execute_now", failing)
+        monkeypatch.setattr(server.executor, "execute", failing)
         doomed = await trio.open_tcp_stream("127.0.0.1", port)
         healthy = await trio.open_tcp_stream("127.0.0.1", port)
-        async with doomed, healthy:
+        bystander = await trio.open_tcp_stream("127.0.0.1", port)
+        async with doomed, healthy, bystander:
             await healthy.send_all(b"set k 0 0 1\r\nv\r\n")
             await read_until(healthy, b"STORED\r\n")
-            await doomed.send_all(b"get boom\r\n")
-            assert await doomed.receive_some(100) == b""  # closed without a reply
-            await healthy.send_all(b"get k\r\n")
-            assert await read_until(healthy, b"END\r\n") == b"VALUE k 0 1\r\nv\r\nEND\r\n"
-            # The server closes the socket after it stopped counting the connection.
-            assert server.stats.curr_connections == 1
+            await doomed.send_all(b"get k\r\nget boom\r\nget k\r\n")
+            # The reply to the request before the failure may or may not have been sent.
+            received = b""
+            while chunk := await doomed.receive_some(1000):
+                received += chunk
+            assert received in (b"", b"VALUE k 0 1\r\nv\r\nEND\r\n")
+            for stream in (healthy, bystander):
+                await stream.send_all(b"get k\r\nincr n 1\r\n")
+                assert await read_until(stream, b"NOT_FOUND\r\n") == (
+                    b"VALUE k 0 1\r\nv\r\nEND\r\nNOT_FOUND\r\n"
+                )
+            assert server.stats.curr_connections == 2
+    assert "injected failure" in caplog.text
+    assert any(record.exc_info for record in caplog.records)

@@ -1,7 +1,8 @@
 """Quorum reads for the cluster coordinator: ask every replica, answer after R, repair.
 
 A read asks all of a key's replicas at once (this node's replica directly, each peer with one
-``replica_read`` for all the keys it holds) and returns as soon as every key has R replies.
+``replica_read`` for all the keys it holds) and returns as soon as every key has R replies:
+at once when this node's own replica meets R (a node of one, or R=1), else as a pending step.
 The replies that come later are still collected, without a task of their own, and once every
 replica has answered (or timed out) the stale or missing ones are sent the merged sibling set
 (read repair). A peer whose answer is byte-equal to this node's record is not decoded.
@@ -19,11 +20,12 @@ from functools import partial
 import trio
 
 from kai.cluster.fanout import Answer, FanOut, PeerCaller
-from kai.cluster.replica_rpc import siblings_from_wire
 from kai.core.errors import RpcBadRequest, TooManySiblings
-from kai.core.quorum import Round
+from kai.core.pending import Pending, Step
+from kai.core.quorum import ReadRound
 from kai.core.ring import NodeId
 from kai.core.versions import SiblingSet, encode_siblings
+from kai.core.wire import siblings_from_wire
 from kai.storage.replica import LocalReplica
 
 logger = logging.getLogger(__name__)
@@ -34,7 +36,7 @@ class _QuorumRead:
 
     __slots__ = ("answers", "deadline", "known", "round")
 
-    def __init__(self, round_: Round, answers: FanOut, deadline: float) -> None:
+    def __init__(self, round_: ReadRound, answers: FanOut, deadline: float) -> None:
         self.round = round_
         self.answers = answers
         self.deadline = deadline
@@ -70,28 +72,41 @@ class QuorumReader:
         #: Replicas brought up to date (here or on a peer) by read repair.
         self.read_repairs = 0
 
-    async def read(self, round_: Round) -> None:
-        """Read this node's replica, ask the others, and wait until ``round_`` is decided;
-        later answers go on to read repair.
+    def read(self, round_: ReadRound) -> Step[None]:
+        """Read this node's replica and ask the others; done (None) once ``round_`` is
+        decided, pending until then. Answers that come after the decision go on to read
+        repair.
 
-        Raises:
+        Raises (at once, or from the pending step):
             QuorumUnavailable: some key's replicas failed so that it can never reach R.
             QuorumTimeout: some key did not get R replies within ``request_timeout``.
         """
-        deadline = trio.current_time() + self.request_timeout
         me = self.self_node
         local_indices = round_.unanswered(me)
-        local = [self.replica.read_record(round_.keys[index]) for index in local_indices]
-        if local:
+        local: list[tuple[SiblingSet, bytes | None]] = []
+        if local_indices:
+            keys, read_record = round_.keys, self.replica.read_record
+            local = [read_record(keys[index]) for index in local_indices]
             round_.record_reply(me, [siblings for siblings, _record in local])
+        batches = round_.batches
+        if len(batches) == 1 and me in batches:  # nobody else holds these keys
+            return self._decide(round_)
+        peers = [peer for peer in batches if peer != me]
+        deadline = trio.current_time() + self.request_timeout
         answers = self._peers.fan_out(
-            [(peer, "replica_read", (round_.batch(peer),)) for peer in round_.nodes if peer != me],
-            deadline,
+            [(peer, "replica_read", (round_.batch(peer),)) for peer in peers], deadline
         )
         in_flight = _QuorumRead(round_, answers, deadline)
         for index, (siblings, record) in zip(local_indices, local, strict=True):
             if record is not None:
                 in_flight.known[index] = (record, siblings)
+        if round_.decided:
+            self._collect_the_rest(in_flight)
+            return self._decide(round_)
+        return Pending(self._wait(in_flight))
+
+    async def _wait(self, in_flight: _QuorumRead) -> None:
+        round_, answers = in_flight.round, in_flight.answers
         try:
             while not round_.decided:
                 answer = await answers.receive()  # every call is answered by its deadline
@@ -99,8 +114,17 @@ class QuorumReader:
                     break
                 self._record_read(in_flight, answer)
         finally:
-            # Stop waiting, not listening: the rest of the replies feed read repair.
-            answers.listen(partial(self._record_read, in_flight), partial(self._after_read, round_))
+            self._collect_the_rest(in_flight)
+        self._decide(round_)
+
+    def _collect_the_rest(self, in_flight: _QuorumRead) -> None:
+        """Stop waiting, not listening: the rest of the answers feed read repair."""
+        in_flight.answers.listen(
+            partial(self._record_read, in_flight), partial(self._after_read, in_flight.round)
+        )
+
+    @staticmethod
+    def _decide(round_: ReadRound) -> None:
         error = round_.error()
         if error is not None:
             raise error
@@ -139,13 +163,13 @@ class QuorumReader:
                 read.answers, [(peer, "replica_read", (round_.batch(peer),))], read.deadline
             )
 
-    def _after_read(self, round_: Round) -> None:
+    def _after_read(self, round_: ReadRound) -> None:
         """Every replica answered (or timed out): repair the stale ones."""
         remote = self._read_repair(round_)
         if remote:
             self._peers.start(self._repair_peers, remote)
 
-    def _read_repair(self, round_: Round) -> dict[NodeId, list[tuple[bytes, bytes]]]:
+    def _read_repair(self, round_: ReadRound) -> dict[NodeId, list[tuple[bytes, bytes]]]:
         """Repair this node's stale replicas; the repairs to send to each stale peer."""
         by_peer: dict[NodeId, list[tuple[bytes, bytes]]] = defaultdict(list)
         records: dict[int, bytes] = {}

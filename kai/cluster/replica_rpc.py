@@ -1,6 +1,6 @@
-"""The RPC methods a node serves to its peers' coordinators, and their wire encoding.
+"""The RPC methods a node serves to its peers' coordinators (their encoding: :mod:`kai.core.wire`).
 
-Four methods, all called by :class:`~kai.cluster.coordinator.ClusterCoordinator` on peers:
+Four methods, all called by :class:`~kai.cluster.coordinator.Coordinator` on peers:
 
 ``replica_read(keys: list[bytes]) -> list[bytes | None]``
     The stored sibling set of each key as a record (:func:`~kai.core.versions.encode_siblings`),
@@ -27,33 +27,33 @@ forward a request to another node (forwarding happens once, on the node a client
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeGuard
+from collections.abc import Callable, Sequence
 
-import msgpack
 import trio
 
 from kai.core.errors import (
-    QuorumTimeout,
-    QuorumUnavailable,
+    KaiError,
     RpcBadRequest,
-    RpcError,
-    RpcQuorumTimeout,
-    RpcQuorumUnavailable,
-    RpcTooManySiblings,
     TooManySiblings,
 )
-from kai.core.pending import Pending, Step, waits
+from kai.core.pending import Pending, Step
 from kai.core.rpc.protocol import MAX_MESSAGE_SIZE
 from kai.core.vclock import VClock
-from kai.core.versions import SiblingSet, Version, decode_siblings, encode_siblings
+from kai.core.versions import Version, encode_siblings
+from kai.core.wire import (
+    UINT32_MAX,
+    UINT64_MAX,
+    context_from_wire,
+    error_to_forward,
+    is_int,
+    key_from_wire,
+    siblings_from_wire,
+)
 from kai.rpc.server import Handler
 from kai.storage.replica import LocalReplica, Payload
 
 logger = logging.getLogger(__name__)
 
-#: The longest key memcached (and so Kai) accepts.
-KEY_MAX_LENGTH = 250
 #: The most keys one ``replica_read`` call may carry.
 MAX_READ_BATCH = 100_000
 #: How many keys a ``replica_read`` handler reads between checkpoints, so that a huge batch
@@ -62,137 +62,9 @@ READ_CHUNK = 1024
 #: A ``replica_read`` answer stops adding records once they reach this many bytes (half the
 #: RPC message limit, leaving room for framing); the caller asks again for the rest.
 READ_REPLY_BUDGET = MAX_MESSAGE_SIZE // 2
-_UINT32_MAX = 2**32 - 1
-_UINT64_MAX = 2**64 - 1
 
-#: A write forwarded to a primary: ``coordinate_write(key, payload, context) -> Version``.
-CoordinateWrite = Callable[[bytes, Payload, VClock | None], Awaitable[Version]]
-
-
-# --- errors a forwarded write carries back --------------------------------------------------
-#
-# A forwarded ``coordinate_put`` can fail on the primary in ways the client must hear about
-# exactly as if the write had been coordinated where it arrived. These RPC errors carry them
-# across the wire; :func:`raise_forwarded` turns them back into the coordinator's errors.
-
-
-def raise_forwarded(error: RpcError) -> None:
-    """Re-raise the coordinator error a primary sent back for a forwarded write, if it is one.
-
-    Raises:
-        QuorumTimeout, QuorumUnavailable, TooManySiblings: what the primary raised.
-    """
-    if isinstance(error, RpcQuorumTimeout):
-        raise QuorumTimeout(f"forwarded write: {error}") from error
-    if isinstance(error, RpcQuorumUnavailable):
-        raise QuorumUnavailable(f"forwarded write: {error}") from error
-    if isinstance(error, RpcTooManySiblings):
-        raise TooManySiblings(str(error)) from error
-
-
-# --- wire encoding --------------------------------------------------------------------------
-
-
-def context_to_wire(context: VClock | None) -> list[list[object]] | None:
-    """A causal context as it travels: a list of ``[actor, counter, timestamp]`` or None."""
-    if context is None:
-        return None
-    return [[actor, counter, timestamp] for actor, counter, timestamp in context.entries]
-
-
-def context_from_wire(raw: object) -> VClock | None:
-    """Parse :func:`context_to_wire`'s output.
-
-    Raises:
-        RpcBadRequest: ``raw`` is not a valid context.
-    """
-    if raw is None:
-        return None
-    if not isinstance(raw, list | tuple):
-        raise RpcBadRequest(f"context must be a list or nil, not {type(raw).__name__}")
-    entries: list[tuple[bytes, int, int]] = []
-    for entry in raw:
-        if not isinstance(entry, list | tuple) or len(entry) != 3:
-            raise RpcBadRequest("each context entry must be [actor, counter, timestamp]")
-        actor, counter, timestamp = entry
-        if not isinstance(actor, bytes) or not _is_int(counter) or not _is_int(timestamp):
-            raise RpcBadRequest("each context entry must be [bytes, int, int]")
-        entries.append((actor, counter, timestamp))
-    try:
-        return VClock.from_entries(entries)
-    except ValueError as exc:
-        raise RpcBadRequest(f"bad context: {exc}") from exc
-
-
-def siblings_from_wire(record: object) -> SiblingSet:
-    """Decode and validate a sibling-set record that came from another node.
-
-    Raises:
-        RpcBadRequest: ``record`` is not a well-formed record.
-    """
-    if not isinstance(record, bytes):
-        raise RpcBadRequest(f"record must be bytes, not {type(record).__name__}")
-    try:
-        siblings = decode_siblings(record)
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise RpcBadRequest(f"malformed record: {exc}") from exc
-    for version in siblings:
-        _check_version(version)
-    return siblings
-
-
-def _check_version(version: Version) -> None:
-    # decode_siblings trusts its input (it reads this node's own storage); a peer's record is
-    # checked field by field before anything is stored. The fields are typed as what they
-    # should be, so look at them as plain objects.
-    entries: object = version.clock.entries
-    if not isinstance(entries, tuple) or not all(_is_entry(entry) for entry in entries):
-        raise RpcBadRequest("malformed clock in record")
-    try:
-        VClock(entries)
-    except ValueError as exc:
-        raise RpcBadRequest(f"bad clock in record: {exc}") from exc
-    timestamp: object = version.timestamp
-    actor: object = version.actor
-    flags: object = version.flags
-    expiry: object = version.expiry
-    value: object = version.value
-    if not (
-        _is_int(timestamp)
-        and timestamp >= 0
-        and isinstance(actor, bytes)
-        and actor
-        and _is_int(flags)
-        and 0 <= flags <= _UINT32_MAX
-        and _is_int(expiry)
-        and (value is None or isinstance(value, bytes))
-    ):
-        raise RpcBadRequest("malformed version in record")
-
-
-def _is_entry(entry: object) -> bool:
-    return (
-        isinstance(entry, tuple)
-        and len(entry) == 3
-        and isinstance(entry[0], bytes)
-        and _is_int(entry[1])
-        and _is_int(entry[2])
-    )
-
-
-def _is_int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_key(key: object) -> bytes:
-    """Validate a key parameter.
-
-    Raises:
-        RpcBadRequest: ``key`` is not 1 to 250 bytes.
-    """
-    if not isinstance(key, bytes) or not 1 <= len(key) <= KEY_MAX_LENGTH:
-        raise RpcBadRequest(f"a key must be 1 to {KEY_MAX_LENGTH} bytes")
-    return key
+#: Coordinates a write forwarded to this primary: ``(key, payload, context) -> version``.
+CoordinateWrite = Callable[[bytes, Payload, VClock | None], Step[Version]]
 
 
 # --- handlers -------------------------------------------------------------------------------
@@ -238,7 +110,7 @@ class ReplicaRpcHandlers:
         """
         if not isinstance(keys, list | tuple) or len(keys) > MAX_READ_BATCH:
             raise RpcBadRequest(f"keys must be a list of at most {MAX_READ_BATCH} keys")
-        checked = [check_key(key) for key in keys]
+        checked = [key_from_wire(key) for key in keys]
         if len(checked) <= READ_CHUNK:
             records: list[bytes | None] = []
             self._read_records(checked, records, 0)
@@ -278,7 +150,7 @@ class ReplicaRpcHandlers:
         Raises:
             RpcBadRequest: bad parameters, or the merge would leave too many siblings.
         """
-        checked_key = check_key(key)
+        checked_key = key_from_wire(key)
         siblings = siblings_from_wire(record)
         assert isinstance(record, bytes)  # siblings_from_wire checked it
         try:
@@ -286,34 +158,30 @@ class ReplicaRpcHandlers:
         except TooManySiblings as exc:
             raise RpcBadRequest(str(exc)) from exc
 
-    @waits
-    async def coordinate_put(
+    def coordinate_put(
         self, key: object, flags: object, expiry: object, value: object, context: object
-    ) -> bytes:
+    ) -> Step[bytes]:
         """Coordinate a write that a non-primary forwarded here; returns the written version.
 
         Raises:
             RpcBadRequest: bad parameters.
             RpcQuorumTimeout, RpcQuorumUnavailable, RpcTooManySiblings: the write failed here.
         """
-        checked_key = check_key(key)
-        if not _is_int(flags) or not 0 <= flags <= _UINT32_MAX:
+        checked_key = key_from_wire(key)
+        if not is_int(flags) or not 0 <= flags <= UINT32_MAX:
             raise RpcBadRequest("flags must be a 32-bit unsigned integer")
-        if not _is_int(expiry) or not 0 <= expiry <= _UINT64_MAX:
+        if not is_int(expiry) or not 0 <= expiry <= UINT64_MAX:
             raise RpcBadRequest("expiry must be a non-negative integer")
         if value is not None and not isinstance(value, bytes):
             raise RpcBadRequest("value must be bytes or nil")
         clock = context_from_wire(context)
-        payload = Payload(flags, expiry, value)
         try:
-            version = await self.coordinate_write(checked_key, payload, clock)
-        except QuorumTimeout as exc:
-            raise RpcQuorumTimeout(str(exc)) from exc
-        except QuorumUnavailable as exc:
-            raise RpcQuorumUnavailable(str(exc)) from exc
-        except TooManySiblings as exc:
-            raise RpcTooManySiblings(str(exc)) from exc
-        return encode_siblings((version,))
+            written = self.coordinate_write(checked_key, Payload(flags, expiry, value), clock)
+        except KaiError as exc:
+            raise error_to_forward(exc) from exc
+        if isinstance(written, Pending):
+            return Pending(_finish_put(written))
+        return encode_siblings((written,))
 
     def flush(self, at: object) -> None:
         """Record a cluster-wide ``flush_all`` at unix microseconds ``at``.
@@ -321,6 +189,14 @@ class ReplicaRpcHandlers:
         Raises:
             RpcBadRequest: ``at`` is not a non-negative integer.
         """
-        if not _is_int(at) or not 0 <= at <= _UINT64_MAX:
+        if not is_int(at) or not 0 <= at <= UINT64_MAX:
             raise RpcBadRequest("flush time must be a non-negative integer (microseconds)")
         self.replica.flush(at)
+
+
+async def _finish_put(written: Pending[Version]) -> bytes:
+    try:
+        version = await written
+    except KaiError as exc:
+        raise error_to_forward(exc) from exc
+    return encode_siblings((version,))

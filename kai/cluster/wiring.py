@@ -14,7 +14,7 @@ import random
 import msgpack
 import trio
 
-from kai.cluster.coordinator import ClusterCoordinator
+from kai.cluster.coordinator import Coordinator
 from kai.core.config import Config
 from kai.core.membership import MembershipView
 from kai.core.ring import NodeId, Ring
@@ -81,7 +81,7 @@ class Cluster:
             rng=rng if rng is not None else random.Random(),
             on_change=self._on_view_change,
         )
-        self.coordinator = ClusterCoordinator(
+        self.coordinator = Coordinator(
             self_node=self_node,
             replica=replica,
             transport=transport,

@@ -79,19 +79,33 @@ class ReadRound:
         r: the read quorum; capped at each key's replica count.
     """
 
+    __slots__ = (
+        "_answered",
+        "answers",
+        "batches",
+        "keys",
+        "lost_index",
+        "merged",
+        "tallies",
+        "unmet",
+    )
+
     def __init__(self, keys: Sequence[bytes], replicas: Sequence[Sequence[NodeId]], r: int) -> None:
         self.keys = keys
         self.tallies = [Tally(min(r, len(nodes)), len(nodes)) for nodes in replicas]
         #: For each key, what each replica that answered holds.
         self.answers: list[dict[NodeId, SiblingSet]] = [{} for _ in keys]
         #: For each key, the merge of every answer so far.
-        self.merged: list[SiblingSet] = [() for _ in keys]
+        self.merged: list[SiblingSet] = [()] * len(keys)
         #: For each replica, the indices of the keys it is asked for, in the order asked.
         self.batches: dict[NodeId, list[int]] = {}
-        for index, nodes in enumerate(replicas):
-            for node in nodes:
-                self.batches.setdefault(node, []).append(index)
-        self.unmet = sum(1 for tally in self.tallies if not tally.met)
+        if len(replicas) == 1:  # the commonest read: one key
+            self.batches = {node: [0] for node in replicas[0]}
+        else:
+            for index, nodes in enumerate(replicas):
+                for node in nodes:
+                    self.batches.setdefault(node, []).append(index)
+        self.unmet = len(keys)  # R is at least 1
         self.lost_index: int | None = None
         # How many keys of its batch each replica has answered (answers come in order).
         self._answered: dict[NodeId, int] = {}
@@ -107,8 +121,12 @@ class ReadRound:
         return [keys[index] for index in self.unanswered(node)]
 
     def unanswered(self, node: NodeId) -> list[int]:
-        """Indices of the keys of ``node``'s batch it has not answered yet, in batch order."""
-        return self.batches.get(node, [])[self._answered.get(node, 0) :]
+        """Indices of the keys of ``node``'s batch it has not answered yet, in batch order
+        (none once it failed)."""
+        answered = self._answered.get(node, 0)
+        if answered < 0:
+            return []
+        return self.batches.get(node, [])[answered:]
 
     def record_reply(self, node: NodeId, sibling_sets: Sequence[SiblingSet]) -> int:
         """Count ``node``'s answer: one sibling set per key, for the first keys it has not
@@ -125,21 +143,26 @@ class ReadRound:
         if len(sibling_sets) > len(indices):
             raise ValueError(f"{node} answered {len(sibling_sets)} keys, not {len(indices)}")
         self._answered[node] = self._answered.get(node, 0) + len(sibling_sets)
+        answers, merged, tallies = self.answers, self.merged, self.tallies
         for index, siblings in zip(indices, sibling_sets, strict=False):
-            answers = self.answers[index]
-            answers[node] = siblings
-            current = self.merged[index]
-            if siblings and siblings != current:  # equal replicas are the common case
-                self.merged[index] = merge(current, siblings)
-            tally = self.tallies[index]
-            was_met = tally.met
+            answers[index][node] = siblings
+            current = merged[index]
+            if not current:
+                merged[index] = siblings  # a stored sibling set is already canonical
+            elif siblings and siblings != current:  # equal replicas are the common case
+                merged[index] = merge(current, siblings)
+            tally = tallies[index]
             tally.reply()
-            if tally.met and not was_met:
+            if tally.replies == tally.required:
                 self.unmet -= 1
         return len(indices) - len(sibling_sets)
 
     def record_failure(self, node: NodeId, *, timed_out: bool) -> None:
-        """Count ``node`` as unable to answer any key of its batch."""
+        """Count ``node`` as unable to answer the keys of its batch it has not answered
+        (once: a node that failed is not asked again)."""
+        if self._answered.get(node, 0) < 0:
+            return
+        self._answered[node] = -1  # failed: nothing it says later counts
         for index in self.batches.get(node, ()):
             if node in self.answers[index]:
                 continue
@@ -155,6 +178,8 @@ class ReadRound:
 
     def error(self) -> CoordinatorError | None:
         """Why the read fails (a key lost its quorum, or not every key met it yet), or None."""
+        if self.lost_index is None and not self.unmet:
+            return None
         if self.lost_index is not None:
             return self.tallies[self.lost_index].error(f"read of {self.keys[self.lost_index]!r}")
         for index, tally in enumerate(self.tallies):
@@ -175,92 +200,3 @@ class ReadRound:
             for node, siblings in answers.items():
                 if siblings != merged:
                     yield index, node
-
-
-class KeyRound:
-    """A :class:`ReadRound` of exactly one key (the common ``get``), in plain fields.
-
-    Same interface and outcomes as ``ReadRound([key], [replicas], r)`` (a property test
-    drives both with the same answers), without the per-key lists and batch slicing.
-
-    Args:
-        key: the key read.
-        replicas: the nodes that hold it (its primaries).
-        r: the read quorum; capped at the replica count.
-    """
-
-    __slots__ = ("_answers", "_lost", "_replicas", "_tally", "keys", "merged")
-
-    def __init__(self, key: bytes, replicas: Sequence[NodeId], r: int) -> None:
-        self.keys = (key,)
-        self._replicas = replicas
-        self._tally = Tally(min(r, len(replicas)), len(replicas))
-        self._answers: dict[NodeId, SiblingSet] = {}
-        #: The merge of every answer so far (a one-item list, as ReadRound's).
-        self.merged: list[SiblingSet] = [()]
-        self._lost = False
-
-    @property
-    def nodes(self) -> Iterable[NodeId]:
-        """Every replica asked."""
-        return self._replicas
-
-    def batch(self, node: NodeId) -> list[bytes]:
-        """The key, if ``node`` is to be asked for it and has not answered yet."""
-        return [self.keys[0]] if node in self._replicas and node not in self._answers else []
-
-    def unanswered(self, node: NodeId) -> list[int]:
-        """``[0]`` while ``node`` is one of the replicas and has not answered, else ``[]``."""
-        return [0] if node in self._replicas and node not in self._answers else []
-
-    def record_reply(self, node: NodeId, sibling_sets: Sequence[SiblingSet]) -> int:
-        """Count ``node``'s answer (see :meth:`ReadRound.record_reply`).
-
-        Raises:
-            ValueError: the answer has more than one set.
-        """
-        if node not in self._replicas or node in self._answers:
-            return 0  # not asked, or a duplicate: it must not count twice
-        if len(sibling_sets) > 1:
-            raise ValueError(f"{node} answered {len(sibling_sets)} keys, not 1")
-        if not sibling_sets:
-            return 1
-        siblings = sibling_sets[0]
-        self._answers[node] = siblings
-        current = self.merged[0]
-        if siblings and siblings != current:  # equal replicas are the common case
-            self.merged[0] = merge(current, siblings)
-        self._tally.reply()
-        return 0
-
-    def record_failure(self, node: NodeId, *, timed_out: bool) -> None:
-        """Count ``node`` as unable to answer."""
-        if node not in self._replicas or node in self._answers:
-            return
-        self._tally.fail(timed_out=timed_out)
-        if self._tally.lost:
-            self._lost = True
-
-    @property
-    def decided(self) -> bool:
-        """Whether the key met its quorum, or never can."""
-        return self._tally.met or self._lost
-
-    def error(self) -> CoordinatorError | None:
-        """Why the read fails, or None."""
-        if self._lost or not self._tally.met:
-            return self._tally.error(f"read of {self.keys[0]!r}")
-        return None
-
-    def stale_replicas(self) -> Iterator[tuple[int, NodeId]]:
-        """``(0, replica)`` for every replica that answered with less than the merge."""
-        merged = self.merged[0]
-        if not merged:
-            return
-        for node, siblings in self._answers.items():
-            if siblings != merged:
-                yield 0, node
-
-
-#: A read in progress, of several keys or of one.
-Round = ReadRound | KeyRound

@@ -189,6 +189,42 @@ def next_clock(
     return clock.prune(max_entries)
 
 
+class ReadResult:
+    """What a read found for one key: every sibling, and the causal context to write with.
+
+    The context is computed on first use: a plain ``get`` never needs it.
+    """
+
+    __slots__ = ("_context", "siblings")
+
+    def __init__(self, siblings: SiblingSet, context: VClock | None = None) -> None:
+        self.siblings = siblings
+        self._context = context
+
+    @property
+    def context(self) -> VClock:
+        """The merged clock of every sibling read."""
+        if self._context is None:
+            self._context = context_of(self.siblings)
+        return self._context
+
+    @property
+    def cas_unique(self) -> int:
+        """memcached's cas token for this read."""
+        return cas_unique(self.context)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ReadResult):
+            return NotImplemented
+        return self.siblings == other.siblings
+
+    def __hash__(self) -> int:
+        return hash(self.siblings)
+
+    def __repr__(self) -> str:
+        return f"ReadResult({self.siblings!r})"
+
+
 def absolute_expiry(exptime: int, now: float) -> int:
     """Convert a memcached exptime to absolute unix seconds (0 = never, negative = expired).
 

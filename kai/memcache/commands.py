@@ -13,22 +13,31 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from functools import partial
 
 import trio
 
-from kai.coordinator import Coordinator, ReadResult
+from kai.cluster.coordinator import Coordinator
 from kai.core.errors import CoordinatorError, TooManySiblings
 from kai.core.memcache import protocol as mc
 from kai.core.memcache.report import VERSION_REPLY, NodeInfo, StatsReport
+from kai.core.pending import Pending, Step, resolve, then
 from kai.core.stats import NodeStats
-from kai.core.versions import Version, absolute_expiry, newest, visible
+from kai.core.versions import (
+    ReadResult,
+    SiblingSet,
+    Version,
+    absolute_expiry,
+    cas_unique,
+    context_of,
+    visible,
+)
 from kai.storage.replica import Payload
 
 logger = logging.getLogger(__name__)
 
 _U64 = 2**64
 _NON_NUMERIC = mc.client_error("cannot increment or decrement non-numeric value")
-_TOO_LARGE = mc.server_error("object too large for cache")
 _OUT_OF_MEMORY = mc.server_error("out of memory storing object")
 _TOO_MANY_SIBLINGS = mc.server_error("too many siblings")
 
@@ -109,85 +118,58 @@ class CommandExecutor:
             wall_clock=wall_clock,
         )
 
-    async def execute(self, request: mc.Request | mc.Invalid) -> bytes:
-        """The reply bytes for one request (``b""`` when noreply suppresses it).
+    def execute(self, request: mc.Request | mc.Invalid) -> Step[bytes]:
+        """The reply bytes for one request (``b""`` when noreply suppresses it), at once when
+        it can be made without waiting, else as a pending step.
 
         Raises nothing for bad input or unavailable replicas: those become error replies.
         """
         try:
-            if type(request) is mc.Get:  # the hot path: skip the dispatch table
-                return await self._get(request.keys, request.with_cas)
-            return await self._dispatch(request)
-        except CoordinatorError as error:
+            reply = self._dispatch(request)
+        except (CoordinatorError, TooManySiblings) as error:
+            return self._error_reply(request, error)
+        if isinstance(reply, Pending):
+            return Pending(self._finish(request, reply))
+        return reply
+
+    async def _finish(self, request: mc.Request | mc.Invalid, reply: Pending[bytes]) -> bytes:
+        try:
+            return await reply
+        except (CoordinatorError, TooManySiblings) as error:
+            return self._error_reply(request, error)
+
+    def _error_reply(
+        self, request: mc.Request | mc.Invalid, error: CoordinatorError | TooManySiblings
+    ) -> bytes:
+        if isinstance(error, CoordinatorError):
             self.stats.kai_quorum_failures += 1
-            return b"" if _noreply(request) else mc.server_error(error.reply_text)
-        except TooManySiblings:
-            return b"" if _noreply(request) else _TOO_MANY_SIBLINGS
+            reply = mc.server_error(error.reply_text)
+        else:
+            reply = _TOO_MANY_SIBLINGS
+        return b"" if getattr(request, "noreply", False) else reply
 
-    def execute_now(self, request: mc.Request | mc.Invalid) -> bytes | None:
-        """The reply to ``request`` if it can be made without waiting; None if it needs
-        :meth:`execute` (and then nothing was done or counted).
-
-        Answered at once: ``get``/``gets`` and ``set``, when the coordinator serves the keys
-        without other nodes (:meth:`Coordinator.get_at_once`), and ``version``. Replies,
-        counters and errors are those :meth:`execute` gives.
-        """
-        if type(request) is mc.Get:
-            started = time.perf_counter()
-            keys = request.keys
-            get_at_once = self.coordinator.get_at_once
-            if len(keys) == 1 and not self.all_siblings:
-                result = get_at_once(keys[0])
-                if result is None:
-                    return None
-                return self._get_reply(keys[0], result, request.with_cas, started)
-            results = []
-            for key in keys:
-                found = get_at_once(key)
-                if found is None:
-                    return None
-                results.append(found)
-            return self._get_many_reply(keys, results, request.with_cas, started)
-        if type(request) is mc.Store:
-            if request.command != "set":
-                return None
-            started = time.perf_counter()
-            payload = self._payload_of(request)
-            try:
-                if self.coordinator.put_at_once(request.key, payload, context=None) is None:
-                    return None
-                reply = _quiet(request.noreply, mc.STORED)
-            except TooManySiblings:
-                reply = b"" if request.noreply else _TOO_MANY_SIBLINGS
-            self.stats.cmd_set += 1
-            self.stats.set_latency.record(time.perf_counter() - started)
-            return reply
-        if type(request) is mc.Version:
-            return VERSION_REPLY
-        return None
-
-    async def _dispatch(self, request: mc.Request | mc.Invalid) -> bytes:
+    def _dispatch(self, request: mc.Request | mc.Invalid) -> Step[bytes]:
+        # The commonest requests first, by exact type: cheaper than a match on every request.
+        kind = type(request)
+        if kind is mc.Get:
+            assert isinstance(request, mc.Get)
+            return self._get(request.keys, request.with_cas)
+        if kind is mc.Store:
+            assert isinstance(request, mc.Store)
+            return self._store(request)
         match request:
-            case mc.Get(keys=keys, with_cas=with_cas):
-                return await self._get(keys, with_cas)
-            case mc.Store():
-                started = time.perf_counter()
-                try:
-                    return await self._store(request)
-                finally:
-                    self.stats.set_latency.record(time.perf_counter() - started)
             case mc.Delete(key=key, noreply=noreply):
-                return _quiet(noreply, await self._delete(key))
+                return Pending(self._delete(key, noreply))
             case mc.Arithmetic(key=key, delta=delta, incr=incr, noreply=noreply):
-                return _quiet(noreply, await self._arithmetic(key, delta, incr=incr))
+                return Pending(self._arithmetic(key, delta, incr, noreply))
             case mc.Touch(key=key, exptime=exptime, noreply=noreply):
-                return _quiet(noreply, await self._touch(key, exptime))
+                return Pending(self._touch(key, exptime, noreply))
             case mc.GetAndTouch(exptime=exptime, keys=keys, with_cas=with_cas):
-                return await self._get_and_touch(keys, exptime, with_cas)
+                return Pending(self._get_and_touch(keys, exptime, with_cas))
             case mc.ValueTooLarge(command=command, key=key, noreply=noreply):
-                return _quiet(noreply, await self._too_large(command, key))
+                return Pending(self._too_large(command, key, noreply))
             case mc.FlushAll(delay=delay, noreply=noreply):
-                return _quiet(noreply, await self._flush_all(delay))
+                return self._flush_all(delay, noreply)
             case mc.Stats(args=args):
                 return self.report.reply(args)
             case mc.Version():
@@ -202,75 +184,45 @@ class CommandExecutor:
 
     # --- reads --------------------------------------------------------------------------------
 
-    def _view(self, result: ReadResult, now: float) -> list[Version]:
-        return visible(
-            result.siblings,
-            now,
-            self.coordinator.flushed_before(now),
-            all_siblings=self.all_siblings,
-        )
-
-    async def _get(self, keys: Sequence[bytes], with_cas: bool) -> bytes:
+    def _get(self, keys: Sequence[bytes], with_cas: bool) -> Step[bytes]:
         started = time.perf_counter()
-        if len(keys) == 1 and not self.all_siblings:
-            # The most common request of all: one key, newest-version view.
-            key = keys[0]
-            return self._get_reply(key, await self.coordinator.get(key), with_cas, started)
-        results = await self.coordinator.get_many(keys)
-        return self._get_many_reply(keys, results, with_cas, started)
+        return then(self.coordinator.get(keys), partial(self._get_reply, keys, with_cas, started))
 
-    def _get_many_reply(
-        self, keys: Sequence[bytes], results: Sequence[ReadResult], with_cas: bool, started: float
+    def _get_reply(
+        self, keys: Sequence[bytes], with_cas: bool, started: float, results: list[SiblingSet]
     ) -> bytes:
-        """The reply to a get of any number of keys in either view, counted."""
+        """The reply to a get of any number of keys in either sibling view, counted."""
         now = self.wall_clock()
         flushed_before = self.coordinator.flushed_before(now)
+        all_siblings = self.all_siblings
         stats = self.stats
-        stats.cmd_get += len(keys)
         parts: list[bytes] = []
         hits = 0
-        for key, result in zip(keys, results, strict=True):
-            shown = visible(result.siblings, now, flushed_before, all_siblings=self.all_siblings)
+        for key, siblings in zip(keys, results, strict=True):
+            if len(siblings) == 1 and not all_siblings:  # the common case: one version
+                latest = siblings[0]
+                shown = [latest] if latest.is_live(now, flushed_before) else []
+            else:
+                shown = visible(siblings, now, flushed_before, all_siblings=all_siblings)
             if not shown:
-                self._count_miss(result, now, flushed_before)
+                self._count_miss(siblings, now, flushed_before)
                 continue
             hits += 1
-            if len(result.siblings) > 1:
+            if len(siblings) > 1:
                 stats.kai_unreconciled_get += 1
-            cas = result.cas_unique if with_cas else None
+            cas = cas_unique(context_of(siblings)) if with_cas else None
             for version in shown:
                 assert version.value is not None
                 parts.append(mc.encode_value(key, version.flags, version.value, cas))
+        stats.cmd_get += len(keys)
         stats.get_hits += hits
         stats.get_misses += len(keys) - hits
         parts.append(mc.END)
         stats.get_latency.record(time.perf_counter() - started)
         return b"".join(parts)
 
-    def _get_reply(self, key: bytes, result: ReadResult, with_cas: bool, started: float) -> bytes:
-        """The reply to a one-key get in the newest-version view, counted."""
-        stats = self.stats
-        stats.cmd_get += 1
-        siblings = result.siblings
-        now = self.wall_clock()
-        flushed_before = self.coordinator.flushed_before(now)
-        latest = siblings[0] if len(siblings) == 1 else newest(siblings)
-        if latest is None or not latest.is_live(now, flushed_before):
-            stats.get_misses += 1
-            self._count_miss(result, now, flushed_before)
-            reply = mc.END
-        else:
-            stats.get_hits += 1
-            if len(siblings) > 1:
-                stats.kai_unreconciled_get += 1
-            assert latest.value is not None
-            cas = result.cas_unique if with_cas else None
-            reply = mc.encode_value(key, latest.flags, latest.value, cas) + mc.END
-        stats.get_latency.record(time.perf_counter() - started)
-        return reply
-
-    def _count_miss(self, result: ReadResult, now: float, flushed_before: int) -> None:
-        latest = max(result.siblings, key=Version.sort_key, default=None)
+    def _count_miss(self, siblings: SiblingSet, now: float, flushed_before: int) -> None:
+        latest = max(siblings, key=Version.sort_key, default=None)
         if latest is None or latest.value is None:
             return
         if latest.timestamp <= flushed_before:
@@ -279,50 +231,74 @@ class CommandExecutor:
             self.stats.get_expired += 1
 
     async def _read_live(self, key: bytes) -> tuple[ReadResult, Version | None]:
-        result = await self.coordinator.get(key)
-        shown = self._view(result, self.wall_clock())
+        (siblings,) = await resolve(self.coordinator.get((key,)))
+        result = ReadResult(siblings)
+        now = self.wall_clock()
+        shown = visible(
+            siblings,
+            now,
+            self.coordinator.flushed_before(now),
+            all_siblings=self.all_siblings,
+        )
         return result, (shown[0] if shown else None)
 
     # --- writes -------------------------------------------------------------------------------
 
-    async def _store(self, request: mc.Store) -> bytes:
+    def _store(self, request: mc.Store) -> Step[bytes]:
+        started = time.perf_counter()
         self.stats.cmd_set += 1
+        if request.command != "set":
+            return Pending(self._store_conditionally(request, started))
+        payload = self._payload_of(request)
+        reply = b"" if request.noreply else mc.STORED
+        return then(
+            self.coordinator.put(request.key, payload, context=None),
+            partial(self._stored, started, reply),
+        )
+
+    def _stored(self, started: float, reply: bytes, _written: object = None) -> bytes:
+        self.stats.set_latency.record(time.perf_counter() - started)
+        return reply
+
+    async def _store_conditionally(self, request: mc.Store, started: float) -> bytes:
         command, key, noreply = request.command, request.key, request.noreply
         payload = self._payload_of(request)
-        if command == "set":
-            await self.coordinator.put(key, payload, context=None)
-            return _quiet(noreply, mc.STORED)
-        async with self.locks.hold(key):
-            result, live = await self._read_live(key)
-            if command == "add":
-                reply = mc.NOT_STORED if live is not None else await self._put(key, payload, result)
-            elif command == "replace":
-                reply = mc.NOT_STORED if live is None else await self._put(key, payload, result)
-            elif command == "cas":
-                if live is None:
-                    self.stats.cas_misses += 1
-                    reply = mc.NOT_FOUND
-                elif result.cas_unique != request.cas_unique:
-                    self.stats.cas_badval += 1
-                    reply = mc.EXISTS
-                else:
-                    self.stats.cas_hits += 1
-                    reply = await self._put(key, payload, result)
-            else:  # append / prepend keep the stored flags and expiry
-                if live is None:
-                    reply = mc.NOT_STORED
-                else:
-                    assert live.value is not None
-                    joined = (
-                        live.value + request.value
-                        if command == "append"
-                        else request.value + live.value
+        try:
+            async with self.locks.hold(key):
+                result, live = await self._read_live(key)
+                if command == "add":
+                    reply = (
+                        mc.NOT_STORED if live is not None else await self._put(key, payload, result)
                     )
-                    if len(joined) > self.info.max_item_size:
-                        reply = _OUT_OF_MEMORY
+                elif command == "replace":
+                    reply = mc.NOT_STORED if live is None else await self._put(key, payload, result)
+                elif command == "cas":
+                    if live is None:
+                        self.stats.cas_misses += 1
+                        reply = mc.NOT_FOUND
+                    elif result.cas_unique != request.cas_unique:
+                        self.stats.cas_badval += 1
+                        reply = mc.EXISTS
                     else:
-                        combined = Payload(live.flags, live.expiry, joined)
-                        reply = await self._put(key, combined, result)
+                        self.stats.cas_hits += 1
+                        reply = await self._put(key, payload, result)
+                else:  # append / prepend keep the stored flags and expiry
+                    if live is None:
+                        reply = mc.NOT_STORED
+                    else:
+                        assert live.value is not None
+                        joined = (
+                            live.value + request.value
+                            if command == "append"
+                            else request.value + live.value
+                        )
+                        if len(joined) > self.info.max_item_size:
+                            reply = _OUT_OF_MEMORY
+                        else:
+                            combined = Payload(live.flags, live.expiry, joined)
+                            reply = await self._put(key, combined, result)
+        finally:
+            self.stats.set_latency.record(time.perf_counter() - started)
         return _quiet(noreply, reply)
 
     def _payload_of(self, request: mc.Store) -> Payload:
@@ -331,20 +307,20 @@ class CommandExecutor:
         )
 
     async def _put(self, key: bytes, payload: Payload, read: ReadResult) -> bytes:
-        await self.coordinator.put(key, payload, context=read.context)
+        await resolve(self.coordinator.put(key, payload, context=read.context))
         return mc.STORED
 
-    async def _delete(self, key: bytes) -> bytes:
+    async def _delete(self, key: bytes, noreply: bool) -> bytes:
         async with self.locks.hold(key):
             result, live = await self._read_live(key)
             if live is None:
                 self.stats.delete_misses += 1
-                return mc.NOT_FOUND
-            await self.coordinator.put(key, Payload(), context=result.context)
+                return _quiet(noreply, mc.NOT_FOUND)
+            await resolve(self.coordinator.put(key, Payload(), context=result.context))
         self.stats.delete_hits += 1
-        return mc.DELETED
+        return _quiet(noreply, mc.DELETED)
 
-    async def _arithmetic(self, key: bytes, delta: int, *, incr: bool) -> bytes:
+    async def _arithmetic(self, key: bytes, delta: int, incr: bool, noreply: bool) -> bytes:
         async with self.locks.hold(key):
             result, live = await self._read_live(key)
             if live is None:
@@ -352,30 +328,32 @@ class CommandExecutor:
                     self.stats.incr_misses += 1
                 else:
                     self.stats.decr_misses += 1
-                return mc.NOT_FOUND
+                return _quiet(noreply, mc.NOT_FOUND)
             assert live.value is not None
             number = parse_counter(live.value)
             if number is None:
-                return _NON_NUMERIC
+                return _quiet(noreply, _NON_NUMERIC)
             number = (number + delta) % _U64 if incr else max(number - delta, 0)
             encoded = str(number).encode()
-            await self.coordinator.put(
-                key, Payload(live.flags, live.expiry, encoded), context=result.context
+            await resolve(
+                self.coordinator.put(
+                    key, Payload(live.flags, live.expiry, encoded), context=result.context
+                )
             )
         if incr:
             self.stats.incr_hits += 1
         else:
             self.stats.decr_hits += 1
-        return encoded + b"\r\n"
+        return _quiet(noreply, encoded + b"\r\n")
 
-    async def _touch(self, key: bytes, exptime: int) -> bytes:
+    async def _touch(self, key: bytes, exptime: int, noreply: bool) -> bytes:
         self.stats.cmd_touch += 1
         touched = await self._retouch(key, exptime)
         if touched is None:
             self.stats.touch_misses += 1
-            return mc.NOT_FOUND
+            return _quiet(noreply, mc.NOT_FOUND)
         self.stats.touch_hits += 1
-        return mc.TOUCHED
+        return _quiet(noreply, mc.TOUCHED)
 
     async def _retouch(self, key: bytes, exptime: int) -> tuple[Version, int] | None:
         """Give a live key a new expiry; returns the old version and the new cas, or None."""
@@ -384,10 +362,12 @@ class CommandExecutor:
             if live is None:
                 return None
             expiry = absolute_expiry(exptime, self.wall_clock())
-            written = await self.coordinator.put(
-                key, Payload(live.flags, expiry, live.value), context=result.context
+            written = await resolve(
+                self.coordinator.put(
+                    key, Payload(live.flags, expiry, live.value), context=result.context
+                )
             )
-        return live, ReadResult.of((written,)).cas_unique
+        return live, ReadResult((written,)).cas_unique
 
     async def _get_and_touch(self, keys: Sequence[bytes], exptime: int, with_cas: bool) -> bytes:
         parts: list[bytes] = []
@@ -409,27 +389,23 @@ class CommandExecutor:
         parts.append(mc.END)
         return b"".join(parts)
 
-    async def _too_large(self, command: str, key: bytes) -> bytes:
+    async def _too_large(self, command: str, key: bytes, noreply: bool) -> bytes:
         self.stats.store_too_large += 1
         if command == "set":
             # memcached drops the old value when a set is refused as too large.
             async with self.locks.hold(key):
                 result, live = await self._read_live(key)
                 if live is not None:
-                    await self.coordinator.put(key, Payload(), context=result.context)
-        return _TOO_LARGE
+                    await resolve(self.coordinator.put(key, Payload(), context=result.context))
+        return _quiet(noreply, mc.OBJECT_TOO_LARGE)
 
-    async def _flush_all(self, delay: int) -> bytes:
+    def _flush_all(self, delay: int, noreply: bool) -> Step[bytes]:
         self.stats.cmd_flush += 1
         now = self.wall_clock()
         at = absolute_expiry(delay, now) if delay > 0 else now
-        await self.coordinator.flush_all(int(at * 1_000_000))
-        return mc.OK
+        reply = _quiet(noreply, mc.OK)
+        return then(self.coordinator.flush_all(int(at * 1_000_000)), lambda _: reply)
 
 
 def _quiet(noreply: bool, reply: bytes) -> bytes:
     return b"" if noreply else reply
-
-
-def _noreply(request: object) -> bool:
-    return bool(getattr(request, "noreply", False))

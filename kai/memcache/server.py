@@ -1,16 +1,24 @@
-"""The memcached TCP listener: a thin trio loop around the sans-IO parser.
+"""The memcached TCP listener: a thin trio shell around the sans-IO parser and the executor.
 
 Reads bytes, feeds the parser, executes each request, and writes the replies of a pipelined
 batch in one send. Enforces the connection limit, and on shutdown stops accepting, lets every
 connection finish the requests it has already received, and closes. Never parses or
 interprets commands itself.
 
+One path serves every connection, in h11's manner (:mod:`kai.core.pending`):
+:meth:`MemcacheServer._serve` receives, parses and executes for as long as nothing has to
+wait, and hands back a pending step when something does (a reply that needs other nodes, a
+lock, room in a full socket, a turn for other connections). New input on an idle connection
+is announced by the listener's :class:`~kai.memcache.netpoll.ReadPoller`, whose task runs
+``_serve`` right there: a request whose answer is local (any request on a node of one) costs
+no task switch. A pending step is awaited in a task of the listener's own (one per busy
+stretch of a connection, not per request), which then goes on with the same ``_serve``. While
+that task runs, announcements for its connection are left to it, so requests stay in order.
+
+Each connection is its own failure domain: an exception from its request handling, in
+whichever task, closes that connection (logged with its traceback) and nothing else.
 Sockets are plain non-blocking stdlib sockets: a request whose bytes are already there costs
-no trip through the scheduler (trio's stream wrappers take several per request, a large share
-of the per-request cost here). Connections wait for input through one edge-triggered
-:class:`~kai.memcache.netpoll.Watch` (registered once per connection instead of once per wait)
-and for room to send with ``trio.lowlevel.wait_writable``. Fairness is kept explicitly: a
-connection that always has more input yields after :data:`FAIR_SHARE` batches.
+no trip through the scheduler.
 """
 
 from __future__ import annotations
@@ -19,15 +27,17 @@ import contextlib
 import errno
 import logging
 import socket
-from typing import NoReturn, TypeAlias
+from collections.abc import Sequence
+from functools import partial
+from typing import NoReturn
 
-import attrs
 import trio
 
 from kai.core.memcache import protocol as mc
+from kai.core.pending import Pending
 from kai.core.stats import NodeStats
 from kai.memcache.commands import CommandExecutor
-from kai.memcache.netpoll import Watch, watch
+from kai.memcache.netpoll import ReadPoller, Watch
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +45,7 @@ logger = logging.getLogger(__name__)
 RECEIVE_SIZE = 64 * 1024
 #: Replies of a pipelined batch are sent once they reach this size, even mid-batch.
 SEND_THRESHOLD = 256 * 1024
-#: Batches a connection may serve back to back before letting other tasks run.
+#: Receives a connection may serve back to back before it lets other connections run.
 FAIR_SHARE = 8
 #: Pending connections the kernel queues for accept().
 BACKLOG = 1024
@@ -48,46 +58,37 @@ _ACCEPT_RETRY_DELAY = 0.1
 _GONE = (ConnectionError, OSError)
 
 
-#: A request (or the parser's ``CLOSED``) left for a connection's task to take up, or None.
-Deferred: TypeAlias = mc.Request | mc.Invalid | type | None
-
-
-@attrs.define(eq=False)
 class _Connection:
-    """A client connection: its socket and parser, and what the poller's step (see
-    :meth:`MemcacheServer._serve_at_once`) leaves for the connection's task."""
+    """A client connection: its socket, its parser, and the replies not yet sent."""
 
-    sock: socket.socket
-    watch: Watch
-    parser: mc.MemcacheParser
-    closing: bool = False
-    #: A parsed request that could not be answered at once: the task executes it first.
-    deferred: Deferred = None
-    #: Reply bytes the socket did not take at once: the task sends them before anything else.
-    unsent: bytes = b""
-    #: The last receive filled its buffer, so more may be waiting in the socket.
-    unread: bool = False
-    #: What the poller's step raised: the task raises it.
-    error: Exception | None = None
+    __slots__ = (
+        "busy",
+        "closed",
+        "drained",
+        "parser",
+        "replies",
+        "replies_size",
+        "sock",
+        "unsent",
+        "watch",
+    )
 
-    def take_up(self) -> tuple[bytes, Deferred]:
-        """What the poller's step left for the task (unsent reply bytes, a request to execute
-        before any other), cleared; raises what the step raised."""
-        if self.error is not None:
-            raise self.error
-        unsent, self.unsent = self.unsent, b""
-        deferred, self.deferred = self.deferred, None
-        return unsent, deferred
-
-    def close_when_idle(self) -> None:
-        """Make the connection end after the requests it already received.
-
-        Shutting down the read side wakes a connection waiting for input with an end of
-        file; a busy one sees it once it has answered everything it read.
-        """
-        self.closing = True
-        with contextlib.suppress(OSError):  # already disconnected
-            self.sock.shutdown(socket.SHUT_RD)
+    def __init__(self, sock: socket.socket, parser: mc.MemcacheParser) -> None:
+        self.sock = sock
+        self.parser = parser
+        self.watch: Watch | None = None
+        #: Replies made and not yet sent, and their size.
+        self.replies: list[bytes] = []
+        self.replies_size = 0
+        #: Reply bytes the socket did not take: they go before anything else.
+        self.unsent = memoryview(b"")
+        #: The last receive took everything the socket had, and no input was announced
+        #: since: the next input will be announced, so there is no need to look for it.
+        self.drained = False
+        #: A task is serving this connection (awaiting a pending step); it serves whatever
+        #: input arrives meanwhile.
+        self.busy = False
+        self.closed = False
 
 
 async def bind_listeners(host: str, port: int) -> list[socket.socket]:
@@ -140,6 +141,9 @@ class MemcacheServer:
         self.max_item_size = max_item_size
         self._connections: set[_Connection] = set()
         self._accepting = trio.CancelScope()
+        self._all_closed = trio.Event()
+        self._poller: ReadPoller | None = None
+        self._tasks: trio.Nursery | None = None
 
     async def serve(
         self,
@@ -148,27 +152,44 @@ class MemcacheServer:
         *,
         task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen on ``host:port`` and serve until :meth:`shut_down` (or cancellation).
+        """Listen on ``host:port`` and serve until :meth:`shut_down` has let every connection
+        finish (or until cancelled, which closes every connection at once).
 
         ``task_status.started`` receives the bound addresses, so port 0 can be used.
         """
         listeners = await bind_listeners(host, port)
         try:
-            async with trio.open_nursery() as connections:
-                # shut_down() cancels only the accept loops; connections live in the outer
-                # nursery, which waits for each of them to finish.
+            self._poller = ReadPoller()
+            async with trio.open_nursery() as tasks:
+                self._tasks = tasks
+                tasks.start_soon(self._poller.run)
+                # shut_down() cancels only the accept loops; connections end by themselves.
                 with self._accepting:
                     async with trio.open_nursery() as acceptors:
                         for listener in listeners:
-                            acceptors.start_soon(self._accept_loop, listener, connections)
+                            acceptors.start_soon(self._accept_loop, listener)
                         task_status.started([sock.getsockname()[:2] for sock in listeners])
-                for listener in listeners:
-                    listener.close()
+                _close_all(listeners)
+                if self._connections:
+                    await self._all_closed.wait()
+                tasks.cancel_scope.cancel()
         finally:
-            for listener in listeners:
-                listener.close()
+            _close_all(listeners)
+            for connection in list(self._connections):
+                self._close(connection)
 
-    async def _accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> NoReturn:
+    def shut_down(self) -> None:
+        """Stop accepting; each connection closes once its received requests are answered.
+
+        Shutting down a connection's read side makes it see end of file, after the input it
+        already has.
+        """
+        self._accepting.cancel()
+        for connection in self._connections:
+            with contextlib.suppress(OSError):  # already disconnected
+                connection.sock.shutdown(socket.SHUT_RD)
+
+    async def _accept_loop(self, listener: socket.socket) -> NoReturn:
         while True:
             try:
                 sock, _address = listener.accept()
@@ -181,176 +202,197 @@ class MemcacheServer:
                 logger.warning("accept failed (%s); retrying in %ss", error, _ACCEPT_RETRY_DELAY)
                 await trio.sleep(_ACCEPT_RETRY_DELAY)
                 continue
-            sock.setblocking(False)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            nursery.start_soon(self._handle, sock)
+            self._open(sock)
 
-    def shut_down(self) -> None:
-        """Stop accepting; each connection closes once its received requests are answered."""
-        self._accepting.cancel()
-        for connection in list(self._connections):
-            connection.close_when_idle()
-
-    async def _handle(self, sock: socket.socket) -> None:
+    def _open(self, sock: socket.socket) -> None:
+        """Start serving a new client, or turn it away."""
         stats = self.stats
         stats.total_connections += 1
-        try:
-            if len(self._connections) >= self.max_connections:
-                stats.rejected_connections += 1
-                with contextlib.suppress(OSError):  # a fresh socket's buffer takes it whole
-                    sock.send(TOO_MANY_CONNECTIONS)
-                return
-            parser = mc.MemcacheParser(max_item_size=self.max_item_size)
-            connection = _Connection(sock, watch(sock), parser)
-            connection.watch.on_ready = lambda: self._serve_at_once(connection)
-            self._connections.add(connection)
-            stats.curr_connections += 1
-            try:
-                await self._serve_connection(connection)
-            except _GONE:
-                pass  # the client went away; nothing to answer
-            finally:
-                connection.watch.close()
-                self._connections.discard(connection)
-                stats.curr_connections -= 1
-        finally:
+        if len(self._connections) >= self.max_connections:
+            stats.rejected_connections += 1
+            with contextlib.suppress(OSError):  # a fresh socket's buffer takes it whole
+                sock.send(TOO_MANY_CONNECTIONS)
             sock.close()
+            return
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection = _Connection(sock, mc.MemcacheParser(max_item_size=self.max_item_size))
+        assert self._poller is not None
+        try:
+            # Input that is already there is announced at once.
+            connection.watch = self._poller.watch(sock, partial(self._on_readable, connection))
+        except OSError as error:
+            stats.rejected_connections += 1
+            logger.warning("cannot watch a new connection (%s); closing it", error)
+            sock.close()
+            return
+        self._connections.add(connection)
+        stats.curr_connections += 1
 
-    async def _serve_connection(self, connection: _Connection) -> None:
-        """Serve one connection until it ends.
+    # --- serving ------------------------------------------------------------------------------
 
-        While this task waits for input, the poller serves what arrives by itself as long as
-        every request can be answered at once (:meth:`_serve_at_once`); it wakes this task for
-        anything else, leaving it in ``connection``. So after every wait the task first takes
-        up what the poller left (:meth:`_Connection.take_up`): an error, unsent replies, a
-        request to execute.
+    def _on_readable(self, connection: _Connection) -> None:
+        """New input on ``connection`` (the poller's callback)."""
+        if connection.busy:
+            connection.drained = False  # its task must look for this input
+            return
+        self._go_on(connection, self._serve_guarded(connection))
+
+    def _go_on(self, connection: _Connection, step: Pending[None] | None) -> None:
+        """Have a task await ``step`` and serve on; nothing to do for None."""
+        if step is None:
+            return
+        assert self._tasks is not None
+        connection.busy = True
+        try:
+            self._tasks.start_soon(self._serve_in_task, connection, step)
+        except RuntimeError:  # the listener is shutting down
+            step.close()
+            self._close(connection)
+
+    async def _serve_in_task(self, connection: _Connection, step: Pending[None]) -> None:
+        """Await pending steps and serve on, until the connection waits for input again."""
+        next_step: Pending[None] | None = step
+        try:
+            while next_step is not None:
+                try:
+                    await next_step
+                except Exception as error:  # noqa: BLE001 - this connection's failure only
+                    self._fail(connection, error)
+                    return
+                next_step = self._serve_guarded(connection)
+        except BaseException:
+            self._close(connection)  # cancelled: the listener is going away
+            raise
+        finally:
+            connection.busy = False
+
+    def _serve_guarded(self, connection: _Connection) -> Pending[None] | None:
+        try:
+            return self._serve(connection)
+        except Exception as error:  # noqa: BLE001 - this connection's failure only
+            self._fail(connection, error)
+            return None
+
+    def _serve(self, connection: _Connection) -> Pending[None] | None:
+        """Serve ``connection`` for as long as nothing has to wait.
+
+        Returns None when it waits for input (the poller announces it) or has closed, and a
+        pending step when something has to wait first; once that step is awaited, serving
+        goes on with another call.
         """
-        sock = connection.sock
-        wait_readable = connection.watch.wait_readable
         parser = connection.parser
         execute = self.executor.execute
-        stats = self.stats
-        pending: list[bytes] = []
-        pending_size = 0
-        batches = 0
-        deferred: Deferred = None
+        receives = 0
         while True:
-            if deferred is None:
-                event = parser.next_event()
-            else:
-                event, deferred = deferred, None
+            event = parser.next_event()
             if event is mc.NEED_DATA:
-                # A client that waited for the replies sent now has sent nothing more yet:
-                # wait for it rather than paying for a receive that would find nothing.
-                idle = False
-                if pending:
-                    await self._send(sock, pending)
-                    pending, pending_size = [], 0
-                    idle = not parser.buffered and not connection.unread
-                if not idle:
-                    batches += 1
-                    if batches >= FAIR_SHARE:
-                        batches = 0
-                        await trio.lowlevel.checkpoint()
-                    try:
-                        data = sock.recv(RECEIVE_SIZE)
-                    except BlockingIOError:
-                        pass
-                    else:
-                        connection.unread = False
-                        stats.bytes_read += len(data)
-                        parser.receive_data(data)
-                        continue
-                batches = 0
-                connection.unread = False
-                await wait_readable()
-                unsent, deferred = connection.take_up()
-                if unsent:
-                    pending.append(unsent)
-                    pending_size += len(unsent)
-                continue
-            if event is mc.CLOSED or isinstance(event, mc.Quit):
-                break
-            assert not isinstance(event, type)
-            reply = await execute(event)
-            if reply:
-                pending.append(reply)
-                pending_size += len(reply)
-                if pending_size >= SEND_THRESHOLD:
-                    await self._send(sock, pending)
-                    pending, pending_size = [], 0
-            if isinstance(event, mc.Invalid) and event.close:
-                break
-        if pending:
-            await self._send(sock, pending)
-
-    def _serve_at_once(self, connection: _Connection) -> bool:
-        """Serve what arrived on an idle connection inside the poller's step, without waking
-        its task; True if everything was served (see :attr:`Watch.on_ready`).
-
-        One receive, then every complete request in the parser while each can be answered at
-        once (:meth:`CommandExecutor.execute_now`) and the replies stay under
-        ``SEND_THRESHOLD``, then one send of the replies. Anything else goes to the task
-        through ``connection``: the first request that must wait (and so everything after it),
-        requests past the threshold (left in the parser), end of file (in the parser), replies
-        the socket did not take, an error, or a full receive buffer (more may be waiting).
-        """
-        try:
-            sock = connection.sock
-            parser = connection.parser
-            data = sock.recv(RECEIVE_SIZE)
-            parser.receive_data(data)
-            if not data:
-                return False
-            self.stats.bytes_read += len(data)
-            execute_now = self.executor.execute_now
-            replies: list[bytes] = []
-            size = 0
-            served = True
-            while True:
-                event = parser.next_event()
-                if event is mc.NEED_DATA:
-                    break
-                reply = None if isinstance(event, type) else execute_now(event)
-                if reply is None:
-                    connection.deferred = event
-                    served = False
-                    break
-                if reply:
-                    replies.append(reply)
-                    size += len(reply)
-                    if size >= SEND_THRESHOLD:
-                        served = False  # the task serves the rest, a batch at a time
-                        break
-            if replies:
-                data_out = replies[0] if len(replies) == 1 else b"".join(replies)
+                if connection.replies:
+                    if not self._send(connection):
+                        return Pending(self._drain(connection))
+                    if connection.drained and not parser.buffered:
+                        # A client that waited for these replies has sent nothing more yet:
+                        # its next request will be announced.
+                        return None
+                receives += 1
+                if receives > FAIR_SHARE:
+                    return Pending(_take_turn())  # let other connections run
                 try:
-                    sent = sock.send(data_out)
+                    data = connection.sock.recv(RECEIVE_SIZE)
                 except BlockingIOError:
-                    sent = 0
-                self.stats.bytes_written += sent  # the task counts the rest when it sends it
-                if sent < len(data_out):
-                    connection.unsent = data_out[sent:]
-                    served = False
-            if len(data) == RECEIVE_SIZE:
-                connection.unread = True
-                served = False
-            return served
-        except BlockingIOError:
-            return True  # woken for nothing: whatever came was read before
-        except Exception as error:  # noqa: BLE001 - the task raises it as its own
-            connection.error = error
-            return False
-
-    async def _send(self, sock: socket.socket, replies: list[bytes]) -> None:
-        data = replies[0] if len(replies) == 1 else b"".join(replies)
-        self.stats.bytes_written += len(data)
-        view = memoryview(data)
-        while view:
-            try:
-                sent = sock.send(view)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
+                    connection.drained = True
+                    return None
+                connection.drained = len(data) < RECEIVE_SIZE
+                self.stats.bytes_read += len(data)
+                parser.receive_data(data)
                 continue
-            view = view[sent:]
+            if event is mc.CLOSED or type(event) is mc.Quit:
+                return self._end(connection)
+            assert not isinstance(event, type)
+            reply = execute(event)
+            if isinstance(reply, Pending):
+                return Pending(self._reply_when_ready(connection, reply))
+            if reply:
+                connection.replies.append(reply)
+                connection.replies_size += len(reply)
+                if connection.replies_size >= SEND_THRESHOLD and not self._send(connection):
+                    return Pending(self._drain(connection))
+            if type(event) is mc.Invalid and event.close:
+                return self._end(connection)
+
+    async def _reply_when_ready(self, connection: _Connection, reply: Pending[bytes]) -> None:
+        data = await reply
+        if data:
+            connection.replies.append(data)
+            connection.replies_size += len(data)
+
+    def _end(self, connection: _Connection) -> Pending[None] | None:
+        """Send what is left and close."""
+        if connection.replies and not self._send(connection):
+            return Pending(self._drain_and_close(connection))
+        self._close(connection)
+        return None
+
+    # --- sending and closing ------------------------------------------------------------------
+
+    def _send(self, connection: _Connection) -> bool:
+        """Send the replies made so far; False if the socket did not take them all."""
+        replies = connection.replies
+        data = replies[0] if len(replies) == 1 else b"".join(replies)
+        connection.replies = []
+        connection.replies_size = 0
+        self.stats.bytes_written += len(data)
+        assert not connection.unsent  # a failed send is always drained before the next
+        try:
+            sent = connection.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return True
+        connection.unsent = memoryview(data)[sent:]
+        return False
+
+    async def _drain(self, connection: _Connection) -> None:
+        """Wait until the socket has taken every unsent byte."""
+        sock = connection.sock
+        while connection.unsent:
+            await trio.lowlevel.wait_writable(sock)
+            try:
+                sent = sock.send(connection.unsent)
+            except BlockingIOError:
+                continue
+            connection.unsent = connection.unsent[sent:]
+
+    async def _drain_and_close(self, connection: _Connection) -> None:
+        await self._drain(connection)
+        self._close(connection)
+
+    def _fail(self, connection: _Connection, error: Exception) -> None:
+        if isinstance(error, _GONE):
+            logger.debug("memcached client went away: %s", error)
+        else:
+            logger.error("closing a memcached connection: serving it failed", exc_info=error)
+        self._close(connection)
+
+    def _close(self, connection: _Connection) -> None:
+        if connection.closed:
+            return
+        connection.closed = True
+        if connection.watch is not None:
+            connection.watch.close()
+        with contextlib.suppress(OSError):
+            connection.sock.close()
+        self._connections.discard(connection)
+        self.stats.curr_connections -= 1
+        if not self._connections and self._accepting.cancel_called:
+            self._all_closed.set()
+
+
+async def _take_turn() -> None:
+    await trio.lowlevel.checkpoint()
+
+
+def _close_all(sockets: Sequence[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()

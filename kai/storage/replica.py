@@ -318,6 +318,15 @@ class LocalReplica:
         raw = self.engine.get_meta(FLUSH_META)
         return sorted(msgpack.unpackb(raw)) if raw else []
 
+    def covering(self, at: int) -> int:
+        """A flush time ``at`` (microseconds) that is not in the future, moved past every
+        write this node made so far: a ``flush_all`` covers every write acknowledged before
+        it, even those this node stamped ahead of the wall clock (its timestamps strictly
+        increase, so several writes within one microsecond run ahead)."""
+        if at <= int(self.wall_clock() * 1_000_000):
+            return max(at, self._last_timestamp)
+        return at
+
     def flush(self, at: int) -> None:
         """Record a flush_all taking effect at unix time ``at`` (microseconds).
 
@@ -342,8 +351,12 @@ class LocalReplica:
         return tuple(self._flush_times)
 
     def flushed_before(self, now: float) -> int:
-        """The flush cutoff (microseconds) in effect at unix time ``now`` (0 = none)."""
-        now_us = now * 1_000_000
+        """The flush cutoff (microseconds) in effect at unix time ``now`` (0 = none).
+
+        This node's time is never behind its own latest write stamp, so a flush that covers
+        that write (:meth:`covering`) is in effect at once.
+        """
+        now_us = max(now * 1_000_000, self._last_timestamp)
         cutoff = 0
         for flush_time in self._flush_times:
             if flush_time <= now_us:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kai.core.memcache import protocol as mc
+from kai.core.pending import resolve
 from kai.memcache.commands import CommandExecutor
 
 
@@ -18,4 +19,4 @@ async def execute_raw(
         if event is mc.NEED_DATA or event is mc.CLOSED:
             return b"".join(replies)
         assert not isinstance(event, type)
-        replies.append(await executor.execute(event))
+        replies.append(await resolve(executor.execute(event)))
