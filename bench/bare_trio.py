@@ -4,12 +4,14 @@ It speaks just enough of the text protocol for the benchmark (get, set, version)
 does nothing else: no storage, no clocks, no stats. Kai's single-node throughput is compared
 with it to show how much of the cost is trio and the socket path itself.
 
-Run: .venv/bin/python bench/bare_trio.py PORT
+Run: .venv/bin/python -m bench.bare_trio PORT
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Sequence
 
 import trio
 
@@ -56,9 +58,16 @@ async def serve(port: int) -> None:
     await trio.serve_tcp(handle, port, host="127.0.0.1")
 
 
-def main() -> None:
-    trio.run(serve, int(sys.argv[1]))
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="A bare trio memcached server (get, set, version) on 127.0.0.1.",
+        epilog="example: python -m bench.bare_trio 11311",
+    )
+    parser.add_argument("port", type=int, help="TCP port to listen on")
+    args = parser.parse_args(argv)
+    trio.run(serve, args.port)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,18 +4,18 @@ The setting: N=3 R=2 W=2, 80% get / 20% set, 1 KB values (the original Kai repor
 14,212 ops/s on five 4-core servers). For each cluster size it starts fresh kai nodes on free
 loopback ports (one temporary data directory each; the first node's cluster secret is copied
 to the others, which join through it as their seed), waits until every node lists every
-member in ``stats``, sets every key with ``loadgen.py --preload``, then runs ``loadgen.py``
-with its connections spread over all the nodes' memcached ports while it accounts the CPU
-used by the nodes, the generator and everything else on the machine. It records each node's
-resident memory and counters, stops the nodes, prints a markdown table and writes JSON under
-``bench/results/``. Nodes and temporary directories are always cleaned up, and every wait
-has a deadline.
+member in ``stats``, sets every key with ``bench.loadgen --preload``, then runs
+``bench.loadgen`` with its connections spread over all the nodes' memcached ports while it
+accounts the CPU used by the nodes, the generator and everything else on the machine. It
+records each node's resident memory and counters, stops the nodes, prints a markdown table and writes JSON to
+``bench/results/cluster.json`` (``cluster-scaling.json`` with ``--scaling``). Nodes and
+temporary directories are always cleaned up, and every wait has a deadline.
 
 Example::
 
-    python bench/cluster.py                           # 3 nodes, 1 + 10 s of load
-    python bench/cluster.py --scaling --duration 5    # 1, 3, then 5 nodes
-    python bench/cluster.py --nodes 5 --connections 60 --update-readme
+    python -m bench.cluster                           # 3 nodes, 1 + 10 s of load
+    python -m bench.cluster --scaling --duration 5    # 1, 3, then 5 nodes
+    python -m bench.cluster --nodes 5 --connections 60 --update-readme
 """
 
 from __future__ import annotations
@@ -24,10 +24,8 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,22 +34,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import format_count, format_ms, markdown_table
-from _results import add_output_options, publish
+from bench._common import format_count, format_ms, markdown_table
+from bench._machine import CpuMeter, memory_kib
+from bench._results import add_output_options, publish
+from bench._servers import (
+    HOST,
+    effective_quorum,
+    memcache_stats,
+    module_command,
+    module_env,
+    node_config,
+    parse_quorum,
+    start_cluster,
+    wait_until_formed,
+)
+from kai.testing.process import KaiProcess
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_DIR = BENCH_DIR.parent
-sys.path.insert(0, str(REPO_DIR))
-
-from kai.testing.process import KaiProcess, free_port  # noqa: E402  (needs the repo on sys.path)
-
-HOST = "127.0.0.1"
 SCALING_SIZES = (1, 3, 5)
-#: Seconds to wait for the first node's secret file and for the cluster to form.
-SECRET_TIMEOUT = 10.0
+#: Seconds to wait for the cluster to form.
 FORM_TIMEOUT = 60.0
-#: Seconds one ``stats`` request may take.
-STATS_TIMEOUT = 5.0
 #: Seconds loadgen may need beyond warmup + duration (connecting, preloading, reporting).
 LOADGEN_SLACK = 120.0
 #: The per-node counters kept in the JSON (and checked for trouble) after each run.
@@ -73,9 +74,12 @@ TARGET_OPS = 10_000
 TARGET_P999_MS = 20.0
 #: README blocks replaced by ``--update-readme``: one for a single size, one for ``--scaling``.
 README_BLOCKS = {False: "cluster results", True: "cluster scaling results"}
+#: The file each kind of run writes under bench/results/.
+RESULT_NAMES = {False: "cluster", True: "cluster-scaling"}
 HEADER = (
     "nodes",
     "N,R,W used",
+    "tool",
     "ops/s",
     "runs: ops/s range",
     "p50 ms",
@@ -89,188 +93,6 @@ HEADER = (
 )
 
 
-def parse_quorum(text: str) -> tuple[int, int, int]:
-    """``N,R,W`` as three integers with 1 <= R, W <= N (raise ValueError otherwise)."""
-    parts = text.split(",")
-    if len(parts) != 3 or not all(part.strip().isdigit() for part in parts):
-        raise ValueError(f"expected N,R,W (three integers), got {text!r}")
-    n, r, w = (int(part) for part in parts)
-    if n < 1 or not (1 <= r <= n and 1 <= w <= n):
-        raise ValueError(f"need 1 <= R, W <= N, got {text!r}")
-    return n, r, w
-
-
-def effective_quorum(text: str, members: int) -> str:
-    """The quorum a cluster of ``members`` nodes uses: each of N, R, W capped at ``members``."""
-    return ",".join(str(min(value, members)) for value in parse_quorum(text))
-
-
-def node_config(quorum: str, membership_interval: int) -> str:
-    """The TOML every node of the cluster is started with."""
-    return f'quorum = "{quorum}"\nmembership_interval = {membership_interval}\n'
-
-
-def memcache_stats(port: int) -> dict[str, str]:
-    """The node's general ``stats`` as name -> value (values may contain spaces)."""
-    deadline = time.monotonic() + STATS_TIMEOUT
-    with socket.create_connection((HOST, port), timeout=STATS_TIMEOUT) as sock:
-        sock.sendall(b"stats\r\n")
-        reply = b""
-        while not reply.endswith((b"END\r\n", b"ERROR\r\n")):
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
-    fields = {}
-    for line in reply.decode("utf-8", "replace").split("\r\n"):
-        if line.startswith("STAT "):
-            name, _, value = line[5:].partition(" ")
-            fields[name] = value
-    return fields
-
-
-def members_seen_by(node: KaiProcess) -> set[str]:
-    """The RPC addresses a node lists in ``kai_curr_nodes`` (empty if it does not answer)."""
-    try:
-        return set(memcache_stats(node.port).get("kai_curr_nodes", "").split())
-    except OSError:
-        return set()
-
-
-def memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) of a process from /proc, in KiB (empty if unavailable)."""
-    found = {}
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return found
-    for line in status.splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            found[name] = int(value.split()[0])
-    return found
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has spent busy since boot (all cores, from /proc/stat)."""
-    # user nice system idle iowait irq softirq steal (guest time is already inside user)
-    ticks = [int(value) for value in Path("/proc/stat").read_text().split()[1:9]]
-    busy = sum(ticks) - ticks[3] - ticks[4]
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of one running process (0.0 if it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat.rpartition(")")[2].split()  # fields after the command name, from state on
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    """CPU seconds of this process plus its reaped children (loadgen and its workers)."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-class CpuMeter:
-    """The machine's CPU use over a stretch of time: kai nodes, generator, everything else.
-
-    "Everything else" is what other processes on the machine took while the benchmark ran,
-    so a run disturbed by other work shows it.
-    """
-
-    def __init__(self, pids: Sequence[int]) -> None:
-        self.pids = list(pids)
-        self.started = time.monotonic()
-        self.busy = machine_busy_seconds()
-        self.own = own_cpu_seconds()
-        self.nodes = [process_cpu_seconds(pid) for pid in self.pids]
-
-    def read(self) -> dict[str, float]:
-        """Average cores used since construction: ``nodes``, ``generator``, ``other``."""
-        wall = max(time.monotonic() - self.started, 1e-9)
-        nodes = sum(process_cpu_seconds(pid) for pid in self.pids) - sum(self.nodes)
-        generator = own_cpu_seconds() - self.own
-        other = machine_busy_seconds() - self.busy - nodes - generator
-        return {
-            "seconds": wall,
-            "nodes": nodes / wall,
-            "generator": generator / wall,
-            "other": max(other, 0.0) / wall,
-        }
-
-
-def wait_for_file(path: Path, timeout: float) -> bytes:
-    """The contents of ``path`` once it exists and is non-empty (raise after ``timeout`` s)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and (data := path.read_bytes()):
-            return data
-        time.sleep(0.05)  # poll interval of a deadline-bounded wait
-    raise TimeoutError(f"{path} did not appear in {timeout:g} s")
-
-
-def write_secret(path: Path, secret: bytes) -> None:
-    """Write a cluster secret readable by its owner only (mode 0600 from the start)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as file:
-        file.write(secret)
-
-
-def start_cluster(size: int, base: Path, config: str, nodes: list[KaiProcess]) -> None:
-    """Start ``size`` nodes under ``base``, appending each to ``nodes`` (the caller stops them).
-
-    Node 1 creates the cluster secret; every other node gets a copy before it starts and
-    joins with node 1's RPC address as its seed.
-    """
-    first = KaiProcess(base / "n1", port=free_port(), rpc_port=free_port(), config=config)
-    nodes.append(first)
-    first.start()
-    secret = wait_for_file(first.data_dir / "cluster.secret", SECRET_TIMEOUT)
-    for index in range(2, size + 1):
-        data_dir = base / f"n{index}"
-        data_dir.mkdir(parents=True)
-        write_secret(data_dir / "cluster.secret", secret)
-        node = KaiProcess(
-            data_dir,
-            port=free_port(),
-            rpc_port=free_port(),
-            config=config,
-            extra_args=["--seed", f"{HOST}:{first.rpc_port}"],
-        )
-        nodes.append(node)
-        node.start()
-
-
-def wait_until_formed(nodes: Sequence[KaiProcess], timeout: float) -> float:
-    """Poll until every node lists every member; the seconds it took (raise on timeout)."""
-    everyone = {f"{HOST}:{node.rpc_port}" for node in nodes}
-    started = time.monotonic()
-    deadline = started + timeout
-    waiting = list(nodes)
-    seen: set[str] = set()
-    while waiting:
-        for node in nodes:
-            if node.process is not None and node.process.poll() is not None:
-                raise RuntimeError(f"node {node.rpc_port} exited with {node.process.returncode}")
-        seen = members_seen_by(waiting[0])
-        if seen == everyone:
-            waiting.pop(0)
-            continue
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"cluster did not form in {timeout:g} s: node {waiting[0].rpc_port} sees "
-                f"{sorted(seen) or 'nothing'}, expected {sorted(everyone)}"
-            )
-        time.sleep(0.05)  # poll interval of a deadline-bounded wait
-    return time.monotonic() - started
-
-
 def run_loadgen(
     ports: Sequence[int], args: argparse.Namespace, output: Path, *, preload: bool
 ) -> dict[str, Any]:
@@ -279,9 +101,8 @@ def run_loadgen(
     With ``preload`` it only sets every key (and sends one request), so that the measured run
     that follows, and the CPU accounting around it, contains nothing but the workload.
     """
-    command = [
-        sys.executable,
-        str(BENCH_DIR / "loadgen.py"),
+    command = module_command(
+        "bench.loadgen",
         "--servers=" + ",".join(f"{HOST}:{port}" for port in ports),
         f"--connections={args.connections}",
         f"--processes={args.processes}",
@@ -290,7 +111,7 @@ def run_loadgen(
         f"--keys={args.keys}",
         f"--value-size={args.value_size}",
         f"--json={output}",
-    ]
+    )
     if preload:
         command += ["--preload", "--max-ops=1", "--warmup=0", "--duration=0.1"]
         timeout = LOADGEN_SLACK
@@ -300,7 +121,11 @@ def run_loadgen(
     print("$", " ".join(command[1:]), flush=True)
     try:
         completed = subprocess.run(
-            command, timeout=timeout, check=False, stdout=subprocess.DEVNULL if preload else None
+            command,
+            timeout=timeout,
+            check=False,
+            stdout=subprocess.DEVNULL if preload else None,
+            env=module_env(),
         )
     except subprocess.TimeoutExpired:
         return {"error": f"loadgen did not finish in {timeout:g} s"}
@@ -359,67 +184,90 @@ def measure_cluster(size: int, args: argparse.Namespace, scratch: Path) -> dict[
     print(f"\n== {size} node(s), quorum {args.quorum} ==", flush=True)
     base = scratch / f"cluster-{size}"
     base.mkdir()
-    config = node_config(args.quorum, args.membership_interval)
     run: dict[str, Any] = {"nodes": size, "configured_quorum": args.quorum}
     nodes: list[KaiProcess] = []
     try:
-        start = time.monotonic()
-        start_cluster(size, base, config, nodes)
-        run["start_seconds"] = time.monotonic() - start
-        run["form_seconds"] = wait_until_formed(nodes, args.form_timeout)
-        print(
-            f"cluster formed: {size} node(s) started in {run['start_seconds']:.1f} s, "
-            f"all members seen after {run['form_seconds']:.1f} s more",
-            flush=True,
-        )
-        run["load_average_before"] = os.getloadavg()[0]
+        form_cluster(size, args, base, nodes, run)
         ports = [node.port for node in nodes]
-        start = time.monotonic()
-        preloaded = run_loadgen(ports, args, base / "preload.json", preload=True)
-        run["preload_seconds"] = time.monotonic() - start
-        if "error" in preloaded:
-            raise RuntimeError(f"preload failed: {preloaded['error']}")
-        if preloaded["error_count"] or preloaded["get_misses"]:
-            raise RuntimeError(
-                f"preload failed: errors {preloaded['errors']}, {preloaded['get_misses']} misses"
-            )
-        run["preload_sets_per_sec"] = args.keys / run["preload_seconds"]
-        print(
-            f"preloaded {args.keys:,} keys in {run['preload_seconds']:.1f} s "
-            f"({format_count(run['preload_sets_per_sec'])} pipelined sets/s)",
-            flush=True,
-        )
-        meter = CpuMeter([node.pid for node in nodes])
-        loads = [
-            run_loadgen(ports, args, base / f"loadgen-{attempt}.json", preload=False)
-            for attempt in range(args.repeat)
-        ]
-        run["cpu_cores"] = meter.read()
-        run["load"], run["repeats"] = median_run(loads)
-        run["load_average_after"] = os.getloadavg()[0]
-        cores = run["cpu_cores"]
-        print(
-            f"CPU during the run (cores): kai nodes {cores['nodes']:.2f}, load generator "
-            f"{cores['generator']:.2f}, other processes {cores['other']:.2f}",
-            flush=True,
-        )
+        preload(ports, args, base, run)
+        measure_load(nodes, args, base, run)
         run["node_reports"] = [node_report(node) for node in nodes]
         print_node_reports(run["node_reports"])
     except (OSError, RuntimeError, TimeoutError) as error:
         run["error"] = str(error)
         print(f"cluster of {size}: {error}", file=sys.stderr)
     finally:
-        exit_codes = []
-        for node in nodes:
-            exit_codes.append(node.stop())
-        run["exit_codes"] = exit_codes
-        for node, code in zip(nodes, exit_codes, strict=True):
-            if code not in (0, None):
-                tail = node.log_text().splitlines()[-12:]
-                run.setdefault("log_tails", {})[str(node.rpc_port)] = tail
-                print(f"node {node.rpc_port} exited with {code}; end of its log:", file=sys.stderr)
-                print("\n".join(tail), file=sys.stderr)
+        stop_nodes(nodes, run)
     return run
+
+
+def form_cluster(
+    size: int, args: argparse.Namespace, base: Path, nodes: list[KaiProcess], run: dict[str, Any]
+) -> None:
+    """Start the nodes (appending them to ``nodes``) and wait until every one sees all."""
+    start = time.monotonic()
+    start_cluster(size, base, node_config(args.quorum, args.membership_interval), nodes)
+    run["start_seconds"] = time.monotonic() - start
+    run["form_seconds"] = wait_until_formed(nodes, args.form_timeout)
+    print(
+        f"cluster formed: {size} node(s) started in {run['start_seconds']:.1f} s, "
+        f"all members seen after {run['form_seconds']:.1f} s more",
+        flush=True,
+    )
+
+
+def preload(
+    ports: Sequence[int], args: argparse.Namespace, base: Path, run: dict[str, Any]
+) -> None:
+    """Set every key of loadgen's workload once (raise if any reply was wrong)."""
+    run["load_average_before"] = os.getloadavg()[0]
+    start = time.monotonic()
+    preloaded = run_loadgen(ports, args, base / "preload.json", preload=True)
+    run["preload_seconds"] = time.monotonic() - start
+    if "error" in preloaded:
+        raise RuntimeError(f"preload failed: {preloaded['error']}")
+    if preloaded["error_count"] or preloaded["get_misses"]:
+        raise RuntimeError(
+            f"preload failed: errors {preloaded['errors']}, {preloaded['get_misses']} misses"
+        )
+    run["preload_sets_per_sec"] = args.keys / run["preload_seconds"]
+    print(
+        f"preloaded {args.keys:,} keys in {run['preload_seconds']:.1f} s "
+        f"({format_count(run['preload_sets_per_sec'])} pipelined sets/s)",
+        flush=True,
+    )
+
+
+def measure_load(
+    nodes: Sequence[KaiProcess], args: argparse.Namespace, base: Path, run: dict[str, Any]
+) -> None:
+    """The measured loadgen runs (``--repeat``), with the machine's CPU split around them."""
+    ports = [node.port for node in nodes]
+    meter = CpuMeter([node.pid for node in nodes])
+    loads = [
+        run_loadgen(ports, args, base / f"loadgen-{attempt}.json", preload=False)
+        for attempt in range(args.repeat)
+    ]
+    run["cpu_cores"] = meter.read()
+    run["load"], run["repeats"] = median_run(loads)
+    run["load_average_after"] = os.getloadavg()[0]
+    cores = run["cpu_cores"]
+    print(
+        f"CPU during the run (cores): kai nodes {cores['nodes']:.2f}, load generator "
+        f"{cores['generator']:.2f}, other processes {cores['other']:.2f}",
+        flush=True,
+    )
+
+
+def stop_nodes(nodes: Sequence[KaiProcess], run: dict[str, Any]) -> None:
+    """Stop every node; record exit codes, and the end of the log of any that failed."""
+    run["exit_codes"] = [node.stop() for node in nodes]
+    for node, code in zip(nodes, run["exit_codes"], strict=True):
+        if code not in (0, None):
+            tail = node.log_text().splitlines()[-12:]
+            run.setdefault("log_tails", {})[str(node.rpc_port)] = tail
+            print(f"node {node.rpc_port} exited with {code}; end of its log:", file=sys.stderr)
+            print("\n".join(tail), file=sys.stderr)
 
 
 def median_run(loads: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, float]]]:
@@ -455,32 +303,35 @@ def describe_problems(load: dict[str, Any]) -> str:
     return f"{format_count(total)} ({detail})"
 
 
-def table_row(run: dict[str, Any]) -> list[str]:
-    """One markdown row for a cluster run."""
-    reports = run.get("node_reports", [])
-    quorum = effective_quorum(run["configured_quorum"], run["nodes"])
+def table_rows(run: dict[str, Any]) -> list[list[str]]:
+    """The markdown rows of a cluster run."""
+    nodes, quorum = str(run["nodes"]), effective_quorum(run["configured_quorum"], run["nodes"])
     load = run.get("load", {})
     error = run.get("error") or load.get("error")
     if error:
-        return [str(run["nodes"]), quorum, f"failed: {error}"] + [""] * (len(HEADER) - 3)
+        return [[nodes, quorum, "loadgen", f"failed: {error}"] + [""] * (len(HEADER) - 4)]
     latency = load["latency_ms"]
     rss = " / ".join(
         f"{report['memory_kib']['VmRSS'] / 1024:.0f}"
-        for report in reports
+        for report in run.get("node_reports", [])
         if "VmRSS" in report["memory_kib"]
     )
-    return [
-        str(run["nodes"]),
-        quorum,
-        format_count(load["ops_per_sec"]),
-        describe_repeats(run),
-        *(format_ms(latency[key]) for key in ("p50", "p99", "p99.9")),
-        describe_problems(load),
-        rss or "?",
-        format_count(run["preload_sets_per_sec"]),
-        f"{run['load_average_before']:.2f}",
-        f"{run['cpu_cores']['other']:.2f}",
+    rows = [
+        [
+            nodes,
+            quorum,
+            "loadgen",
+            format_count(load["ops_per_sec"]),
+            describe_repeats(run),
+            *(format_ms(latency[key]) for key in ("p50", "p99", "p99.9")),
+            describe_problems(load),
+            rss or "?",
+            format_count(run["preload_sets_per_sec"]),
+            f"{run['load_average_before']:.2f}",
+            f"{run['cpu_cores']['other']:.2f}",
+        ]
     ]
+    return rows
 
 
 def target_verdict(runs: Sequence[dict[str, Any]]) -> str | None:
@@ -502,7 +353,7 @@ def target_verdict(runs: Sequence[dict[str, Any]]) -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Benchmark a local kai cluster (N=3 R=2 W=2, 80%% get, 1 KB values).",
-        epilog="example: python bench/cluster.py --scaling --duration 5",
+        epilog="example: python -m bench.cluster --scaling --duration 5",
     )
     add = parser.add_argument
     add("--nodes", type=int, default=3, help="cluster size (3)")
@@ -528,13 +379,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_setting(args: argparse.Namespace, started: str) -> str:
+    """The summary line of a run, without the load averages."""
+    return (
+        f"{started}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+        f"cluster and load generator on one machine over loopback; "
+        f"{args.connections} connections spread over the nodes, pipeline {args.pipeline}, "
+        f"{args.processes} loadgen process(es); {args.get_ratio:.0%} get, "
+        f"{args.keys:,} keys, {args.value_size}-byte values, "
+        f"{args.warmup:g} + {args.duration:g} s per run; "
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.nodes < 1:
-        parser.error("--nodes must be at least 1")
-    if args.repeat < 1:
-        parser.error("--repeat must be at least 1")
+    if args.nodes < 1 or args.repeat < 1:
+        parser.error("--nodes and --repeat must be at least 1")
     try:
         parse_quorum(args.quorum)
     except ValueError as error:
@@ -552,14 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     load_after = os.getloadavg()[0]
-    table = markdown_table(HEADER, [table_row(run) for run in runs])
-    summary = (
-        f"{started}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-        f"cluster and load generator on one machine over loopback; "
-        f"{args.connections} connections spread over the nodes, pipeline {args.pipeline}, "
-        f"{args.processes} loadgen process(es); {args.get_ratio:.0%} get, "
-        f"{args.keys:,} keys, {args.value_size}-byte values, "
-        f"{args.warmup:g} + {args.duration:g} s per run; "
+    table = markdown_table(HEADER, [row for run in runs for row in table_rows(run)])
+    summary = describe_setting(args, started) + (
         f"load average {load_before:.2f} before, {load_after:.2f} after"
     )
     verdict = target_verdict(runs)
@@ -577,13 +432,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     publish(
         args.results_dir,
-        "cluster",
+        RESULT_NAMES[args.scaling],
         document,
         readme_block=README_BLOCKS[args.scaling] if args.update_readme else None,
     )
-    failed = any("error" in run or "error" in run.get("load", {}) for run in runs)
-    failed = failed or any(run.get("load", {}).get("error_count") for run in runs)
-    return 1 if failed else 0
+    return 1 if any(failures(run) for run in runs) else 0
+
+
+def failures(run: dict[str, Any]) -> bool:
+    """Whether a cluster run failed or any of its replies was wrong."""
+    parts = (run, run.get("load", {}))
+    return any("error" in part or part.get("error_count") for part in parts)
 
 
 if __name__ == "__main__":

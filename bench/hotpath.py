@@ -1,6 +1,6 @@
 """Per-request CPU cost of kai's own code, without sockets: parse + execute on LevelDB.
 
-Run: .venv/bin/python bench/hotpath.py [--ops N] [--profile]
+Run: .venv/bin/python -m bench.hotpath [--ops N] [--profile]
 Reports microseconds per get and per set so optimisations can be compared before/after
 without the noise of the network path or other processes' load.
 """

@@ -24,17 +24,18 @@ machine, which memcached shows as well.
 
 Default workloads: one process 90% get / 100-byte values over 16 connections (as
 ``single_node.py``); the cluster 80% get / 1 KB values over 30 connections spread across the
-nodes (as ``cluster.py``). The load generator is ``loadgen.py``, run in this process.
+nodes (as ``cluster.py``). The load generator is ``bench.loadgen``, run in this process.
 
-It prints a markdown table, writes JSON under ``bench/results/`` and, with
+It prints a markdown table, writes JSON to ``bench/results/latency.json`` (with ``--repeat``:
+``latency-repeated.json``) and, with
 ``--update-readme``, fills the ``latency results`` block of ``bench/README.md``. Servers and
 temporary directories are always cleaned up, and every step is bounded in time (about four
 minutes in all with the defaults, plus any wait for a quiet machine).
 
 Example::
 
-    python bench/latency.py                          # every target, 4 s per step
-    python bench/latency.py --only node,memcached --fractions 0.5,0.8 --step-duration 3
+    python -m bench.latency                          # every target, 4 s per step
+    python -m bench.latency --only node,memcached --fractions 0.5,0.8 --step-duration 3
 """
 
 from __future__ import annotations
@@ -52,33 +53,27 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import (
+from bench._common import (
     LoadConfig,
     format_count,
     format_ms,
     markdown_table,
     wait_for_quiet_machine,
 )
-from _results import add_output_options, publish
-from cluster import (
+from bench._machine import CpuMeter
+from bench._results import add_output_options, publish
+from bench._servers import (
     HOST,
-    CpuMeter,
     effective_quorum,
     node_config,
     parse_quorum,
     start_cluster,
+    start_server,
     wait_until_formed,
 )
-from loadgen import run_load
-from single_node import start_server
+from bench.loadgen import run_load
+from kai.testing.process import KaiProcess, MemcachedProcess, ServerProcess
 
-from kai.testing.process import (  # the repository is on sys.path via cluster.py
-    KaiProcess,
-    MemcachedProcess,
-    ServerProcess,
-)
-
-BENCH_DIR = Path(__file__).resolve().parent
 FRACTIONS = (0.1, 0.25, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1)
 TARGETS = ("node", "bare-trio", "memcached", "cluster")
 #: A step "kept up" when it achieved at least this share of the offered rate and ended with
@@ -88,6 +83,8 @@ MAX_UNSENT = 0.01
 README_BLOCK = "latency results"
 #: Runs with ``--repeat`` fill their own block, so the single-run table of every target stays.
 REPEATED_README_BLOCK = "latency repeated results"
+#: The result file of each kind of run under bench/results/: single runs, ``--repeat`` runs.
+RESULT_NAMES = {False: "latency", True: "latency-repeated"}
 PERCENTILES = ("p50", "p90", "p99", "p99.9", "max")
 HEADER = (
     "target",
@@ -104,7 +101,7 @@ HEADER = (
 )
 
 
-#: What each one-process target runs (``start_server`` of single_node.py).
+#: What each one-process target runs (``bench._servers.start_server``).
 SERVER_OF = {"node": "kai", "bare-trio": "bare-trio", "memcached": "memcached"}
 KIND_OF = {"kai": "1 kai node", "bare-trio": "bare trio dict server", "memcached": "memcached -t 1"}
 
@@ -277,15 +274,8 @@ def measure_target(
         if not saturation:
             raise RuntimeError("the closed-loop run completed no requests")
         record["steps"] = []
-        record["rates_of"] = None
-        if reference is not None:
-            record["rates_of"] = reference["target"]["name"]
-            rates = [(step["fraction"], step["offered_ops_per_sec"]) for step in reference["steps"]]
-        elif args.rates:
-            rates = [(rate / saturation, rate) for rate in args.rates]
-        else:
-            rates = [(fraction, fraction * saturation) for fraction in args.fractions]
-        for fraction, rate in rates:
+        record["rates_of"] = reference["target"]["name"] if reference is not None else None
+        for fraction, rate in step_rates(saturation, args, reference):
             config = load_config(target, ports, args, rate=rate, duration=args.step_duration)
             runs = []
             for _ in range(args.repeat):
@@ -305,6 +295,18 @@ def measure_target(
                 tail = node.log_text().splitlines()[-12:]
                 record.setdefault("log_tails", {})[str(node.port)] = tail
     return record
+
+
+def step_rates(
+    saturation: float, args: argparse.Namespace, reference: dict[str, Any] | None
+) -> list[tuple[float, float]]:
+    """(fraction of saturation, offered ops/s) of each open-loop step: the ``reference``
+    target's rates if given, else ``--rates``, else ``--fractions`` of ``saturation``."""
+    if reference is not None:
+        return [(step["fraction"], step["offered_ops_per_sec"]) for step in reference["steps"]]
+    if args.rates:
+        return [(rate / saturation, rate) for rate in args.rates]
+    return [(fraction, fraction * saturation) for fraction in args.fractions]
 
 
 def median_run(runs: list[dict[str, Any]], duration: float) -> dict[str, Any]:
@@ -343,11 +345,10 @@ def step_label(record: dict[str, Any], step: dict[str, Any]) -> str:
 
 def kept_up(run: dict[str, Any], duration: float) -> bool:
     """Whether an open-loop run delivered the offered rate (no growing backlog at the end)."""
-    offered = run["offered_ops_per_sec"]
-    return (
-        run["achieved_ops_per_sec"] >= KEPT_UP * offered
-        and run["due_but_unsent"] <= MAX_UNSENT * offered * duration
-    )
+    offered: float = run["offered_ops_per_sec"]
+    achieved: float = run["achieved_ops_per_sec"]
+    unsent: int = run["due_but_unsent"]
+    return achieved >= KEPT_UP * offered and unsent <= MAX_UNSENT * offered * duration
 
 
 def table_rows(record: dict[str, Any], duration: float) -> list[list[str]]:
@@ -386,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Latency percentiles under fixed offered loads (open loop): one kai "
         "node, the bare trio dict server, memcached -t 1 and a 3-node kai cluster.",
-        epilog="example: python bench/latency.py --only node --step-duration 3",
+        epilog="example: python -m bench.latency --only node --step-duration 3",
     )
     add = parser.add_argument
     add(
@@ -431,9 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def choose_targets(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[Target]:
+    """Check the options and return the targets to measure, in order (exit on a bad option)."""
     try:
         parse_quorum(args.quorum)
     except ValueError as error:
@@ -465,11 +465,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_config(target, [1] * target.nodes, args, rate=None, duration=1.0)
     except ValueError as error:
         parser.error(str(error))
-    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the nodes are still stopped.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    return targets
+
+
+def measure_all(targets: Sequence[Target], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every target in turn, in a scratch directory that is always removed."""
     scratch = Path(tempfile.mkdtemp(prefix="kai-latency-bench-"))
-    records = []
+    records: list[dict[str, Any]] = []
     try:
         for target in targets:
             # memcached is offered the node's rates when the node was measured in this run.
@@ -480,35 +482,56 @@ def main(argv: Sequence[str] | None = None) -> int:
             records.append(measure_target(target, args, scratch, reference))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    table = markdown_table(
-        HEADER, [row for record in records for row in table_rows(record, args.step_duration)]
+    return records
+
+
+def describe_run(args: argparse.Namespace, records: Sequence[dict[str, Any]], started: str) -> str:
+    """The summary above the table: the setting, then one line per target."""
+    repeated = (
+        f", each step run {args.repeat} times (the row is the run with the median p99.9)"
+        if args.repeat > 1
+        else ""
     )
     lines = [
         f"{started}, {os.cpu_count()} CPUs, Python {platform.python_version()}; servers and "
         f"load generator on one machine over loopback; pipeline {args.pipeline}, "
         f"{args.processes} loadgen process(es), {args.keys:,} keys; {args.warmup:g} s warmup, "
         f"then {args.saturation_duration:g} s closed loop and {args.step_duration:g} s per "
-        "open-loop step"
-        + (
-            f", each step run {args.repeat} times (the row is the run with the median p99.9)"
-            if args.repeat > 1
-            else ""
-        )
-        + "; latency is measured from each request's due time",
+        f"open-loop step{repeated}; latency is measured from each request's due time",
         "",
     ]
     for record in records:
         machine = record["machine"]
+        waited = machine["waited_seconds"]
         lines.append(
             f"- {record['target']['name']}: {record['description']}; load average "
             f"{machine['load_at_measurement']:.2f} when it started"
-            + (
-                f" (waited {machine['waited_seconds']:.0f} s)"
-                if machine["waited_seconds"] > 1
-                else ""
-            )
+            + (f" (waited {waited:.0f} s)" if waited > 1 else "")
         )
-    summary = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def failed(records: Sequence[dict[str, Any]]) -> bool:
+    """Whether a target failed or any reply of any run was wrong."""
+    return any("error" in record for record in records) or any(
+        run["error_count"]
+        for record in records
+        for run in [record.get("saturation", {"error_count": 0}), *record.get("steps", [])]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    targets = choose_targets(args, parser)
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the nodes are still stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    records = measure_all(targets, args)
+    table = markdown_table(
+        HEADER, [row for record in records for row in table_rows(record, args.step_duration)]
+    )
+    summary = describe_run(args, records, started)
     print(f"\n{summary}\n\n{table}")
     document = {
         "started": started,
@@ -517,21 +540,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "targets": records,
         "markdown": table,
     }
+    repeated = args.repeat > 1
     publish(
         args.results_dir,
-        "latency",
+        RESULT_NAMES[repeated],
         document,
-        readme_block=(REPEATED_README_BLOCK if args.repeat > 1 else README_BLOCK)
+        readme_block=(REPEATED_README_BLOCK if repeated else README_BLOCK)
         if args.update_readme
         else None,
     )
-    failed = any("error" in record for record in records)
-    failed = failed or any(
-        run["error_count"]
-        for record in records
-        for run in [record.get("saturation", {"error_count": 0}), *record.get("steps", [])]
-    )
-    return 1 if failed else 0
+    return 1 if failed(records) else 0
 
 
 if __name__ == "__main__":

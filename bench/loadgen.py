@@ -12,7 +12,7 @@ not from when it was finally sent, so a stalled server is not hidden (coordinate
 
 Example::
 
-    python bench/loadgen.py --servers 127.0.0.1:11211 --connections 16 --preload \\
+    python -m bench.loadgen --servers 127.0.0.1:11211 --connections 16 --preload \\
         --get-ratio 0.9 --duration 10 --json /tmp/result.json
 
 It only talks to loopback addresses, and every loop is bounded by a deadline.
@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import (
+from bench._common import (
     END,
     GET,
     OP_NAMES,
@@ -359,86 +359,31 @@ def run_worker(
 ) -> dict[str, Any]:
     """Drive the connections from ``start_at`` to the end of the measured window."""
     measure_start = start_at + config.warmup
-    measure_end = measure_start + config.duration
+    window = (measure_start, measure_start + config.duration)
     open_loop = config.rate is not None
-    if open_loop:
-        assert config.rate is not None
+    if open_loop and len(connections) > SELECT_FD_LIMIT:
+        raise ValueError(f"open loop allows {SELECT_FD_LIMIT} connections per process")
+    if config.rate is not None:
         interval = config.connections / config.rate
         for connection in connections:
             connection.interval = interval
             connection.next_due = start_at + interval * connection.phase
-    if open_loop and len(connections) > SELECT_FD_LIMIT:
-        raise ValueError(f"open loop allows {SELECT_FD_LIMIT} connections per process")
     poller = Poller(connections, precise_timer=open_loop)
     by_fd = {connection.fd: connection for connection in connections}
     cpu_start = time.process_time()
     now = time.monotonic()
     if now < start_at:
         time.sleep(start_at - now)
-    now = time.monotonic()
-    if not open_loop:
-        for connection in connections:
-            connection.fill(now)
-    last_completion = now
-    finished_early = False
-    live = list(connections)
-    while now < measure_end and live:
-        timeout = min(0.1, measure_end - now)
-        if open_loop:
-            waiting = [c.next_due for c in live if len(c.in_flight) < c.pipeline]
-            if waiting:
-                timeout = min(max(min(waiting) - now, 0.0), timeout)
-        events = poller.poll(timeout)
-        now = time.monotonic()
-        record = measure_start <= now < measure_end
-        touched = []
-        for fd, mask in events:
-            connection = by_fd[fd]
-            if mask & READABLE:
-                connection.on_readable(now, record)
-            if mask & WRITABLE:
-                connection.flush()
-            touched.append(connection)
-        if events:
-            last_completion = now
-        if open_loop:
-            for connection in live:
-                connection.fill_due(now)
-            touched = live
-        else:
-            sent_at = time.monotonic()
-            for connection in touched:
-                connection.fill(sent_at)
-        dead = False
-        for connection in touched:
-            if connection.alive:
-                if connection.unsent or poller.write_fds:
-                    poller.want_write(connection.fd, bool(connection.unsent))
-            else:
-                poller.forget(connection.fd)
-                dead = True
-        if dead:
-            live = [connection for connection in live if connection.alive]
-        if budget.remaining <= 0 and not any(connection.in_flight for connection in live):
-            finished_early = True  # --max-ops reached and every reply is in
-            break
-    end = min(now, last_completion) if finished_early else min(now, measure_end)
-    measured = max(0.0, end - measure_start)
+    now, end, live = _drive(connections, by_fd, poller, budget, window, open_loop)
     cpu_seconds = time.process_time() - cpu_start
     outstanding = sum(len(connection.in_flight) for connection in live)
-    overdue = 0  # open loop: requests that were due but never sent (server too slow)
-    if open_loop:
-        overdue = sum(
-            int((now - connection.next_due) / connection.interval) + 1
-            for connection in live
-            if connection.next_due <= now
-        )
+    overdue = _overdue(live, now) if open_loop else 0
     _drain(poller, live, by_fd)
     poller.close()
     for connection in connections:
         connection.sock.close()
     return {
-        "measured_seconds": measured,
+        "measured_seconds": max(0.0, end - measure_start),
         "cpu_seconds": cpu_seconds,
         "wall_seconds": now - start_at,
         "sent": stats.sent,
@@ -449,6 +394,91 @@ def run_worker(
         "errors": stats.errors,
         "latencies": [latencies.tobytes() for latencies in stats.latencies],
     }
+
+
+def _drive(
+    connections: list[Connection],
+    by_fd: dict[int, Connection],
+    poller: Poller,
+    budget: Budget,
+    window: tuple[float, float],
+    open_loop: bool,
+) -> tuple[float, float, list[Connection]]:
+    """The event loop: replies in, requests out, until the window closes or ``--max-ops`` is
+    spent and answered. Returns the time, the end of measurement and the live connections."""
+    measure_start, measure_end = window
+    now = time.monotonic()
+    if not open_loop:
+        for connection in connections:
+            connection.fill(now)
+    last_completion = now
+    live = list(connections)
+    while now < measure_end and live:
+        events = poller.poll(_poll_timeout(live, now, measure_end, open_loop))
+        now = time.monotonic()
+        touched = _dispatch(events, by_fd, now, record=measure_start <= now < measure_end)
+        if events:
+            last_completion = now
+        if open_loop:
+            for connection in live:
+                connection.fill_due(now)
+            touched = live
+        else:
+            sent_at = time.monotonic()
+            for connection in touched:
+                connection.fill(sent_at)
+        if _update_interest(touched, poller):
+            live = [connection for connection in live if connection.alive]
+        if budget.remaining <= 0 and not any(connection.in_flight for connection in live):
+            return now, min(now, last_completion), live  # every reply of --max-ops is in
+    return now, min(now, measure_end), live
+
+
+def _poll_timeout(live: list[Connection], now: float, measure_end: float, open_loop: bool) -> float:
+    """How long the poller may sleep: to the end of the window, or the next due request."""
+    timeout = min(0.1, measure_end - now)
+    if open_loop:
+        waiting = [c.next_due for c in live if len(c.in_flight) < c.pipeline]
+        if waiting:
+            timeout = min(max(min(waiting) - now, 0.0), timeout)
+    return timeout
+
+
+def _dispatch(
+    events: list[tuple[int, int]], by_fd: dict[int, Connection], now: float, record: bool
+) -> list[Connection]:
+    """Hand each ready socket's events to its connection; the connections touched."""
+    touched = []
+    for fd, mask in events:
+        connection = by_fd[fd]
+        if mask & READABLE:
+            connection.on_readable(now, record)
+        if mask & WRITABLE:
+            connection.flush()
+        touched.append(connection)
+    return touched
+
+
+def _update_interest(touched: list[Connection], poller: Poller) -> bool:
+    """Watch for writability where bytes wait unsent, forget dead connections; any dead?"""
+    dead = False
+    for connection in touched:
+        if connection.alive:
+            if connection.unsent or poller.write_fds:
+                poller.want_write(connection.fd, bool(connection.unsent))
+        else:
+            poller.forget(connection.fd)
+            dead = True
+    return dead
+
+
+def _overdue(live: list[Connection], now: float) -> int:
+    """Open loop: requests that were due but never sent (the server was too slow)."""
+    return sum(
+        int((now - connection.next_due) / connection.interval) + 1
+        for connection in live
+        if connection.next_due <= now
+    )
 
 
 def _drain(poller: Poller, live: list[Connection], by_fd: dict[int, Connection]) -> None:
@@ -578,7 +608,7 @@ def _receive(pipe: Any) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="memcached text-protocol load generator (loopback only).",
-        epilog="example: python bench/loadgen.py --servers 127.0.0.1:11211 --connections 16 "
+        epilog="example: python -m bench.loadgen --servers 127.0.0.1:11211 --connections 16 "
         "--preload --get-ratio 0.9 --duration 10 --json /tmp/result.json",
     )
     add = parser.add_argument

@@ -11,15 +11,15 @@ reported). It then reads back a sample of the keys, and reports the node's ``VmR
 Every key gets its own value (hex digits derived from the key), so LevelDB's block
 compression cannot shrink identical values and the disk figure is realistic.
 
-It prints a markdown table, writes JSON under ``bench/results/`` and, with
+It prints a markdown table, writes JSON to ``bench/results/memory.json`` and, with
 ``--update-readme``, fills the ``memory results`` block of ``bench/README.md``. Nodes and
 temporary directories are always cleaned up, and the load has a deadline.
 
 Example::
 
-    python bench/memory.py                          # 1M keys, default config then no cache
-    python bench/memory.py --keys 200000 --runs default
-    python bench/memory.py --runs default --kai-arg=--store=memory
+    python -m bench.memory                          # 1M keys, default config then no cache
+    python -m bench.memory --keys 200000 --runs default
+    python -m bench.memory --runs default --kai-arg=--store=memory
 """
 
 from __future__ import annotations
@@ -40,20 +40,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import (
+from bench._common import (
     STORED,
     format_count,
     make_key,
     markdown_table,
     wait_for_quiet_machine,
 )
-from _results import add_output_options, publish
-from cluster import HOST, CpuMeter, memcache_stats, memory_kib
-from single_node import start_server
+from bench._machine import CpuMeter, memory_kib
+from bench._results import add_output_options, publish
+from bench._servers import HOST, memcache_stats, start_server
+from kai.testing.process import KaiProcess
 
-from kai.testing.process import KaiProcess  # the repository is on sys.path via cluster.py
-
-BENCH_DIR = Path(__file__).resolve().parent
 #: Configurations measured: name -> TOML given to the node with ``--config`` (None: defaults).
 RUNS = {"default": None, "no-cache": "cache_size = 0\n"}
 README_BLOCK = "memory results"
@@ -312,7 +310,7 @@ def table_row(record: dict[str, Any], keys: int) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Resident memory and disk use of one kai node holding many keys.",
-        epilog="example: python bench/memory.py --keys 200000 --runs default",
+        epilog="example: python -m bench.memory --keys 200000 --runs default",
     )
     add = parser.add_argument
     add("--keys", type=int, default=1_000_000, help="keys to set (1000000)")

@@ -1,19 +1,19 @@
-"""Charts of the newest benchmark results in ``bench/results/``, as PNG files in ``bench/plots/``.
+"""Charts of the latest benchmark results in ``bench/results/``, as PNG files in ``bench/plots/``.
 
 * ``single_node.png``: ops/s and p99 latency of memcached, the bare trio server and kai for
-  each workload, from the newest ``single_node-*.json`` that measured more than one server.
+  each workload (loadgen's runs), from ``single_node.json`` if it measured several servers.
 * ``cluster_scaling.png``: throughput and latency percentiles against the number of nodes,
-  from the newest ``cluster-*.json`` written with ``--scaling``.
+  from ``cluster-scaling.json`` (``bench.cluster --scaling``).
 * ``latency_<target>.png``: latency percentiles against the offered load of each open-loop
-  step, one chart per target, from the newest ``latency-*.json``.
+  step, one chart per target, from ``latency.json``.
 
 matplotlib is an optional dependency (the ``bench`` extra); without it the script says so
 and exits with status 2. A kind of result that is missing is skipped with a note.
 
 Example::
 
-    python bench/plot.py
-    python bench/plot.py --latency bench/results/latency-20260101-120000.json
+    python -m bench.plot
+    python -m bench.plot --latency bench/results/latency-repeated.json --plots-dir /tmp/plots
 """
 
 from __future__ import annotations
@@ -33,20 +33,6 @@ SERVER_LABELS = {
     "kai": "kai (1 node)",
 }
 DPI = 110
-
-
-def newest(
-    results_dir: Path, prefix: str, accept: Callable[[dict[str, Any]], bool]
-) -> tuple[Path, dict[str, Any]] | None:
-    """The newest ``<prefix>-*.json`` (by the timestamp in its name) that ``accept`` takes."""
-    for path in sorted(results_dir.glob(f"{prefix}-*.json"), reverse=True):
-        try:
-            document = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if accept(document):
-            return path, document
-    return None
 
 
 def measured_servers(document: dict[str, Any]) -> list[str]:
@@ -184,28 +170,32 @@ def save(plt: Any, figure: Any, output: Path, source: Path | None) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Plot the newest benchmark results as PNG files (needs matplotlib).",
-        epilog="example: python bench/plot.py --plots-dir /tmp/plots",
+        description="Plot the latest benchmark results as PNG files (needs matplotlib).",
+        epilog="example: python -m bench.plot --plots-dir /tmp/plots",
     )
     add = parser.add_argument
     add("--results-dir", type=Path, default=BENCH_DIR / "results", help="where the JSON is")
     add("--plots-dir", type=Path, default=BENCH_DIR / "plots", help="where PNGs go")
-    add("--single-node", type=Path, default=None, help="a single_node JSON instead of newest")
-    add("--scaling", type=Path, default=None, help="a cluster --scaling JSON instead of newest")
-    add("--latency", type=Path, default=None, help="a latency JSON instead of newest")
+    add("--single-node", type=Path, default=None, help="this single_node JSON instead")
+    add("--scaling", type=Path, default=None, help="this cluster --scaling JSON instead")
+    add("--latency", type=Path, default=None, help="this latency JSON instead")
     return parser
 
 
 def choose(
-    explicit: Path | None, results_dir: Path, prefix: str, accept: Callable[[dict[str, Any]], bool]
+    explicit: Path | None, results_dir: Path, name: str, accept: Callable[[dict[str, Any]], bool]
 ) -> tuple[Path, dict[str, Any]] | None:
-    """The explicitly given result file, or the newest acceptable one (None: say so)."""
-    if explicit is not None:
-        return explicit, json.loads(explicit.read_text())
-    found = newest(results_dir, prefix, accept)
-    if found is None:
-        print(f"no usable {prefix}-*.json in {results_dir}; skipped", file=sys.stderr)
-    return found
+    """The explicitly given result file, or ``<name>.json`` in ``results_dir``, if it exists
+    and ``accept`` takes it (None, with a note, otherwise)."""
+    path = explicit if explicit is not None else results_dir / f"{name}.json"
+    if not path.exists():
+        print(f"no {path}; skipped", file=sys.stderr)
+        return None
+    document: dict[str, Any] = json.loads(path.read_text())
+    if not accept(document):
+        print(f"{path} has nothing to draw this chart from; skipped", file=sys.stderr)
+        return None
+    return path, document
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -217,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import matplotlib.pyplot as plt
     except ImportError:
         print(
-            "plot.py needs matplotlib, an optional dependency: install the bench extra with\n"
+            "bench.plot needs matplotlib, an optional dependency: install the bench extra with\n"
             "    .venv/bin/pip install -e '.[bench]'    (or: .venv/bin/pip install matplotlib)",
             file=sys.stderr,
         )
@@ -234,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if found:
             plot_single_node(plt, found[1], found[0], args.plots_dir / "single_node.png")
             written += 1
-        found = choose(args.scaling, args.results_dir, "cluster", is_scaling)
+        found = choose(args.scaling, args.results_dir, "cluster-scaling", is_scaling)
         if found:
             plot_scaling(plt, found[1], found[0], args.plots_dir / "cluster_scaling.png")
             written += 1
@@ -253,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     plot_latency(plt, record, document, args.plots_dir / f"latency_{name}.png")
                     written += 1
     except (OSError, ValueError, KeyError) as error:
-        print(f"plot.py: cannot read a result file: {error!r}", file=sys.stderr)
+        print(f"bench.plot: cannot read a result file: {error!r}", file=sys.stderr)
         return 1
     return 0 if written else 1
 

@@ -1,6 +1,6 @@
 """CPU cost of the coordinator's quorum get and set, without sockets: peers answer at once.
 
-Run: .venv/bin/python bench/quorum.py [--ops N] [--value-size B]
+Run: .venv/bin/python -m bench.quorum [--ops N] [--value-size B]
 
 Three replicas (N=3 R=2 W=2) live in this process on in-memory engines. A coordinator on the
 first one reads and writes keys; its calls to the two others go through the coordinator's
@@ -14,14 +14,10 @@ memcached front end. Compare figures from one run; nothing here is a timed asser
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import trio
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kai.cluster.coordinator import ClusterCoordinator
 from kai.cluster.replica_rpc import ReplicaRpcHandlers

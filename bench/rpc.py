@@ -1,9 +1,10 @@
 """CPU cost of one internal RPC call, caller and callee in separate processes, over loopback.
 
-Run: .venv/bin/python bench/rpc.py [--concurrency 10] [--duration 5] [--size 1024]
+Run: .venv/bin/python -m bench.rpc [--concurrency 10] [--duration 5] [--size 1024]
 
 A server process serves ``blob`` (answers ``size`` bytes, like a ``replica_read`` of one
-value) and ``blob_async`` (the same from a coroutine handler); the client process runs
+value) and ``blob_async`` (the same from a handler that waits: a ``Pending`` step awaited
+as a task of its own); the client process runs
 ``concurrency`` tasks that call it back to back for ``duration`` seconds through the same
 RPC client the coordinator uses, then a second round through the coordinator's fan-out
 (``PeerCaller.fan_out`` of one call). It prints calls/s and the CPU microseconds each side
@@ -18,13 +19,13 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
+from collections.abc import Sequence
 
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench._servers import module_command, module_env
 from kai.cluster.fanout import PeerCaller
+from kai.core.pending import waits
 from kai.core.ring import NodeId
 from kai.rpc.client import RpcClient
 from kai.rpc.server import serve_rpc
@@ -41,6 +42,7 @@ async def serve(size: int) -> None:
     def blob_now(key: bytes) -> bytes:
         return blob
 
+    @waits
     async def blob_async(key: bytes) -> bytes:
         return blob
 
@@ -94,10 +96,11 @@ async def load(port: int, method: str, concurrency: int, duration: float, fan_ou
 
 def measure(args: argparse.Namespace) -> None:
     server = subprocess.Popen(
-        [sys.executable, __file__, "--serve", "--size", str(args.size)],
+        module_command("bench.rpc", "--serve", "--size", str(args.size)),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
+        env=module_env(),
     )
     assert server.stdin is not None
     assert server.stdout is not None
@@ -110,7 +113,7 @@ def measure(args: argparse.Namespace) -> None:
         print(f"{'round':<22} {'calls/s':>9} {'client us/call':>15} {'server us/call':>15}")
         for label, method, fan_out in (
             ("call, inline handler", "blob", False),
-            ("call, async handler", "blob_async", False),
+            ("call, waiting handler", "blob_async", False),
             ("fan-out of one call", "blob", True),
         ):
             server.stdin.write("cpu\n")
@@ -133,18 +136,22 @@ def measure(args: argparse.Namespace) -> None:
         server.wait(timeout=10)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="example: python -m bench.rpc --concurrency 50 --duration 3",
+    )
     parser.add_argument("--concurrency", type=int, default=10, help="concurrent callers (10)")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per round (5)")
     parser.add_argument("--size", type=int, default=1024, help="result bytes (1024)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.serve:
         trio.run(serve, args.size)
     else:
         measure(args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,15 +1,16 @@
 """Compare one kai node with a real ``memcached -t 1`` under the same load, in one command.
 
 For each server in turn it starts the server on free loopback ports (kai gets a fresh temporary
-data directory), runs ``loadgen.py`` with the same configuration for each workload (read-heavy:
-90% get; write-heavy: 10% get), optionally cross-checks with ``memcaslap``, and stops the
-server. It prints a markdown table with kai/memcached ratios and writes JSON under
-``bench/results/``. Servers and temporary directories are always cleaned up.
+data directory), runs ``bench.loadgen`` with the same configuration for each workload
+(read-heavy: 90% get; write-heavy: 10% get), optionally cross-checks with ``memcaslap``, and
+stops the server. It prints a markdown table with kai/memcached ratios and
+writes JSON to ``bench/results/single_node.json``. Servers and temporary directories are
+always cleaned up, and every child process has a deadline.
 
 Example::
 
-    python bench/single_node.py                  # both servers, ~75 s
-    python bench/single_node.py --only kai --duration 5 --connections 32
+    python -m bench.single_node                  # every server, ~75 s
+    python -m bench.single_node --only kai --duration 5 --connections 32
 """
 
 from __future__ import annotations
@@ -29,41 +30,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import format_count, format_ms, markdown_table
-from _results import add_output_options, publish
-
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_DIR = BENCH_DIR.parent
-sys.path.insert(0, str(REPO_DIR))
-
-from kai.testing.process import (  # noqa: E402  (needs the repository on sys.path)
-    KaiProcess,
-    MemcachedProcess,
-    ServerProcess,
-    free_port,
-    memcache_version,
-)
+from bench._common import format_count, format_ms, markdown_table
+from bench._results import add_output_options, publish
+from bench._servers import HOST, module_command, module_env, start_server
+from kai.testing.process import KaiProcess, memcache_version
 
 WORKLOADS = (("read-heavy", 0.9), ("write-heavy", 0.1))
 SERVERS = ("memcached", "bare-trio", "kai")
+LABELS = {
+    "memcached": "memcached -t 1",
+    "bare-trio": "bare trio dict server",
+    "kai": "kai (1 node)",
+}
+#: The servers kai's figures are divided by, per tool.
+BASELINES = {"loadgen": ("memcached", "bare-trio")}
+LATENCY_COLUMNS = ("p50", "p99", "p99.9")
 MEMCASLAP_CONFIG = "key\n32 32 1\nvalue\n100 100 1\ncmd\n0 0.1\n1 0.9\n"
 MEMCASLAP_TPS = re.compile(rb"Run time: ([\d.]+)s Ops: (\d+) TPS: (\d+)")
-
-
-def start_server(name: str, scratch: Path, kai_args: Sequence[str]) -> ServerProcess:
-    """Start memcached or a kai node on free loopback ports; the caller stops it."""
-    server: ServerProcess
-    if name == "memcached":
-        server = MemcachedProcess(port=free_port(), threads=1)
-    elif name == "bare-trio":
-        port = free_port()
-        argv = [sys.executable, str(BENCH_DIR / "bare_trio.py"), str(port)]
-        server = ServerProcess(argv, host="127.0.0.1", port=port)
-    else:
-        data_dir = Path(tempfile.mkdtemp(prefix="kai-node-", dir=scratch))
-        server = KaiProcess(data_dir, port=free_port(), extra_args=kai_args)
-    server.start()
-    return server
+#: Seconds a loadgen or memcaslap run may need beyond its duration.
+RUN_SLACK = 120.0
+HEADER = ("workload", "tool", "server", "ops/s", "p50 ms", "p99 ms", "p99.9 ms", "misses+errors")
 
 
 def run_loadgen(
@@ -71,10 +57,9 @@ def run_loadgen(
 ) -> dict[str, Any]:
     """One loadgen run (with preload); its JSON result, or an ``error`` entry."""
     output = scratch / f"loadgen-{port}-{get_ratio}.json"
-    command = [
-        sys.executable,
-        str(BENCH_DIR / "loadgen.py"),
-        f"--servers=127.0.0.1:{port}",
+    command = module_command(
+        "bench.loadgen",
+        f"--servers={HOST}:{port}",
         f"--connections={args.connections}",
         f"--processes={args.processes}",
         f"--pipeline={args.pipeline}",
@@ -86,13 +71,13 @@ def run_loadgen(
         f"--duration={args.duration}",
         "--preload",
         f"--json={output}",
-    ]
+    )
     print("$", " ".join(command[1:]), flush=True)
-    timeout = args.warmup + args.duration + 120
+    timeout = args.warmup + args.duration + RUN_SLACK
     try:
-        completed = subprocess.run(command, timeout=timeout, check=False)
+        completed = subprocess.run(command, timeout=timeout, check=False, env=module_env())
     except subprocess.TimeoutExpired:
-        return {"error": f"loadgen did not finish in {timeout} s"}
+        return {"error": f"loadgen did not finish in {timeout:g} s"}
     if not output.exists():
         return {"error": f"loadgen exited with {completed.returncode} and wrote no result"}
     result: dict[str, Any] = json.loads(output.read_text())
@@ -102,7 +87,7 @@ def run_loadgen(
 def executed_commands(port: int) -> int | None:
     """cmd_get + cmd_set from the server's ``stats``, or None if it has no such stats."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        with socket.create_connection((HOST, port), timeout=5) as sock:
             sock.sendall(b"stats\r\n")
             reply = b""
             while not reply.endswith((b"END\r\n", b"ERROR\r\n")):
@@ -133,7 +118,7 @@ def run_memcaslap(port: int, args: argparse.Namespace, scratch: Path) -> dict[st
     duration = max(1, round(args.duration))
     command = [
         "memcaslap",
-        f"--servers=127.0.0.1:{port}",
+        f"--servers={HOST}:{port}",
         "--threads=1",
         f"--concurrency={args.connections}",
         f"--time={duration}s",
@@ -195,41 +180,48 @@ def measure_server(name: str, args: argparse.Namespace, scratch: Path) -> dict[s
 
 
 def table_rows(results: dict[str, dict[str, dict[str, Any]]]) -> list[list[str]]:
-    """Markdown rows: one per server and workload, then the kai/memcached ratio."""
+    """Markdown rows: per workload and tool one per server, then kai's ratios; memcaslap last."""
     rows: list[list[str]] = []
-    labels = {
-        "memcached": "memcached -t 1",
-        "bare-trio": "bare trio dict server",
-        "kai": "kai (1 node)",
-    }
     for workload, get_ratio in WORKLOADS:
         title = f"{workload} ({get_ratio:.0%} get)"
-        found = {}
-        for server in SERVERS:
-            result = results.get(server, {}).get(workload)
-            if result is None:
-                continue
-            if "error" in result:
-                rows.append([title, "loadgen", labels[server], result["error"], "", "", "", ""])
-                continue
-            found[server] = result
-            latency = result["latency_ms"]
-            problems = result["error_count"] + result["get_misses"]
-            rows.append(
-                [title, "loadgen", labels[server], format_count(result["ops_per_sec"])]
-                + [format_ms(latency[key]) for key in ("p50", "p99", "p99.9")]
-                + [format_count(problems)]
-            )
-        for baseline in ("memcached", "bare-trio"):
-            if "kai" not in found or baseline not in found:
-                continue
-            kai, base = found["kai"], found[baseline]
-            ratio = [f"{kai['ops_per_sec'] / max(base['ops_per_sec'], 1e-9):.2f}x"]
-            ratio += [
-                f"{kai['latency_ms'][key] / max(base['latency_ms'][key], 1e-9):.1f}x"
-                for key in ("p50", "p99", "p99.9")
-            ]
-            rows.append([title, "loadgen", f"kai / {baseline}", *ratio, ""])
+        for tool, key in (("loadgen", workload),):
+            runs = {
+                server: results[server][key] for server in SERVERS if key in results.get(server, {})
+            }
+            rows += tool_rows(title, tool, runs)
+    return rows + memcaslap_rows(results)
+
+
+def tool_rows(title: str, tool: str, runs: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """One tool's rows for one workload: each server's figures, then kai / each baseline."""
+    rows = []
+    for server, result in runs.items():
+        if "error" in result:
+            rows.append([title, tool, LABELS[server], result["error"], "", "", "", ""])
+            continue
+        latency = result["latency_ms"]
+        rows.append(
+            [title, tool, LABELS[server], format_count(result["ops_per_sec"])]
+            + [format_ms(latency[key]) for key in LATENCY_COLUMNS]
+            + [format_count(result["error_count"] + result["get_misses"])]
+        )
+    kai = runs.get("kai", {})
+    for baseline in BASELINES[tool]:
+        base = runs.get(baseline, {})
+        if "ops_per_sec" not in kai or "ops_per_sec" not in base:
+            continue
+        ratio = [f"{kai['ops_per_sec'] / max(base['ops_per_sec'], 1e-9):.2f}x"]
+        ratio += [
+            f"{kai['latency_ms'][key] / max(base['latency_ms'][key], 1e-9):.1f}x"
+            for key in LATENCY_COLUMNS
+        ]
+        rows.append([title, tool, f"kai / {baseline}", *ratio, ""])
+    return rows
+
+
+def memcaslap_rows(results: dict[str, dict[str, dict[str, Any]]]) -> list[list[str]]:
+    """memcaslap's TPS per server, and kai/memcached when both are comparable."""
+    rows = []
     caslap = {
         server: results[server]["memcaslap"]
         for server in SERVERS
@@ -237,20 +229,17 @@ def table_rows(results: dict[str, dict[str, dict[str, Any]]]) -> list[list[str]]
     }
     for server, result in caslap.items():
         value = result.get("error") or format_count(result["ops_per_sec"])
-        rows.append(["get:set 9:1", "memcaslap", labels[server], value, "", "", "", ""])
+        rows.append(["get:set 9:1", "memcaslap", LABELS[server], value, "", "", "", ""])
     if all("ops_per_sec" in caslap.get(server, {}) for server in ("kai", "memcached")):
         ratio = caslap["kai"]["ops_per_sec"] / max(caslap["memcached"]["ops_per_sec"], 1)
         rows.append(["get:set 9:1", "memcaslap", "kai / memcached", f"{ratio:.2f}x"] + [""] * 4)
     return rows
 
 
-HEADER = ("workload", "tool", "server", "ops/s", "p50 ms", "p99 ms", "p99.9 ms", "misses+errors")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Benchmark one kai node against memcached -t 1 with the same load.",
-        epilog="example: python bench/single_node.py --duration 5 --only kai",
+        epilog="example: python -m bench.single_node --duration 5 --only kai",
     )
     add = parser.add_argument
     add("--duration", type=float, default=10.0, help="measured seconds per run (10)")

@@ -1,6 +1,6 @@
 """What a wake-up costs: a server answering requests that arrive one at a time.
 
-Run: .venv/bin/python bench/wakeup.py [--requests 20000] [--batches 1,16]
+Run: .venv/bin/python -m bench.wakeup [--requests 20000] [--batches 1,16]
 
 In open loop a server that is not saturated handles about one request per wake-up: it sleeps
 in ``epoll_wait``, the kernel wakes it for one request, it answers and sleeps again. That
@@ -41,20 +41,13 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from _common import markdown_table, percentile
-from _results import add_output_options, publish
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench._common import markdown_table, percentile
+from bench._results import add_output_options, publish
+from bench._servers import module_command, module_env
 from kai.memcache import netpoll
-from kai.testing.process import (
-    KaiProcess,
-    MemcachedProcess,
-    ServerProcess,
-    free_port,
-)
+from kai.testing.process import KaiProcess, MemcachedProcess, ServerProcess, free_port
 
-BENCH_DIR = Path(__file__).resolve().parent
 SERVERS = ("plain", "trio", "netpoll", "kai", "memcached")
 REQUEST = b"version\r\n"
 REPLY = b"VERSION wakeup-echo\r\n"
@@ -63,7 +56,7 @@ WARMUP_REQUESTS = 500
 CLIENT_CPU, SERVER_CPU = 0, 1
 
 
-# --- the echo servers (run as ``wakeup.py --serve MODE PORT``) --------------------------------
+# --- the echo servers (run as ``python -m bench.wakeup --serve MODE PORT``) --------------------------------
 
 
 def serve_plain(listener: socket.socket) -> None:
@@ -169,8 +162,8 @@ def start(name: str, scratch: Path) -> ServerProcess:
     elif name == "kai":
         server = KaiProcess(Path(tempfile.mkdtemp(prefix="kai-node-", dir=scratch)), port=port)
     else:
-        argv = [sys.executable, __file__, "--serve", name, str(port)]
-        server = ServerProcess(argv, host="127.0.0.1", port=port)
+        argv = module_command("bench.wakeup", "--serve", name, str(port))
+        server = ServerProcess(argv, host="127.0.0.1", port=port, env=module_env())
     server.start()
     return server
 
@@ -237,7 +230,10 @@ def positive_integers(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="example: python -m bench.wakeup --servers kai,trio,netpoll --batches 1,4,16",
+    )
     add = parser.add_argument
     add("--requests", type=int, default=20_000, help="requests per server and batch (20000)")
     add(
