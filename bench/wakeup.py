@@ -12,8 +12,9 @@ waits for every reply, and repeats; the server sleeps during each round trip. Se
 
 - ``plain``: a bare ``select.epoll`` loop in Python that answers each read at once;
 - ``trio``: the same in trio, waiting with ``trio.lowlevel.wait_readable``;
-- ``netpoll``: the same in trio, waiting through kai's edge-triggered poller
-  (:mod:`kai.memcache.netpoll`, what kai's memcached listener uses);
+- ``netpoll``: the same in trio, answering in the callback of kai's edge-triggered poller
+  (:class:`kai.memcache.netpoll.ReadPoller`, as kai's memcached listener does), so no
+  connection task is woken at all;
 - ``kai``: a real kai node (one node, default settings);
 - ``memcached``: ``memcached -t 1``, if installed.
 
@@ -56,7 +57,7 @@ WARMUP_REQUESTS = 500
 CLIENT_CPU, SERVER_CPU = 0, 1
 
 
-# --- the echo servers (run as ``python -m bench.wakeup --serve MODE PORT``) --------------------------------
+# --- the echo servers (run as ``python -m bench.wakeup --serve MODE PORT``) ---------------
 
 
 def serve_plain(listener: socket.socket) -> None:
@@ -77,36 +78,54 @@ def serve_plain(listener: socket.socket) -> None:
 
 async def serve_trio(listener: socket.socket, use_netpoll: bool) -> None:
     listener.setblocking(False)
-    while True:
-        try:
-            connection, _ = listener.accept()
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(listener)
-            continue
-        with connection:
-            await echo(connection, use_netpoll)
-
-
-async def echo(connection: socket.socket, use_netpoll: bool) -> None:
-    """Answer one connection's requests until it closes."""
-    connection.setblocking(False)
-    watch = netpoll.watch(connection) if use_netpoll else None
-    try:
+    async with trio.open_nursery() as nursery:
+        poller = netpoll.ReadPoller() if use_netpoll else None
+        if poller is not None:
+            nursery.start_soon(poller.run)
         while True:
-            if watch is None:
-                await trio.lowlevel.wait_readable(connection)
-            else:
-                await watch.wait_readable()
+            try:
+                connection, _ = listener.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(listener)
+                continue
+            with connection:
+                connection.setblocking(False)
+                if poller is None:
+                    await echo(connection)
+                else:
+                    await echo_from_poller(poller, connection)
+
+
+async def echo(connection: socket.socket) -> None:
+    """Answer one connection's requests until it closes, waiting in its own task."""
+    while True:
+        await trio.lowlevel.wait_readable(connection)
+        data = connection.recv(65536)
+        if not data:
+            return
+        connection.send(REPLY * data.count(b"\n"))
+
+
+async def echo_from_poller(poller: netpoll.ReadPoller, connection: socket.socket) -> None:
+    """Answer one connection's requests in the poller's callback until it closes."""
+    closed = trio.Event()
+
+    def on_readable() -> None:
+        while True:  # edge-triggered: read until nothing is left
             try:
                 data = connection.recv(65536)
             except BlockingIOError:
-                continue  # a watch may wake its task when there is nothing left to read
+                return
             if not data:
+                closed.set()
                 return
             connection.send(REPLY * data.count(b"\n"))
+
+    watch = poller.watch(connection, on_readable)
+    try:
+        await closed.wait()
     finally:
-        if watch is not None:
-            watch.close()
+        watch.close()
 
 
 def serve(mode: str, port: int) -> None:
