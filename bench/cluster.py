@@ -6,8 +6,10 @@ loopback ports (one temporary data directory each; the first node's cluster secr
 to the others, which join through it as their seed), waits until every node lists every
 member in ``stats``, sets every key with ``bench.loadgen --preload``, then runs
 ``bench.loadgen`` with its connections spread over all the nodes' memcached ports while it
-accounts the CPU used by the nodes, the generator and everything else on the machine. It
-records each node's resident memory and counters, stops the nodes, prints a markdown table and writes JSON to
+accounts the CPU used by the nodes, the generator and everything else on the machine. When
+``memtier_benchmark`` is on PATH or given with ``--memtier``, it then cross-checks with one
+memtier per node, all at once, and adds their figures up. It records each node's resident
+memory and counters, stops the nodes, prints a markdown table and writes JSON to
 ``bench/results/cluster.json`` (``cluster-scaling.json`` with ``--scaling``). Nodes and
 temporary directories are always cleaned up, and every wait has a deadline.
 
@@ -34,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import _memtier
 from bench._common import format_count, format_ms, markdown_table
 from bench._machine import CpuMeter, memory_kib
 from bench._results import add_output_options, publish
@@ -179,7 +182,9 @@ def print_node_reports(reports: Sequence[dict[str, Any]]) -> None:
             print(f"    {line}", flush=True)
 
 
-def measure_cluster(size: int, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+def measure_cluster(
+    size: int, args: argparse.Namespace, scratch: Path, memtier: str | None
+) -> dict[str, Any]:
     """Start a fresh cluster of ``size`` nodes, load it, report on it, and always stop it."""
     print(f"\n== {size} node(s), quorum {args.quorum} ==", flush=True)
     base = scratch / f"cluster-{size}"
@@ -191,6 +196,8 @@ def measure_cluster(size: int, args: argparse.Namespace, scratch: Path) -> dict[
         ports = [node.port for node in nodes]
         preload(ports, args, base, run)
         measure_load(nodes, args, base, run)
+        if memtier is not None:
+            run["memtier"] = measure_memtier(memtier, ports, args, base)
         run["node_reports"] = [node_report(node) for node in nodes]
         print_node_reports(run["node_reports"])
     except (OSError, RuntimeError, TimeoutError) as error:
@@ -259,6 +266,48 @@ def measure_load(
     )
 
 
+def measure_memtier(
+    binary: str, ports: Sequence[int], args: argparse.Namespace, base: Path
+) -> dict[str, Any]:
+    """memtier sets every key through the first node, then one memtier per node runs at once
+    (``--memtier-connections`` each); their figures added up (see ``_memtier.combine``)."""
+
+    def run(port: int, get_ratio: float) -> _memtier.MemtierRun:
+        seconds = _memtier.whole_seconds(args.duration)
+        connections = args.memtier_connections
+        return _memtier.MemtierRun(
+            port, connections, get_ratio, args.value_size, args.keys, seconds
+        )
+
+    start = time.monotonic()
+    prefill = _memtier.run_together(binary, [run(ports[0], 0.0)], base, prefill=True)[0]
+    if "error" in prefill:
+        print(f"memtier prefill: {prefill['error']}", file=sys.stderr)
+        return {"error": f"prefill {prefill['error']}"}
+    prefill_seconds = time.monotonic() - start
+    runs = [run(port, args.get_ratio) for port in ports]
+    result = _memtier.combine(_memtier.run_together(binary, runs, base))
+    result["prefill_seconds"] = prefill_seconds
+    if "error" in result:
+        print(f"memtier: {result['error']}", file=sys.stderr)
+        return result
+    for node in result["nodes"]:
+        latency = node["latency_ms"]
+        print(
+            f"memtier on port {node['port']}: {format_count(node['ops_per_sec'])} ops/s, "
+            + ", ".join(f"{name} {format_ms(latency[name])}" for name in ("p50", "p99", "p99.9"))
+            + " ms",
+            flush=True,
+        )
+    print(
+        f"memtier, {len(ports)} at once: {format_count(result['ops_per_sec'])} ops/s in all; "
+        f"worst node's p99.9 {format_ms(result['latency_ms']['p99.9'])} ms; "
+        f"{result['get_misses']:,} misses, {result['error_count']:,} errors",
+        flush=True,
+    )
+    return result
+
+
 def stop_nodes(nodes: Sequence[KaiProcess], run: dict[str, Any]) -> None:
     """Stop every node; record exit codes, and the end of the log of any that failed."""
     run["exit_codes"] = [node.stop() for node in nodes]
@@ -304,7 +353,7 @@ def describe_problems(load: dict[str, Any]) -> str:
 
 
 def table_rows(run: dict[str, Any]) -> list[list[str]]:
-    """The markdown rows of a cluster run."""
+    """The markdown rows of a cluster run: loadgen's, then memtier's if it ran."""
     nodes, quorum = str(run["nodes"]), effective_quorum(run["configured_quorum"], run["nodes"])
     load = run.get("load", {})
     error = run.get("error") or load.get("error")
@@ -331,6 +380,18 @@ def table_rows(run: dict[str, Any]) -> list[list[str]]:
             f"{run['cpu_cores']['other']:.2f}",
         ]
     ]
+    memtier = run.get("memtier")
+    if memtier is not None:
+        tool = f"memtier x{run['nodes']} (worst node's latency)"
+        if "error" in memtier:
+            rows.append([nodes, quorum, tool, f"failed: {memtier['error']}"])
+        else:
+            rows.append(
+                [nodes, quorum, tool, format_count(memtier["ops_per_sec"]), "1"]
+                + [format_ms(memtier["latency_ms"][key]) for key in ("p50", "p99", "p99.9")]
+                + [describe_problems(memtier)]
+            )
+        rows[-1] += [""] * (len(HEADER) - len(rows[-1]))
     return rows
 
 
@@ -360,12 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--scaling", action="store_true", help="run 1, 3 and 5 nodes in turn (ignores --nodes)")
     add("--quorum", default="3,2,2", help="N,R,W; capped at the member count by kai (3,2,2)")
     add("--duration", type=float, default=10.0, help="measured seconds per run (10)")
-    add("--warmup", type=float, default=1.0, help="unmeasured seconds per run (1)")
+    add("--warmup", type=float, default=1.0, help="unmeasured seconds per loadgen run (1)")
     add(
         "--repeat",
         type=int,
         default=1,
-        help="measurements per cluster; the table shows the median run and the range (1)",
+        help="loadgen measurements per cluster; the table shows the median run and the range (1)",
     )
     add("--connections", type=int, default=30, help="client connections, spread over nodes (30)")
     add("--processes", type=int, default=1, help="loadgen worker processes (1)")
@@ -375,11 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--value-size", type=int, default=1024, help="value bytes (1024)")
     add("--membership-interval", type=int, default=200, help="membership round, ms (200)")
     add("--form-timeout", type=float, default=FORM_TIMEOUT, help="seconds to wait for the ring")
+    _memtier.add_options(parser)
+    add("--memtier-connections", type=int, default=8, help="memtier connections per node (8)")
     add_output_options(parser)
     return parser
 
 
-def describe_setting(args: argparse.Namespace, started: str) -> str:
+def describe_setting(args: argparse.Namespace, started: str, memtier: str | None) -> str:
     """The summary line of a run, without the load averages."""
     return (
         f"{started}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
@@ -388,18 +451,25 @@ def describe_setting(args: argparse.Namespace, started: str) -> str:
         f"{args.processes} loadgen process(es); {args.get_ratio:.0%} get, "
         f"{args.keys:,} keys, {args.value_size}-byte values, "
         f"{args.warmup:g} + {args.duration:g} s per run; "
+        + (
+            f"memtier_benchmark: one per node at once, {args.memtier_connections} connections "
+            f"each, {_memtier.whole_seconds(args.duration)} s; "
+            if memtier
+            else "memtier_benchmark not run; "
+        )
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.nodes < 1 or args.repeat < 1:
-        parser.error("--nodes and --repeat must be at least 1")
+    if args.nodes < 1 or args.repeat < 1 or args.memtier_connections < 1:
+        parser.error("--nodes, --repeat and --memtier-connections must be at least 1")
     try:
         parse_quorum(args.quorum)
     except ValueError as error:
         parser.error(f"--quorum: {error}")
+    memtier = _memtier.find_binary(args, parser)
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the nodes are still stopped.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sizes = SCALING_SIZES if args.scaling else (args.nodes,)
@@ -409,12 +479,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     try:
         for size in sizes:
-            runs.append(measure_cluster(size, args, scratch))
+            runs.append(measure_cluster(size, args, scratch, memtier))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     load_after = os.getloadavg()[0]
     table = markdown_table(HEADER, [row for run in runs for row in table_rows(run)])
-    summary = describe_setting(args, started) + (
+    summary = describe_setting(args, started, memtier) + (
         f"load average {load_before:.2f} before, {load_after:.2f} after"
     )
     verdict = target_verdict(runs)
@@ -425,6 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started": started,
         "summary": summary,
         "arguments": {key: str(value) for key, value in vars(args).items()},
+        "memtier": memtier,
         "load_average_before": load_before,
         "load_average_after": load_after,
         "runs": runs,
@@ -440,8 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def failures(run: dict[str, Any]) -> bool:
-    """Whether a cluster run failed or any of its replies was wrong."""
-    parts = (run, run.get("load", {}))
+    """Whether a cluster run failed or any of its replies was wrong (loadgen or memtier)."""
+    parts = (run, run.get("load", {}), run.get("memtier", {}))
     return any("error" in part or part.get("error_count") for part in parts)
 
 

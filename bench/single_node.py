@@ -2,14 +2,15 @@
 
 For each server in turn it starts the server on free loopback ports (kai gets a fresh temporary
 data directory), runs ``bench.loadgen`` with the same configuration for each workload
-(read-heavy: 90% get; write-heavy: 10% get), optionally cross-checks with ``memcaslap``, and
-stops the server. It prints a markdown table with kai/memcached ratios and
+(read-heavy: 90% get; write-heavy: 10% get), cross-checks kai and memcached with
+``memtier_benchmark`` (when it is on PATH or given with ``--memtier``) and ``memcaslap`` (when
+installed), and stops the server. It prints a markdown table with kai/memcached ratios and
 writes JSON to ``bench/results/single_node.json``. Servers and temporary directories are
 always cleaned up, and every child process has a deadline.
 
 Example::
 
-    python -m bench.single_node                  # every server, ~75 s
+    python -m bench.single_node                  # every server, ~75 s (+40 s with memtier)
     python -m bench.single_node --only kai --duration 5 --connections 32
 """
 
@@ -30,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import _memtier
 from bench._common import format_count, format_ms, markdown_table
 from bench._results import add_output_options, publish
 from bench._servers import HOST, module_command, module_env, start_server
@@ -37,13 +39,15 @@ from kai.testing.process import KaiProcess, memcache_version
 
 WORKLOADS = (("read-heavy", 0.9), ("write-heavy", 0.1))
 SERVERS = ("memcached", "bare-trio", "kai")
+#: The servers memtier_benchmark measures (the reference pair of the comparison).
+MEMTIER_SERVERS = ("memcached", "kai")
 LABELS = {
     "memcached": "memcached -t 1",
     "bare-trio": "bare trio dict server",
     "kai": "kai (1 node)",
 }
 #: The servers kai's figures are divided by, per tool.
-BASELINES = {"loadgen": ("memcached", "bare-trio")}
+BASELINES = {"loadgen": ("memcached", "bare-trio"), "memtier": ("memcached",)}
 LATENCY_COLUMNS = ("p50", "p99", "p99.9")
 MEMCASLAP_CONFIG = "key\n32 32 1\nvalue\n100 100 1\ncmd\n0 0.1\n1 0.9\n"
 MEMCASLAP_TPS = re.compile(rb"Run time: ([\d.]+)s Ops: (\d+) TPS: (\d+)")
@@ -82,6 +86,44 @@ def run_loadgen(
         return {"error": f"loadgen exited with {completed.returncode} and wrote no result"}
     result: dict[str, Any] = json.loads(output.read_text())
     return result
+
+
+def run_memtier(
+    binary: str, port: int, args: argparse.Namespace, scratch: Path
+) -> dict[str, dict[str, Any]]:
+    """memtier_benchmark sets every key, then runs each workload; ``memtier <workload>``
+    entries (each the run's result or an ``error``)."""
+
+    def run(get_ratio: float) -> _memtier.MemtierRun:
+        seconds = _memtier.whole_seconds(args.duration)
+        return _memtier.MemtierRun(
+            port, args.connections, get_ratio, args.value_size, args.keys, seconds
+        )
+
+    prefill = _memtier.run_together(binary, [run(0.0)], scratch, prefill=True)[0]
+    if "error" in prefill:
+        print(f"memtier prefill: {prefill['error']}", file=sys.stderr)
+        return {
+            f"memtier {name}": {"error": f"prefill {prefill['error']}"} for name, _ in WORKLOADS
+        }
+    results = {}
+    for workload, get_ratio in WORKLOADS:
+        result = _memtier.run_together(binary, [run(get_ratio)], scratch)[0]
+        results[f"memtier {workload}"] = result
+        print(f"memtier {workload}: {describe(result)}", flush=True)
+    return results
+
+
+def describe(result: dict[str, Any]) -> str:
+    """A run's ops/s, tail latency and problems in one line (or its error)."""
+    if "error" in result:
+        return f"error: {result['error']}"
+    latency = result["latency_ms"]
+    return (
+        f"{format_count(result['ops_per_sec'])} ops/s, "
+        + ", ".join(f"{name} {format_ms(latency[name])}" for name in LATENCY_COLUMNS)
+        + f" ms; {result['get_misses']:,} misses, {result['error_count']:,} errors"
+    )
 
 
 def executed_commands(port: int) -> int | None:
@@ -153,7 +195,9 @@ def run_memcaslap(port: int, args: argparse.Namespace, scratch: Path) -> dict[st
     return result
 
 
-def measure_server(name: str, args: argparse.Namespace, scratch: Path) -> dict[str, dict[str, Any]]:
+def measure_server(
+    name: str, args: argparse.Namespace, scratch: Path, memtier: str | None
+) -> dict[str, dict[str, Any]]:
     """All runs against one server, started fresh and always stopped."""
     print(f"\n== {name} ==", flush=True)
     results: dict[str, dict[str, Any]] = {}
@@ -166,6 +210,8 @@ def measure_server(name: str, args: argparse.Namespace, scratch: Path) -> dict[s
         results["version"] = {"version": memcache_version(server.host, server.port)}
         for workload, get_ratio in WORKLOADS:
             results[workload] = run_loadgen(server.port, get_ratio, args, scratch)
+        if memtier is not None and name in MEMTIER_SERVERS:
+            results.update(run_memtier(memtier, server.port, args, scratch))
         if args.memcaslap and shutil.which("memcaslap"):
             results["memcaslap"] = run_memcaslap(server.port, args, scratch)
     finally:
@@ -184,7 +230,7 @@ def table_rows(results: dict[str, dict[str, dict[str, Any]]]) -> list[list[str]]
     rows: list[list[str]] = []
     for workload, get_ratio in WORKLOADS:
         title = f"{workload} ({get_ratio:.0%} get)"
-        for tool, key in (("loadgen", workload),):
+        for tool, key in (("loadgen", workload), ("memtier", f"memtier {workload}")):
             runs = {
                 server: results[server][key] for server in SERVERS if key in results.get(server, {})
             }
@@ -243,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--duration", type=float, default=10.0, help="measured seconds per run (10)")
-    add("--warmup", type=float, default=1.0, help="unmeasured seconds per run (1)")
+    add("--warmup", type=float, default=1.0, help="unmeasured seconds per loadgen run (1)")
     add("--connections", type=int, default=16, help="client connections (16)")
     add("--processes", type=int, default=1, help="loadgen worker processes (1)")
     add("--pipeline", type=int, default=1, help="requests in flight per connection (1)")
@@ -252,12 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--only", choices=SERVERS, default=None, help="measure just one server")
     add("--kai-arg", action="append", default=[], help="extra kai flag (repeatable)")
     add("--no-memcaslap", dest="memcaslap", action="store_false", help="skip memcaslap")
+    _memtier.add_options(parser)
     add_output_options(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    memtier = _memtier.find_binary(args, parser)
     servers = (args.only,) if args.only else SERVERS
     load_before = os.getloadavg()[0]
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -265,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, dict[str, dict[str, Any]]] = {}
     try:
         for name in servers:
-            results[name] = measure_server(name, args, scratch)
+            results[name] = measure_server(name, args, scratch, memtier)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     table = markdown_table(HEADER, table_rows(results))
@@ -274,7 +323,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.connections} connections, pipeline {args.pipeline}, "
         f"{args.processes} loadgen process(es), {args.keys:,} keys, "
         f"{args.value_size}-byte values, {args.duration:g} s per run; "
-        f"load average before: {load_before:.2f}"
+        + (
+            f"memtier_benchmark: same connections, keys and values, "
+            f"{_memtier.whole_seconds(args.duration)} s per run; "
+            if memtier
+            else "memtier_benchmark not run; "
+        )
+        + f"load average before: {load_before:.2f}"
     )
     print(f"\n{summary}\n\n{table}")
     if load_before > 0.5:
@@ -283,6 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started": started,
         "summary": summary,
         "arguments": {key: str(value) for key, value in vars(args).items()},
+        "memtier": memtier,
         "load_average_before": load_before,
         "results": results,
         "markdown": table,
