@@ -155,7 +155,7 @@ class Coordinator:
         ring, quorum = self._placement()
         n, partition_for_key, primaries = quorum.n, ring.partition_for_key, ring.primaries
         replicas = [primaries(partition_for_key(key), n) for key in unique]
-        round_ = ReadRound(unique, replicas, quorum.r)
+        round_ = ReadRound(unique, replicas, quorum.r, self.self_node, self.replica.read_record)
         return then(self._reads.read(round_), partial(_results, keys, round_))
 
     def put(self, key: bytes, payload: Payload, *, context: VClock | None) -> Step[Version]:

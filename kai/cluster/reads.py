@@ -32,18 +32,14 @@ logger = logging.getLogger(__name__)
 
 
 class _QuorumRead:
-    """A quorum read in flight: its round, this node's records, and its fan-out."""
+    """A quorum read in flight: its round and its fan-out."""
 
-    __slots__ = ("answers", "deadline", "known", "round")
+    __slots__ = ("answers", "deadline", "round")
 
     def __init__(self, round_: ReadRound, answers: FanOut, deadline: float) -> None:
         self.round = round_
         self.answers = answers
         self.deadline = deadline
-        #: This node's record of each key it holds, by key index: a peer that answers the
-        #: same bytes holds the same versions, so its answer needs no decoding (the common
-        #: case).
-        self.known: dict[int, tuple[bytes, SiblingSet]] = {}
 
 
 class QuorumReader:
@@ -73,33 +69,22 @@ class QuorumReader:
         self.read_repairs = 0
 
     def read(self, round_: ReadRound) -> Step[None]:
-        """Read this node's replica and ask the others; done (None) once ``round_`` is
-        decided, pending until then. Answers that come after the decision go on to read
-        repair.
+        """Ask the replicas ``round_`` has not heard from (this node's own replica answered
+        as the round was made); done (None) once it is decided, pending until then.
+        Answers that come after the decision go on to read repair.
 
         Raises (at once, or from the pending step):
             QuorumUnavailable: some key's replicas failed so that it can never reach R.
             QuorumTimeout: some key did not get R replies within ``request_timeout``.
         """
-        me = self.self_node
-        local_indices = round_.unanswered(me)
-        local: list[tuple[SiblingSet, bytes | None]] = []
-        if local_indices:
-            keys, read_record = round_.keys, self.replica.read_record
-            local = [read_record(keys[index]) for index in local_indices]
-            round_.record_reply(me, [siblings for siblings, _record in local])
-        batches = round_.batches
-        if len(batches) == 1 and me in batches:  # nobody else holds these keys
+        peers = round_.batches
+        if not peers:  # the local replica holds every key and answered: nobody else to ask
             return self._decide(round_)
-        peers = [peer for peer in batches if peer != me]
         deadline = trio.current_time() + self.request_timeout
         answers = self._peers.fan_out(
             [(peer, "replica_read", (round_.batch(peer),)) for peer in peers], deadline
         )
         in_flight = _QuorumRead(round_, answers, deadline)
-        for index, (siblings, record) in zip(local_indices, local, strict=True):
-            if record is not None:
-                in_flight.known[index] = (record, siblings)
         if round_.decided:
             self._collect_the_rest(in_flight)
             return self._decide(round_)
@@ -144,7 +129,7 @@ class QuorumReader:
                 raise RpcBadRequest(f"replica_read answered {len(records)} of {len(indices)} keys")
             sibling_sets: list[SiblingSet] = []
             for index, record in zip(indices, records, strict=False):
-                mine = read.known.get(index)
+                mine = round_.local_records.get(index)
                 if record is None:
                     sibling_sets.append(())
                 elif mine is not None and record == mine[0]:

@@ -8,7 +8,7 @@ twice for the same key.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from kai.core.errors import CoordinatorError, QuorumTimeout, QuorumUnavailable
 from kai.core.ring import NodeId
@@ -67,16 +67,25 @@ class Tally:
         return QuorumUnavailable(message)
 
 
+#: Reads one key from the coordinator's own replica: its sibling set and its record as stored
+#: (None when absent).
+LocalRead = Callable[[bytes], tuple[SiblingSet, bytes | None]]
+
+
 class ReadRound:
     """One quorum read of one or more keys: every replica's answer, merged per key.
 
     Each key has its own quorum (its own replicas and R); a replica is asked once for all
-    the keys it holds, so one reply or failure counts towards every key in its batch.
+    the keys it holds, so one reply or failure counts towards every key in its batch. The
+    coordinator's own replica answers while the round is made (it is read, not asked), so a
+    round whose keys only it holds is decided as soon as it exists.
 
     Args:
         keys: the keys read, without duplicates.
         replicas: for each key, the nodes that hold it (its primaries).
         r: the read quorum; capped at each key's replica count.
+        local_node: the coordinating node, if it holds some of the keys.
+        read_local: reads a key from ``local_node``'s replica.
     """
 
     __slots__ = (
@@ -84,35 +93,64 @@ class ReadRound:
         "answers",
         "batches",
         "keys",
+        "local_records",
         "lost_index",
         "merged",
         "tallies",
         "unmet",
     )
 
-    def __init__(self, keys: Sequence[bytes], replicas: Sequence[Sequence[NodeId]], r: int) -> None:
+    def __init__(
+        self,
+        keys: Sequence[bytes],
+        replicas: Sequence[Sequence[NodeId]],
+        r: int,
+        local_node: NodeId | None = None,
+        read_local: LocalRead | None = None,
+    ) -> None:
         self.keys = keys
-        self.tallies = [Tally(min(r, len(nodes)), len(nodes)) for nodes in replicas]
+        #: For each key, the replies towards its quorum.
+        self.tallies: list[Tally] = []
         #: For each key, what each replica that answered holds.
-        self.answers: list[dict[NodeId, SiblingSet]] = [{} for _ in keys]
+        self.answers: list[dict[NodeId, SiblingSet]] = []
         #: For each key, the merge of every answer so far.
-        self.merged: list[SiblingSet] = [()] * len(keys)
-        #: For each replica, the indices of the keys it is asked for, in the order asked.
+        self.merged: list[SiblingSet] = []
+        #: For each replica to ask, the indices of the keys it is asked for, in order.
         self.batches: dict[NodeId, list[int]] = {}
-        if len(replicas) == 1:  # the commonest read: one key
-            self.batches = {node: [0] for node in replicas[0]}
-        else:
-            for index, nodes in enumerate(replicas):
-                for node in nodes:
-                    self.batches.setdefault(node, []).append(index)
-        self.unmet = len(keys)  # R is at least 1
+        #: The local replica's record of each key it holds, by key index: a peer that answers
+        #: the same bytes holds the same versions, so its answer needs no decoding.
+        self.local_records: dict[int, tuple[bytes, SiblingSet]] = {}
+        self.unmet = 0
         self.lost_index: int | None = None
-        # How many keys of its batch each replica has answered (answers come in order).
+        # How many keys of its batch each replica has answered (answers come in order);
+        # -1 once it failed.
         self._answered: dict[NodeId, int] = {}
+        for index, (key, nodes) in enumerate(zip(keys, replicas, strict=True)):
+            tally = Tally(min(r, len(nodes)), len(nodes))
+            self.tallies.append(tally)
+            if read_local is not None and local_node is not None and local_node in nodes:
+                siblings, record = read_local(key)
+                tally.reply()
+                self.answers.append({local_node: siblings})
+                self.merged.append(siblings)
+                if record is not None:
+                    self.local_records[index] = (record, siblings)
+            else:
+                self.answers.append({})
+                self.merged.append(())
+            if not tally.met:
+                self.unmet += 1
+            for node in nodes:
+                if node != local_node or read_local is None:
+                    batch = self.batches.get(node)
+                    if batch is None:
+                        self.batches[node] = [index]
+                    else:
+                        batch.append(index)
 
     @property
     def nodes(self) -> Iterable[NodeId]:
-        """Every replica asked for some key."""
+        """Every replica to ask for some key (the local one answered already)."""
         return self.batches.keys()
 
     def batch(self, node: NodeId) -> list[bytes]:

@@ -285,8 +285,10 @@ class MemcacheServer:
         parser = connection.parser
         execute = self.executor.execute
         receives = 0
+        # An empty buffer holds no request: receive first (end of file is fed to the parser
+        # and asked about at once, so it is never missed).
+        event = parser.next_event() if parser.buffered else mc.NEED_DATA
         while True:
-            event = parser.next_event()
             if event is mc.NEED_DATA:
                 if connection.replies:
                     if not self._send(connection):
@@ -306,6 +308,7 @@ class MemcacheServer:
                 connection.drained = len(data) < RECEIVE_SIZE
                 self.stats.bytes_read += len(data)
                 parser.receive_data(data)
+                event = parser.next_event()
                 continue
             if event is mc.CLOSED or type(event) is mc.Quit:
                 return self._end(connection)
@@ -320,6 +323,7 @@ class MemcacheServer:
                     return Pending(self._drain(connection))
             if type(event) is mc.Invalid and event.close:
                 return self._end(connection)
+            event = parser.next_event() if parser.buffered else mc.NEED_DATA
 
     async def _reply_when_ready(self, connection: _Connection, reply: Pending[bytes]) -> None:
         data = await reply
