@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 
 from kai.cluster.coordinator import Coordinator
 from kai.core.config import Quorum
-from kai.core.memcache import protocol as mc
+from kai.core.memcache import protocol
 from kai.core.memcache.report import VERSION_REPLY, NodeInfo
 from kai.core.pending import Pending
 from kai.core.ring import NodeId, Ring
@@ -365,10 +365,10 @@ class MemcachedModel:
     def _expiry(self, exptime: int) -> float:
         return self.clock.now + exptime if exptime else 0
 
-    def reply(self, request: mc.Request | mc.Invalid) -> bytes:
+    def reply(self, request: protocol.Request | protocol.Invalid) -> bytes:
         now_live = self._live
         match request:
-            case mc.Get(keys=keys):
+            case protocol.Get(keys=keys):
                 parts = []
                 for key in keys:
                     item = now_live(key)
@@ -377,7 +377,9 @@ class MemcachedModel:
                             b"VALUE %s %d %d\r\n%s\r\n" % (key, item[0], len(item[2]), item[2])
                         )
                 return b"".join(parts) + b"END\r\n"
-            case mc.Store(command=command, key=key, flags=flags, exptime=exptime, value=value):
+            case protocol.Store(
+                command=command, key=key, flags=flags, exptime=exptime, value=value
+            ):
                 live = now_live(key)
                 if (command == "add" and live is not None) or (
                     command != "set" and command != "add" and live is None
@@ -392,7 +394,7 @@ class MemcachedModel:
                     self.items[key] = (flags, self._expiry(exptime), value)
                     reply = b"STORED\r\n"
                 return b"" if request.noreply else reply
-            case mc.Arithmetic(key=key, delta=delta, incr=incr):
+            case protocol.Arithmetic(key=key, delta=delta, incr=incr):
                 live = now_live(key)
                 if live is None:
                     return b"NOT_FOUND\r\n"
@@ -402,27 +404,27 @@ class MemcachedModel:
                 number = (number + delta) % 2**64 if incr else max(number - delta, 0)
                 self.items[key] = (live[0], live[1], str(number).encode())
                 return b"%d\r\n" % number
-            case mc.Delete(key=key):
+            case protocol.Delete(key=key):
                 if now_live(key) is None:
                     return b"NOT_FOUND\r\n"
                 del self.items[key]
                 return b"DELETED\r\n"
-            case mc.Touch(key=key, exptime=exptime):
+            case protocol.Touch(key=key, exptime=exptime):
                 live = now_live(key)
                 if live is None:
                     return b"NOT_FOUND\r\n"
                 self.items[key] = (live[0], self._expiry(exptime), live[2])
                 return b"TOUCHED\r\n"
-            case mc.Version():
+            case protocol.Version():
                 return VERSION_REPLY
-            case mc.FlushAll():
+            case protocol.FlushAll():
                 self.items.clear()
                 return b"OK\r\n"
         raise AssertionError(f"the model does not know {request!r}")
 
 
-def parse_one(raw: bytes) -> mc.Request | mc.Invalid:
-    parser = mc.MemcacheParser(max_item_size=1024)
+def parse_one(raw: bytes) -> protocol.Request | protocol.Invalid:
+    parser = protocol.MemcacheParser(max_item_size=1024)
     parser.receive_data(raw)
     event = parser.next_event()
     assert not isinstance(event, type)
@@ -431,7 +433,7 @@ def parse_one(raw: bytes) -> mc.Request | mc.Invalid:
 
 #: What a node of one answers without waiting: gets, sets, version and flush_all. The
 #: read-check-write commands take the key's lock, so they always hand back a pending step.
-AT_ONCE = (mc.Get, mc.Version, mc.FlushAll)
+AT_ONCE = (protocol.Get, protocol.Version, protocol.FlushAll)
 
 
 @settings(max_examples=80, deadline=None)
@@ -450,7 +452,7 @@ def test_a_node_of_one_answers_as_memcached_does(steps: list[tuple[bytes, int]])
                 request = parse_one(raw)
                 reply = h.executor.execute(request)
                 at_once = isinstance(request, AT_ONCE) or (
-                    isinstance(request, mc.Store) and request.command == "set"
+                    isinstance(request, protocol.Store) and request.command == "set"
                 )
                 assert isinstance(reply, Pending) != at_once, raw
                 if isinstance(reply, Pending):

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
-from kai.core.memcache import protocol as mc
+from kai.core.memcache import protocol
 from kai.core.memcache.report import VERSION_REPLY
 from kai.core.pending import Pending
 from kai.memcache.server import RECEIVE_SIZE, SEND_THRESHOLD, MemcacheServer
@@ -152,8 +152,8 @@ async def test_a_connection_whose_handling_fails_ends_alone(
         async def explode() -> bytes:
             raise RuntimeError("injected failure")
 
-        def failing(request: mc.Request | mc.Invalid) -> bytes | Pending[bytes]:
-            if isinstance(request, mc.Get) and request.keys == (b"boom",):
+        def failing(request: protocol.Request | protocol.Invalid) -> bytes | Pending[bytes]:
+            if isinstance(request, protocol.Get) and request.keys == (b"boom",):
                 if where == "pending":
                     return Pending(explode())
                 raise RuntimeError("injected failure")

@@ -19,7 +19,7 @@ import trio
 
 from kai.cluster.coordinator import Coordinator
 from kai.core.errors import CoordinatorError, TooManySiblings
-from kai.core.memcache import protocol as mc
+from kai.core.memcache import protocol
 from kai.core.memcache.report import VERSION_REPLY, NodeInfo, StatsReport
 from kai.core.pending import Pending, Step, resolve, then
 from kai.core.stats import NodeStats
@@ -37,9 +37,9 @@ from kai.storage.replica import Payload
 logger = logging.getLogger(__name__)
 
 _U64 = 2**64
-_NON_NUMERIC = mc.client_error("cannot increment or decrement non-numeric value")
-_OUT_OF_MEMORY = mc.server_error("out of memory storing object")
-_TOO_MANY_SIBLINGS = mc.server_error("too many siblings")
+_NON_NUMERIC = protocol.client_error("cannot increment or decrement non-numeric value")
+_OUT_OF_MEMORY = protocol.server_error("out of memory storing object")
+_TOO_MANY_SIBLINGS = protocol.server_error("too many siblings")
 
 
 class KeyLocks:
@@ -118,7 +118,7 @@ class CommandExecutor:
             wall_clock=wall_clock,
         )
 
-    def execute(self, request: mc.Request | mc.Invalid) -> Step[bytes]:
+    def execute(self, request: protocol.Request | protocol.Invalid) -> Step[bytes]:
         """The reply bytes for one request (``b""`` when noreply suppresses it), at once when
         it can be made without waiting, else as a pending step.
 
@@ -132,51 +132,55 @@ class CommandExecutor:
             return Pending(self._finish(request, reply))
         return reply
 
-    async def _finish(self, request: mc.Request | mc.Invalid, reply: Pending[bytes]) -> bytes:
+    async def _finish(
+        self, request: protocol.Request | protocol.Invalid, reply: Pending[bytes]
+    ) -> bytes:
         try:
             return await reply
         except (CoordinatorError, TooManySiblings) as error:
             return self._error_reply(request, error)
 
     def _error_reply(
-        self, request: mc.Request | mc.Invalid, error: CoordinatorError | TooManySiblings
+        self,
+        request: protocol.Request | protocol.Invalid,
+        error: CoordinatorError | TooManySiblings,
     ) -> bytes:
         if isinstance(error, CoordinatorError):
             self.stats.kai_quorum_failures += 1
-            reply = mc.server_error(error.reply_text)
+            reply = protocol.server_error(error.reply_text)
         else:
             reply = _TOO_MANY_SIBLINGS
         return b"" if getattr(request, "noreply", False) else reply
 
-    def _dispatch(self, request: mc.Request | mc.Invalid) -> Step[bytes]:
+    def _dispatch(self, request: protocol.Request | protocol.Invalid) -> Step[bytes]:
         # The commonest requests first, by exact type: cheaper than a match on every request.
         kind = type(request)
-        if kind is mc.Get:
-            assert isinstance(request, mc.Get)
+        if kind is protocol.Get:
+            assert isinstance(request, protocol.Get)
             return self._get(request.keys, request.with_cas)
-        if kind is mc.Store:
-            assert isinstance(request, mc.Store)
+        if kind is protocol.Store:
+            assert isinstance(request, protocol.Store)
             return self._store(request)
         match request:
-            case mc.Delete(key=key, noreply=noreply):
+            case protocol.Delete(key=key, noreply=noreply):
                 return Pending(self._delete(key, noreply))
-            case mc.Arithmetic(key=key, delta=delta, incr=incr, noreply=noreply):
+            case protocol.Arithmetic(key=key, delta=delta, incr=incr, noreply=noreply):
                 return Pending(self._arithmetic(key, delta, incr, noreply))
-            case mc.Touch(key=key, exptime=exptime, noreply=noreply):
+            case protocol.Touch(key=key, exptime=exptime, noreply=noreply):
                 return Pending(self._touch(key, exptime, noreply))
-            case mc.GetAndTouch(exptime=exptime, keys=keys, with_cas=with_cas):
+            case protocol.GetAndTouch(exptime=exptime, keys=keys, with_cas=with_cas):
                 return Pending(self._get_and_touch(keys, exptime, with_cas))
-            case mc.ValueTooLarge(command=command, key=key, noreply=noreply):
+            case protocol.ValueTooLarge(command=command, key=key, noreply=noreply):
                 return Pending(self._too_large(command, key, noreply))
-            case mc.FlushAll(delay=delay, noreply=noreply):
+            case protocol.FlushAll(delay=delay, noreply=noreply):
                 return self._flush_all(delay, noreply)
-            case mc.Stats(args=args):
+            case protocol.Stats(args=args):
                 return self.report.reply(args)
-            case mc.Version():
+            case protocol.Version():
                 return VERSION_REPLY
-            case mc.Verbosity(noreply=noreply):
-                return _quiet(noreply, mc.OK)
-            case mc.Invalid(reply=reply):
+            case protocol.Verbosity(noreply=noreply):
+                return _quiet(noreply, protocol.OK)
+            case protocol.Invalid(reply=reply):
                 return reply
             case _:
                 # Quit is handled by the connection; anything else is a programming error.
@@ -213,11 +217,11 @@ class CommandExecutor:
             cas = cas_unique(context_of(siblings)) if with_cas else None
             for version in shown:
                 assert version.value is not None
-                parts.append(mc.encode_value(key, version.flags, version.value, cas))
+                parts.append(protocol.encode_value(key, version.flags, version.value, cas))
         stats.cmd_get += len(keys)
         stats.get_hits += hits
         stats.get_misses += len(keys) - hits
-        parts.append(mc.END)
+        parts.append(protocol.END)
         stats.get_latency.record(time.perf_counter() - started)
         return b"".join(parts)
 
@@ -244,13 +248,13 @@ class CommandExecutor:
 
     # --- writes -------------------------------------------------------------------------------
 
-    def _store(self, request: mc.Store) -> Step[bytes]:
+    def _store(self, request: protocol.Store) -> Step[bytes]:
         started = time.perf_counter()
         self.stats.cmd_set += 1
         if request.command != "set":
             return Pending(self._store_conditionally(request, started))
         payload = self._payload_of(request)
-        reply = b"" if request.noreply else mc.STORED
+        reply = b"" if request.noreply else protocol.STORED
         return then(
             self.coordinator.put(request.key, payload, context=None),
             partial(self._stored, started, reply),
@@ -260,7 +264,7 @@ class CommandExecutor:
         self.stats.set_latency.record(time.perf_counter() - started)
         return reply
 
-    async def _store_conditionally(self, request: mc.Store, started: float) -> bytes:
+    async def _store_conditionally(self, request: protocol.Store, started: float) -> bytes:
         command, key, noreply = request.command, request.key, request.noreply
         payload = self._payload_of(request)
         try:
@@ -268,23 +272,29 @@ class CommandExecutor:
                 result, live = await self._read_live(key)
                 if command == "add":
                     reply = (
-                        mc.NOT_STORED if live is not None else await self._put(key, payload, result)
+                        protocol.NOT_STORED
+                        if live is not None
+                        else await self._put(key, payload, result)
                     )
                 elif command == "replace":
-                    reply = mc.NOT_STORED if live is None else await self._put(key, payload, result)
+                    reply = (
+                        protocol.NOT_STORED
+                        if live is None
+                        else await self._put(key, payload, result)
+                    )
                 elif command == "cas":
                     if live is None:
                         self.stats.cas_misses += 1
-                        reply = mc.NOT_FOUND
+                        reply = protocol.NOT_FOUND
                     elif result.cas_unique != request.cas_unique:
                         self.stats.cas_badval += 1
-                        reply = mc.EXISTS
+                        reply = protocol.EXISTS
                     else:
                         self.stats.cas_hits += 1
                         reply = await self._put(key, payload, result)
                 else:  # append / prepend keep the stored flags and expiry
                     if live is None:
-                        reply = mc.NOT_STORED
+                        reply = protocol.NOT_STORED
                     else:
                         assert live.value is not None
                         joined = (
@@ -301,24 +311,24 @@ class CommandExecutor:
             self.stats.set_latency.record(time.perf_counter() - started)
         return _quiet(noreply, reply)
 
-    def _payload_of(self, request: mc.Store) -> Payload:
+    def _payload_of(self, request: protocol.Store) -> Payload:
         return Payload(
             request.flags, absolute_expiry(request.exptime, self.wall_clock()), request.value
         )
 
     async def _put(self, key: bytes, payload: Payload, read: ReadResult) -> bytes:
         await resolve(self.coordinator.put(key, payload, context=read.context))
-        return mc.STORED
+        return protocol.STORED
 
     async def _delete(self, key: bytes, noreply: bool) -> bytes:
         async with self.locks.hold(key):
             result, live = await self._read_live(key)
             if live is None:
                 self.stats.delete_misses += 1
-                return _quiet(noreply, mc.NOT_FOUND)
+                return _quiet(noreply, protocol.NOT_FOUND)
             await resolve(self.coordinator.put(key, Payload(), context=result.context))
         self.stats.delete_hits += 1
-        return _quiet(noreply, mc.DELETED)
+        return _quiet(noreply, protocol.DELETED)
 
     async def _arithmetic(self, key: bytes, delta: int, incr: bool, noreply: bool) -> bytes:
         async with self.locks.hold(key):
@@ -328,7 +338,7 @@ class CommandExecutor:
                     self.stats.incr_misses += 1
                 else:
                     self.stats.decr_misses += 1
-                return _quiet(noreply, mc.NOT_FOUND)
+                return _quiet(noreply, protocol.NOT_FOUND)
             assert live.value is not None
             number = parse_counter(live.value)
             if number is None:
@@ -351,9 +361,9 @@ class CommandExecutor:
         touched = await self._retouch(key, exptime)
         if touched is None:
             self.stats.touch_misses += 1
-            return _quiet(noreply, mc.NOT_FOUND)
+            return _quiet(noreply, protocol.NOT_FOUND)
         self.stats.touch_hits += 1
-        return _quiet(noreply, mc.TOUCHED)
+        return _quiet(noreply, protocol.TOUCHED)
 
     async def _retouch(self, key: bytes, exptime: int) -> tuple[Version, int] | None:
         """Give a live key a new expiry; returns the old version and the new cas, or None."""
@@ -384,9 +394,9 @@ class CommandExecutor:
             version, cas = touched
             assert version.value is not None
             parts.append(
-                mc.encode_value(key, version.flags, version.value, cas if with_cas else None)
+                protocol.encode_value(key, version.flags, version.value, cas if with_cas else None)
             )
-        parts.append(mc.END)
+        parts.append(protocol.END)
         return b"".join(parts)
 
     async def _too_large(self, command: str, key: bytes, noreply: bool) -> bytes:
@@ -397,13 +407,13 @@ class CommandExecutor:
                 result, live = await self._read_live(key)
                 if live is not None:
                     await resolve(self.coordinator.put(key, Payload(), context=result.context))
-        return _quiet(noreply, mc.OBJECT_TOO_LARGE)
+        return _quiet(noreply, protocol.OBJECT_TOO_LARGE)
 
     def _flush_all(self, delay: int, noreply: bool) -> Step[bytes]:
         self.stats.cmd_flush += 1
         now = self.wall_clock()
         at = absolute_expiry(delay, now) if delay > 0 else now
-        reply = _quiet(noreply, mc.OK)
+        reply = _quiet(noreply, protocol.OK)
         return then(self.coordinator.flush_all(int(at * 1_000_000)), lambda _: reply)
 
 

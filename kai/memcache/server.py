@@ -33,7 +33,7 @@ from typing import NoReturn
 
 import trio
 
-from kai.core.memcache import protocol as mc
+from kai.core.memcache import protocol
 from kai.core.pending import Pending
 from kai.core.stats import NodeStats
 from kai.memcache.commands import CommandExecutor
@@ -73,7 +73,7 @@ class _Connection:
         "watch",
     )
 
-    def __init__(self, sock: socket.socket, parser: mc.MemcacheParser) -> None:
+    def __init__(self, sock: socket.socket, parser: protocol.MemcacheParser) -> None:
         self.sock = sock
         self.parser = parser
         self.watch: Watch | None = None
@@ -217,7 +217,7 @@ class MemcacheServer:
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        connection = _Connection(sock, mc.MemcacheParser(max_item_size=self.max_item_size))
+        connection = _Connection(sock, protocol.MemcacheParser(max_item_size=self.max_item_size))
         assert self._poller is not None
         try:
             # Input that is already there is announced at once.
@@ -287,9 +287,9 @@ class MemcacheServer:
         receives = 0
         # An empty buffer holds no request: receive first (end of file is fed to the parser
         # and asked about at once, so it is never missed).
-        event = parser.next_event() if parser.buffered else mc.NEED_DATA
+        event = parser.next_event() if parser.buffered else protocol.NEED_DATA
         while True:
-            if event is mc.NEED_DATA:
+            if event is protocol.NEED_DATA:
                 if connection.replies:
                     if not self._send(connection):
                         return Pending(self._drain(connection))
@@ -310,7 +310,7 @@ class MemcacheServer:
                 parser.receive_data(data)
                 event = parser.next_event()
                 continue
-            if event is mc.CLOSED or type(event) is mc.Quit:
+            if event is protocol.CLOSED or type(event) is protocol.Quit:
                 return self._end(connection)
             assert not isinstance(event, type)
             reply = execute(event)
@@ -321,9 +321,9 @@ class MemcacheServer:
                 connection.replies_size += len(reply)
                 if connection.replies_size >= SEND_THRESHOLD and not self._send(connection):
                     return Pending(self._drain(connection))
-            if type(event) is mc.Invalid and event.close:
+            if type(event) is protocol.Invalid and event.close:
                 return self._end(connection)
-            event = parser.next_event() if parser.buffered else mc.NEED_DATA
+            event = parser.next_event() if parser.buffered else protocol.NEED_DATA
 
     async def _reply_when_ready(self, connection: _Connection, reply: Pending[bytes]) -> None:
         data = await reply

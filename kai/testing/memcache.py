@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kai.core.memcache import protocol as mc
+from kai.core.memcache import protocol
 from kai.core.pending import resolve
 from kai.memcache.commands import CommandExecutor
 
@@ -11,12 +11,12 @@ async def execute_raw(
     executor: CommandExecutor, raw: bytes, *, max_item_size: int = 1 << 20
 ) -> bytes:
     """Parse ``raw`` (one or more commands) and return the concatenated replies."""
-    parser = mc.MemcacheParser(max_item_size=max_item_size)
+    parser = protocol.MemcacheParser(max_item_size=max_item_size)
     parser.receive_data(raw)
     replies: list[bytes] = []
     while True:
         event = parser.next_event()
-        if event is mc.NEED_DATA or event is mc.CLOSED:
+        if event is protocol.NEED_DATA or event is protocol.CLOSED:
             return b"".join(replies)
         assert not isinstance(event, type)
         replies.append(await resolve(executor.execute(event)))

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import attrs
 
 from kai import __version__
-from kai.core.memcache import replies as mc
+from kai.core.memcache import replies
 from kai.core.stats import NodeStats
 
 #: The memcached version we answer with; libmemcached and memccapable need major.minor >= 1.6.
@@ -69,15 +69,15 @@ class StatsReport:
     def reply(self, args: tuple[bytes, ...]) -> bytes:
         """The reply to ``stats`` with ``args`` (a group name, or none for the general one)."""
         if not args:
-            return mc.encode_stats(self.general())
+            return replies.encode_stats(self.general())
         if args == (b"settings",):
-            return mc.encode_stats(self.settings())
+            return replies.encode_stats(self.settings())
         if args == (b"reset",):
             self.stats.reset()
-            return mc.RESET
+            return replies.RESET
         if args[0] in (b"items", b"slabs", b"sizes", b"conns"):
-            return mc.END  # Kai has no slabs; an empty listing is what clients accept
-        return mc.ERROR
+            return replies.END  # Kai has no slabs; an empty listing is what clients accept
+        return replies.ERROR
 
     def general(self) -> list[tuple[str, object]]:
         """memcached's general ``stats`` fields followed by Kai's own."""
