@@ -118,10 +118,8 @@ class InProcessCluster:
         )
         replica.count_items()
         scope = trio.CancelScope()
-        started = trio.Event()
-        holder: list[HarnessNode] = []
 
-        async def run() -> None:
+        async def run(task_status: trio.TaskStatus[HarnessNode]) -> None:
             with scope:
                 async with trio.open_nursery() as background:
                     cluster = Cluster(
@@ -155,16 +153,13 @@ class InProcessCluster:
                         )
                         for all_siblings in (False, True)
                     )
-                    holder.append(
+                    await background.start(cluster.membership.run)
+                    task_status.started(
                         HarnessNode(node_id, engine, cluster, newest_view, all_view, scope)
                     )
-                    await background.start(cluster.membership.run)
-                    started.set()
                     await trio.sleep_forever()
 
-        self.nursery.start_soon(run)
-        await started.wait()
-        node = holder[0]
+        node: HarnessNode = await self.nursery.start(run)
         if index < len(self.nodes):
             self.nodes[index] = node
         else:
