@@ -266,7 +266,7 @@ async def test_handler_errors_keep_their_codes(nursery: trio.Nursery, suffix: st
         async with RpcClient(LOCALHOST, listener.port, SECRET) as client:
             with pytest.raises(RpcBadRequest, match="key too long") as bad_request:
                 await client.call("fail" + suffix, "bad-request")
-            assert not bad_request.value.retriable
+            assert not bad_request.value.unreachable  # the peer answered
             with pytest.raises(RpcMethodNotFound, match="inner method missing"):
                 await client.call("fail" + suffix, "not-found")
             with pytest.raises(RpcRemoteError, match="ValueError: boom"):
@@ -337,16 +337,16 @@ async def test_server_restart_then_the_client_reconnects(nursery: trio.Nursery) 
             assert await client.call("echo", "before") == ["before"]
             first_scope.cancel()
             await first_stopped.wait()
-            # The server is gone: the next call fails, retriably (refused or lost).
+            # The server is gone: the next call fails as unreachable (refused or lost).
             with pytest.raises(RpcConnectionError) as lost:
                 await client.call("echo", "during")
-            assert lost.value.retriable
+            assert lost.value.unreachable
             listener = await start_tcp_server(nursery, service, port=port)
             assert await client.call("echo", "after") == ["after"]
             assert listener.accepted == 1
 
 
-async def test_connection_refused_is_retriable() -> None:
+async def test_connection_refused_is_unreachable() -> None:
     (listener,) = await trio.open_tcp_listeners(0, host=LOCALHOST)
     port = listener.socket.getsockname()[1]
     await listener.aclose()
@@ -354,7 +354,7 @@ async def test_connection_refused_is_retriable() -> None:
         async with RpcClient(LOCALHOST, port, SECRET) as client:
             with pytest.raises(RpcConnectionError, match="could not connect") as refused:
                 await client.call("echo")
-    assert refused.value.retriable
+    assert refused.value.unreachable
 
 
 async def test_client_pool_reuses_one_client_per_peer(nursery: trio.Nursery) -> None:
@@ -369,7 +369,7 @@ async def test_client_pool_reuses_one_client_per_peer(nursery: trio.Nursery) -> 
             assert await pool.call(LOCALHOST, listener_a.port, "echo", "a") == ["a"]
             assert await pool.call(LOCALHOST, listener_b.port, "echo", "b") == ["b"]
             assert await client_a.call("echo", "again") == ["again"]
-        with pytest.raises(RuntimeError, match="closed"):
+        with pytest.raises(RpcConnectionError, match="closed"):
             pool.client(LOCALHOST, listener_a.port)
     assert (listener_a.accepted, listener_b.accepted) == (1, 1)
     assert (service_a.calls, service_b.calls) == (2, 1)
@@ -391,7 +391,7 @@ async def test_client_with_the_wrong_secret_is_refused(nursery: trio.Nursery) ->
         async with RpcClient(LOCALHOST, listener.port, OTHER_SECRET) as impostor:
             with pytest.raises(RpcAuthenticationError, match="rejected") as refused:
                 await impostor.call("echo", "sneaky")
-            assert not refused.value.retriable
+            assert refused.value.unreachable  # not a peer of ours
         async with RpcClient(LOCALHOST, listener.port, SECRET) as member:
             assert service.calls == 0
             assert await member.call("echo", "ok") == ["ok"]
@@ -560,7 +560,7 @@ async def test_lost_connection_fails_every_waiting_call_then_reconnects(
                 await service.started[name].wait()
             network.drop_all()
         assert len(failures) == 2
-        assert all(failure.retriable for failure in failures)
+        assert all(failure.unreachable for failure in failures)
         assert not client.connected
         assert await client.call("echo", "back") == ["back"]
         assert network.connections == 2

@@ -4,13 +4,14 @@ Every call to a peer goes through :class:`PeerCaller`, so each one is bounded by
 tells the failure detector whether the peer answered, and is counted. A fan-out sends all
 its calls at once and returns a :class:`FanOut` that yields the answers as they come: the
 requester stops waiting once its quorum is in, then hands the fan-out a listener so that late
-answers still reach read repair and the failure detector.
+answers still reach read repair and the failure detector. :meth:`PeerCaller.call` is a
+fan-out of one call, awaited.
 
-A fan-out costs no task per call: requests are queued on the peers' RPC connections and each
-response is delivered by the connection's reader (:meth:`~kai.rpc.transport.FanOutTransport.start_call`).
-One sweeper task per caller ends the calls whose deadline passes. Only a transport that cannot
-start a call that way right now (not connected yet, or an in-process test network) gets a
-task for that call.
+There is one path for every call: the transport starts it
+(:meth:`~kai.rpc.transport.FanOutTransport.start_call`) and reports its outcome by callback,
+from the RPC connection's reader over TCP or from the delivery task of the in-process test
+network, so a call costs no task of its own. One sweeper task per caller ends the calls
+whose deadline passes.
 
 It must never raise for a peer's failure (every outcome is an :class:`Answer`), never let a
 call outlive its deadline, answer any call twice, or start a task outside the background
@@ -22,28 +23,18 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from functools import partial
 
 import attrs
 import trio
 
-from kai.core.errors import (
-    RpcAuthenticationError,
-    RpcConnectionError,
-    RpcError,
-    RpcProtocolError,
-)
+from kai.core.errors import RpcConnectionError, RpcError
 from kai.core.ring import NodeId
+from kai.rpc.sockets import Wakeup
 from kai.rpc.transport import CancelCall, FanOutTransport
 
 logger = logging.getLogger(__name__)
-
-#: Errors that mean the peer could not be reached (or cannot be trusted to have processed the
-#: call): the failure detector hears about them. Any other RPC error is an answer.
-UNREACHABLE = (RpcConnectionError, RpcProtocolError, RpcAuthenticationError)
 
 #: One call of a fan-out: (peer, method, params).
 Call = tuple[NodeId, str, tuple[object, ...]]
@@ -75,12 +66,12 @@ class FanOut:
 
     __slots__ = (
         "_answers",
+        "_arrival",
         "_closed",
         "_finished",
         "_listener",
         "_on_finished",
         "_outstanding",
-        "_waiting",
     )
 
     def __init__(self, calls: int) -> None:
@@ -90,18 +81,12 @@ class FanOut:
         self._on_finished: Callable[[], None] | None = None
         self._closed = False
         self._finished = False
-        self._waiting: trio.lowlevel.Task | None = None
+        self._arrival = Wakeup()
 
     async def receive(self) -> Answer | None:
         """The next answer, waiting for it if needed; None once every call is answered."""
         if not self._answers and self._outstanding:
-            self._waiting = trio.lowlevel.current_task()
-
-            def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
-                self._waiting = None
-                return trio.lowlevel.Abort.SUCCEEDED
-
-            await trio.lowlevel.wait_task_rescheduled(abort)
+            await self._arrival.wait()
         return self._answers.popleft() if self._answers else None
 
     def listen(self, on_answer: Callable[[Answer], None], on_finished: Callable[[], None]) -> None:
@@ -132,9 +117,7 @@ class FanOut:
         if self._closed:
             return
         self._answers.append(answer)
-        task, self._waiting = self._waiting, None
-        if task is not None:
-            trio.lowlevel.reschedule(task)
+        self._arrival.wake()
 
     def _finish(self) -> None:
         if not self._finished and self._on_finished is not None:
@@ -152,9 +135,12 @@ def _guarded(function: Callable[..., None], *args: object) -> None:
 class _PendingCall:
     """One call of a fan-out that has not been answered yet."""
 
-    __slots__ = ("cancel", "deadline", "done", "fan", "method", "peer")
+    __slots__ = ("caller", "cancel", "deadline", "done", "fan", "method", "peer")
 
-    def __init__(self, peer: NodeId, method: str, fan: FanOut, deadline: float) -> None:
+    def __init__(
+        self, caller: PeerCaller, peer: NodeId, method: str, fan: FanOut, deadline: float
+    ) -> None:
+        self.caller = caller
         self.peer = peer
         self.method = method
         self.fan = fan
@@ -162,16 +148,22 @@ class _PendingCall:
         self.cancel: CancelCall | None = None
         self.done = False
 
+    def complete(self, result: object, error: RpcError | None) -> None:
+        """The transport's ``on_done``: the peer answered, or could not be reached."""
+        if not self.done:
+            self.caller._finish(self, self.caller._answered(self.peer, self.method, result, error))
+
 
 class PeerCaller:
     """Calls peers with deadlines and reports each outcome to the failure detector.
 
     Args:
         transport: how to reach peers.
-        background: the nursery that runs the deadline sweeper and any call that needs a
-            task of its own.
+        background: the nursery that runs the deadline sweeper (and the tasks given to
+            :meth:`start_background`).
         on_success: told of every peer that answered (even with an error: it is up).
-        on_failure: told of every peer that could not be reached or did not answer in time.
+        on_failure: told of every peer that could not be reached or did not answer in time
+            (:attr:`~kai.core.errors.RpcError.unreachable`).
     """
 
     def __init__(
@@ -192,28 +184,31 @@ class PeerCaller:
         self.errors = 0
         self._deadlines: list[tuple[float, int, _PendingCall]] = []
         self._order = itertools.count()
-        self._pending = 0
         self._sweeping = False
         self._sweep_scope: trio.CancelScope | None = None
 
     async def call(
         self, peer: NodeId, method: str, params: tuple[object, ...], deadline: float
     ) -> Answer:
-        """Call ``method`` on ``peer``, giving up at ``deadline`` (trio time)."""
-        with trio.move_on_at(deadline):
-            try:
-                result = await self.transport.call(peer, method, *params)
-            except RpcError as exc:
-                return self._answered(peer, method, None, exc)
-            return self._answered(peer, method, result, None)
-        return self._timed_out(peer, method)
+        """Call ``method`` on ``peer``, giving up at ``deadline`` (trio time).
+
+        A fan-out of one call: if the caller is cancelled first, the call still runs to
+        its answer or its deadline, and the failure detector still hears how it went.
+        """
+        fan = self.fan_out([(peer, method, params)], deadline)
+        try:
+            answer = await fan.receive()
+        finally:
+            fan.close()
+        assert answer is not None, "every call is answered by its deadline"
+        return answer
 
     def fan_out(self, calls: Sequence[Call], deadline: float) -> FanOut:
         """Send every call now; their answers come through the returned :class:`FanOut`.
 
         The calls outlive the request that started them (bounded by ``deadline``). If the
-        background nursery is closed (shutdown), calls that would need it are answered at
-        once with a connection error, without blaming the peer.
+        background nursery is closed (shutdown), the calls are answered at once with a
+        connection error, without blaming the peer.
         """
         fan = FanOut(0)
         self.add_calls(fan, calls, deadline)
@@ -224,31 +219,27 @@ class PeerCaller:
         out); ``fan`` is not finished until they are answered too."""
         fan._outstanding += len(calls)
         for peer, method, params in calls:
-            pending = _PendingCall(peer, method, fan, deadline)
-            self._pending += 1
+            pending = _PendingCall(self, peer, method, fan, deadline)
             try:
-                cancel = self.transport.start_call(
-                    peer, method, params, partial(self._complete, pending)
-                )
-            except RpcError as exc:  # the call cannot even be sent (say, unencodable params)
-                self._complete(pending, None, exc)
+                pending.cancel = self.transport.start_call(peer, method, params, pending.complete)
+            except RpcError as exc:  # nothing was sent (say, unencodable params)
+                pending.complete(None, exc)
                 continue
-            if cancel is None:
-                if not self.start(self._call_in_task, pending, params):
-                    self._abandon(pending)
-                continue
-            pending.cancel = cancel
             if not self._track(pending):
                 self._abandon(pending)
 
-    def start(self, function: Callable[..., Awaitable[object]], *args: object) -> bool:
-        """Start a background task; False if the background nursery is already closed."""
+    def start_background(self, function: Callable[..., Awaitable[object]], *args: object) -> bool:
+        """Start ``function(*args)`` in the background nursery (read repair, say); False if
+        that nursery is already closed (shutdown), and the task was not started."""
         try:
             self.background.start_soon(function, *args)
         except RuntimeError:
             logger.debug("background nursery closed: %s not started", function.__name__)
             return False
         return True
+
+    #: The former name of :meth:`start_background`, kept while callers move over.
+    start = start_background
 
     # --- outcomes -----------------------------------------------------------------------------
 
@@ -259,7 +250,7 @@ class PeerCaller:
             self.on_success(peer)
             return Answer(peer, result=result)
         self.errors += 1
-        if isinstance(error, UNREACHABLE):
+        if error.unreachable:
             self.on_failure(peer)
             logger.debug("%s to %s failed: %s", method, peer, error)
         else:
@@ -267,21 +258,14 @@ class PeerCaller:
             logger.info("%s on %s failed there: %s", method, peer, error)
         return Answer(peer, error=error)
 
-    def _timed_out(self, peer: NodeId, method: str) -> Answer:
-        self.timeouts += 1
-        self.on_failure(peer)
-        logger.debug("%s to %s timed out", method, peer)
-        return Answer(peer, timed_out=True)
-
-    def _complete(self, pending: _PendingCall, result: object, error: RpcError | None) -> None:
-        if not pending.done:
-            self._finish(pending, self._answered(pending.peer, pending.method, result, error))
-
     def _expire(self, pending: _PendingCall) -> None:
         if not pending.done:
             if pending.cancel is not None:
                 pending.cancel()
-            self._finish(pending, self._timed_out(pending.peer, pending.method))
+            self.timeouts += 1
+            self.on_failure(pending.peer)
+            logger.debug("%s to %s timed out", pending.method, pending.peer)
+            self._finish(pending, Answer(pending.peer, timed_out=True))
 
     def _abandon(self, pending: _PendingCall) -> None:
         if not pending.done:
@@ -292,21 +276,7 @@ class PeerCaller:
 
     def _finish(self, pending: _PendingCall, answer: Answer) -> None:
         pending.done = True
-        self._pending -= 1
-        scope = self._sweep_scope
-        if not self._pending and scope is not None and scope.deadline == math.inf:
-            # Nothing left to time out and no deadline to wake the sweeper: let it end now.
-            # A sweeper with a deadline ends when it wakes and finds nothing pending; not
-            # cancelling it here saves a cancellation and a new task whenever the calls in
-            # flight drop to zero for a moment.
-            scope.cancel()
         pending.fan._deliver(answer)
-
-    async def _call_in_task(self, pending: _PendingCall, params: tuple[object, ...]) -> None:
-        # Not tracked by the sweeper: :meth:`call` bounds it and counts its outcome.
-        self._finish(
-            pending, await self.call(pending.peer, pending.method, params, pending.deadline)
-        )
 
     # --- deadlines ----------------------------------------------------------------------------
 
@@ -317,7 +287,7 @@ class PeerCaller:
             heapq.heappop(deadlines)  # answered long ago: keep the heap small
         heapq.heappush(deadlines, (pending.deadline, next(self._order), pending))
         if not self._sweeping:
-            if not self.start(self._sweep):
+            if not self.start_background(self._sweep):
                 return False
             self._sweeping = True
         elif self._sweep_scope is not None and pending.deadline < self._sweep_scope.deadline:
@@ -325,21 +295,21 @@ class PeerCaller:
         return True
 
     async def _sweep(self) -> None:
-        """Time calls out at their deadlines; ends once no call is pending (at the latest
-        at the deadline it sleeps until)."""
+        """Time calls out at their deadlines; ends when it wakes and finds no call pending.
+
+        Ending as soon as the last call is answered would cost a cancellation and a new
+        task whenever the calls in flight drop to zero for a moment.
+        """
         deadlines = self._deadlines
         try:
-            while self._pending:
+            while deadlines:
                 now = trio.current_time()
                 while deadlines and (deadlines[0][2].done or deadlines[0][0] <= now):
                     self._expire(heapq.heappop(deadlines)[2])
-                if not self._pending:
-                    break
-                wake_at = deadlines[0][0] if deadlines else math.inf
-                with trio.CancelScope(deadline=wake_at) as self._sweep_scope:
-                    await trio.sleep_forever()
-                self._sweep_scope = None
+                if deadlines:
+                    with trio.CancelScope(deadline=deadlines[0][0]) as self._sweep_scope:
+                        await trio.sleep_forever()
+                    self._sweep_scope = None
         finally:
             self._sweep_scope = None
             self._sweeping = False
-            deadlines.clear()

@@ -1,7 +1,8 @@
 """Kai's error hierarchy: every error says what the caller should do next.
 
 Protocol errors carry the exact reply bytes and whether framing is lost; RPC errors carry a
-numeric code and whether a retry can help. This module imports nothing from the rest of Kai.
+numeric code and whether the peer was reached at all (if not, another replica may answer).
+This module imports nothing from the rest of Kai.
 """
 
 from __future__ import annotations
@@ -55,11 +56,15 @@ class RpcError(KaiError):
 
     Attributes:
         code: numeric error code, stable on the wire (see :meth:`for_code`).
-        retriable: whether the same call may succeed if retried (possibly on another peer).
+        unreachable: True when the call never reached a Kai peer that could run it (the
+            connection failed or was lost, the peer does not share our secret, or it does
+            not speak Kai RPC): count the peer as down, and ask another replica if one is
+            needed. False when the error is the peer's own answer: it is up, and asking
+            again will get the same answer.
     """
 
     code: ClassVar[int] = 1
-    retriable: ClassVar[bool] = False
+    unreachable: ClassVar[bool] = False
     _by_code: ClassVar[dict[int, type[RpcError]]] = {}
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -73,22 +78,27 @@ class RpcError(KaiError):
 
 
 class RpcConnectionError(RpcError):
-    """The connection to the peer could not be made or was lost. Retry, maybe elsewhere."""
+    """The connection to the peer could not be made or was lost. Retry, maybe elsewhere.
+
+    If it was lost after the request was sent, the call may or may not have run there.
+    """
 
     code = 2
-    retriable = True
+    unreachable = True
 
 
 class RpcAuthenticationError(RpcError):
-    """The peer does not share our cluster secret. Retrying will not help."""
+    """The peer does not share our cluster secret. Retrying it will not help; fix the config."""
 
     code = 3
+    unreachable = True
 
 
 class RpcProtocolError(RpcError):
     """The peer sent bytes that are not valid Kai RPC; the connection is closed."""
 
     code = 4
+    unreachable = True
 
 
 class RpcMethodNotFound(RpcError):

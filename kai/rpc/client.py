@@ -6,7 +6,13 @@ cancelled caller disturb other callers on the same connection, never choose time
 callers (they wrap calls in :func:`trio.fail_after` / :func:`trio.move_on_after`), and never
 run a background task outside a nursery its owner controls.
 
-Lifetime: a client's reader and writer tasks run in a nursery. Either the client owns one
+Every call takes one path, :meth:`RpcClient.start_call`: it sends the request (or holds it
+until the connection is authenticated, or has room in its send queue) and the connection's
+reader task hands the response to the call's ``on_done`` callback, so a call costs no task
+of its own. :meth:`RpcClient.call` is that, awaited (:func:`wait_for_call`).
+
+Lifetime: a client's connection tasks (connect and authenticate, then read, write, and send
+held calls) run in a nursery. Either the client owns one
 (``async with RpcClient(host, port, secret) as client:``; leaving the block closes the
 connection and waits for its tasks), or it is given one
 (``RpcClient(host, port, secret, nursery=nursery)``; call :meth:`RpcClient.aclose` when
@@ -20,106 +26,183 @@ import contextlib
 import logging
 import os
 import socket
+from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, Self, TypeAlias
 
 import trio
 
 from kai.core.errors import RpcConnectionError, RpcError, RpcProtocolError
 from kai.core.rpc.auth import NONCE_SIZE, ClientHandshake
 from kai.core.rpc.protocol import CLOSED, MAX_MSGID, NEED_DATA, Response, RpcConnection
-from kai.rpc.sockets import MAX_BACKLOG, SocketIO, from_stream, send_all
+from kai.rpc.sockets import MAX_BACKLOG, SocketIO, Wakeup, from_stream, send_all
 
 logger = logging.getLogger(__name__)
 
 #: Default limit on opening a connection: TCP connect plus authentication, in seconds. It
-#: only bounds connection setup (a silent peer would otherwise stall every caller waiting to
-#: connect); calls themselves have no timeout but the caller's.
+#: only bounds connection setup (a silent peer would otherwise hold every call waiting to be
+#: sent); calls themselves have no timeout but the caller's.
 DEFAULT_CONNECT_TIMEOUT: Final = 5.0
+
+#: Told how a started call ended: ``(result, None)`` or ``(None, error)``.
+OnDone: TypeAlias = Callable[[object, RpcError | None], None]
+#: Forgets a started call: it is not sent if it has not been yet, its response is dropped if
+#: it comes, and ``on_done`` is not called.
+CancelCall: TypeAlias = Callable[[], None]
 
 _STREAM_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
-class _Waiter:
-    """Where the reader task delivers one call's response (None: the connection was lost)."""
+async def wait_for_call(start_call: Callable[[OnDone], CancelCall]) -> object:
+    """Start a call with ``start_call(on_done)`` and wait for its outcome.
 
-    __slots__ = ("event", "response")
+    Returns the result or raises the call's :class:`~kai.core.errors.RpcError`; an error
+    ``start_call`` raises propagates as it is. If the waiting task is cancelled, the call is
+    cancelled too.
+    """
+    outcome = _Outcome()
+    cancel = start_call(outcome.deliver)
+    try:
+        await outcome.done.wait()
+    except BaseException:
+        cancel()
+        raise
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.result
+
+
+class _Outcome:
+    """Where a started call's outcome waits for the task that awaits it."""
+
+    __slots__ = ("done", "error", "result")
 
     def __init__(self) -> None:
-        self.event = trio.Event()
-        self.response: Response | None = None
+        self.done = trio.Event()
+        self.result: object = None
+        self.error: RpcError | None = None
 
-    def deliver(self, response: Response | None) -> None:
-        self.response = response
-        self.event.set()
+    def deliver(self, result: object, error: RpcError | None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
 
 
-class _CallbackWaiter:
-    """A call started by :meth:`RpcClient.start_call`: its outcome goes to a callback."""
+class _Call:
+    """One call on a connection, from :meth:`RpcClient.start_call` until its outcome."""
 
-    __slots__ = ("client", "connection", "msgid", "on_done")
+    __slots__ = ("connection", "msgid", "on_done", "request")
 
-    def __init__(
-        self,
-        client: RpcClient,
-        connection: _Connection,
-        msgid: int,
-        on_done: Callable[[object, RpcError | None], None],
-    ) -> None:
-        self.client = client
+    def __init__(self, connection: _Connection, msgid: int, on_done: OnDone) -> None:
         self.connection = connection
         self.msgid = msgid
         self.on_done = on_done
+        #: The encoded request while it is held back (see :attr:`_Connection.held`).
+        self.request: bytes | None = None
 
-    def deliver(self, response: Response | None) -> None:
-        if response is None:
-            self.on_done(None, self.client._lost(self.connection))
-        elif response.error is not None:
+    def receive(self, response: Response) -> None:
+        if response.error is not None:
             self.on_done(None, RpcError.for_code(*response.error))
         else:
             self.on_done(response.result, None)
 
     def cancel(self) -> None:
-        """Forget the call: a late response is discarded."""
-        if self.connection.waiters.get(self.msgid) is self:
-            del self.connection.waiters[self.msgid]
+        """Forget the call: a held request is never sent, a late response is discarded."""
+        self.request = None
+        calls = self.connection.calls
+        if calls.get(self.msgid) is self:
+            del calls[self.msgid]
 
 
 class _Connection:
-    """One authenticated socket to the peer, with the calls waiting on it."""
+    """One connection to the peer, from the first call that needs it until it fails.
 
-    def __init__(self, io: SocketIO, framing: RpcConnection) -> None:
-        self.io = io
-        self.framing = framing
-        self.waiters: dict[int, _Waiter | _CallbackWaiter] = {}
+    Calls are registered at once; their requests go straight to the socket's send queue,
+    or wait in :attr:`held` while the connection is still being opened and authenticated,
+    or while the send queue is over :data:`~kai.rpc.sockets.MAX_BACKLOG` (the peer is not
+    reading). A held call that is cancelled is never sent, so a call that times out while
+    held costs nothing on the wire, and what is held is bounded by the callers' deadlines.
+    """
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        #: The authenticated socket; None while connecting.
+        self.io: SocketIO | None = None
+        self.framing = RpcConnection()
+        self.calls: dict[int, _Call] = {}
+        self.held: deque[_Call] = deque()
+        self.something_held = Wakeup()
+        #: Set once the connection is authenticated, or has failed.
+        self.settled = trio.Event()
         self.cancel_scope = trio.CancelScope()
         self.finished = trio.Event()
-        self.failure: str | None = None
+        self.error: RpcError | None = None
         self._next_msgid = 0
 
     def allocate_msgid(self) -> int:
         while True:
             msgid = self._next_msgid
             self._next_msgid = (msgid + 1) & MAX_MSGID
-            if msgid not in self.waiters:
+            if msgid not in self.calls:
                 return msgid
 
-    def fail(self, reason: str) -> None:
-        """Mark the connection dead: wake every waiting call and stop both tasks."""
-        if self.failure is None:
-            self.failure = reason
+    def send(self, call: _Call, request: bytes) -> None:
+        """Send ``call``'s request now, or hold it (in order) until it can be sent."""
+        io = self.io
+        if io is None or self.held or io.backlog > MAX_BACKLOG:
+            call.request = request
+            self.held.append(call)
+            self.something_held.wake()
+        else:
+            io.send(request)
+
+    def send_held(self) -> None:
+        """Send held requests, oldest first, while the send queue has room."""
+        io = self.io
+        assert io is not None
+        held = self.held
+        while held and io.backlog <= MAX_BACKLOG:
+            call = held.popleft()
+            if call.request is not None:  # not cancelled
+                io.send(call.request)
+                call.request = None
+
+    def opened(self, io: SocketIO, trailing: bytes) -> None:
+        """The connection is authenticated: send what was held."""
+        self.io = io
+        if trailing:
+            self.framing.receive_data(trailing)
+        self.settled.set()
+        self.send_held()
+
+    def lost(self, reason: str) -> RpcConnectionError:
+        return RpcConnectionError(f"connection to {self.address} lost: {reason}")
+
+    def fail(self, error: RpcError) -> None:
+        """Mark the connection dead: fail every call on it and stop its tasks."""
+        if self.error is None:
+            self.error = error
+        self.settled.set()
         self.cancel_scope.cancel()
-        self.io.close()
-        waiters = list(self.waiters.values())
-        self.waiters.clear()
-        for waiter in waiters:
-            waiter.deliver(None)
+        if self.io is not None:
+            self.io.close()
+        self.held.clear()
+        calls = list(self.calls.values())
+        self.calls.clear()
+        for call in calls:
+            call.on_done(None, _fresh(self.error))
 
 
-class NurseryUser:
-    """Either borrows a nursery or opens its own as an async context manager."""
+def _fresh(error: RpcError) -> RpcError:
+    """A copy of ``error`` for one more caller (an exception must not be raised twice)."""
+    copy = type(error)(*error.args)
+    copy.__cause__ = error.__cause__
+    return copy
+
+
+class NurseryOwner:
+    """Runs its tasks in a nursery it is given, or else in its own, as an async context manager."""
 
     def __init__(self, nursery: trio.Nursery | None) -> None:
         self._nursery = nursery
@@ -157,13 +240,13 @@ class NurseryUser:
                 await self._exit_stack.aclose()
 
 
-class RpcClient(NurseryUser):
+class RpcClient(NurseryOwner):
     """Calls methods on one peer over a single multiplexed, authenticated connection.
 
     The connection opens on the first call, and again on the first call after it is lost.
-    Any number of tasks may call concurrently; responses are matched by message id, so they
-    may complete in any order. A caller that is cancelled simply stops waiting: its request
-    may still run on the peer, and its late response is discarded.
+    Any number of calls may be in flight; responses are matched by message id, so they may
+    complete in any order. A call that is cancelled simply stops waiting: its request may
+    still run on the peer, and its late response is discarded.
     """
 
     def __init__(
@@ -182,8 +265,8 @@ class RpcClient(NurseryUser):
             host: the peer's RPC address.
             port: the peer's RPC port.
             secret: the cluster secret.
-            nursery: where the connection's reader and writer tasks run. If omitted, use the
-                client as ``async with RpcClient(...) as client:``.
+            nursery: where the connection's tasks run. If omitted, use the client as
+                ``async with RpcClient(...) as client:``.
             connect_timeout: seconds allowed for TCP connect plus authentication.
             open_socket: returns a connected socket instead of a TCP connection to
                 ``host``:``port`` (for tests, say a ``socket.socketpair()`` end); it should
@@ -196,7 +279,6 @@ class RpcClient(NurseryUser):
         self._secret = secret
         self._connect_timeout = connect_timeout
         self._connection: _Connection | None = None
-        self._connect_lock = trio.Lock()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -204,66 +286,48 @@ class RpcClient(NurseryUser):
 
     @property
     def connected(self) -> bool:
-        """Whether a live connection is open right now."""
-        return self._connection is not None and self._connection.failure is None
+        """Whether an authenticated connection is open right now."""
+        connection = self._connection
+        return connection is not None and connection.error is None and connection.io is not None
 
     async def call(self, method: str, *params: object) -> object:
         """Call ``method(*params)`` on the peer and return its result.
 
         Raises:
             RpcConnectionError: the peer could not be reached, or the connection was lost
-                before the response arrived (retriable; the call may or may not have run).
+                before the response arrived (the call may or may not have run).
             RpcAuthenticationError: the peer does not share the cluster secret.
             RpcProtocolError: the peer does not speak Kai RPC.
             RpcBadRequest: the parameters cannot be encoded, or the peer refused them.
             RpcMethodNotFound, RpcRemoteError, RpcError: as sent back by the peer.
         """
-        connection = await self._get_connection()
-        msgid = connection.allocate_msgid()
-        data = connection.framing.encode_request(msgid, method, params)
-        waiter = _Waiter()
-        connection.waiters[msgid] = waiter
-        try:
-            try:
-                await connection.io.wait_for_room()
-                connection.io.send(data)
-            except _STREAM_ERRORS:
-                raise self._lost(connection) from None
-            await waiter.event.wait()
-        finally:
-            if connection.waiters.get(msgid) is waiter:
-                del connection.waiters[msgid]
-        if waiter.response is None:
-            raise self._lost(connection)
-        return waiter.response.unwrap()
+        return await wait_for_call(partial(self.start_call, method, params))
 
-    def start_call(
-        self,
-        method: str,
-        params: tuple[object, ...],
-        on_done: Callable[[object, RpcError | None], None],
-    ) -> Callable[[], None] | None:
-        """Queue ``method(*params)`` without waiting, if the connection is open right now.
+    def start_call(self, method: str, params: tuple[object, ...], on_done: OnDone) -> CancelCall:
+        """Send ``method(*params)`` without waiting for the response; returns its cancel.
 
-        ``on_done(result, None)`` or ``on_done(None, error)`` is called exactly once, from
-        the connection's reader task (or whichever task sees the connection fail), unless the
-        returned cancel function is called first. ``on_done`` must not block or raise.
-        Returns None, having sent nothing, when not connected or the send queue is full: use
-        :meth:`call` then (it connects, and waits for room).
+        ``on_done(result, None)`` or ``on_done(None, error)`` is called exactly once, later
+        (never before this returns), from the task that sees the outcome (the connection's
+        reader, or whichever task sees the connection fail), unless the returned function
+        cancels the call first. ``on_done`` must not block or raise. Errors are those of
+        :meth:`call`. Without a connection, this one opens it (in the client's nursery)
+        and the request is sent once it is authenticated; while the peer is not reading and
+        the send queue is full, it waits its turn (see :class:`_Connection`).
 
         Raises:
-            RpcBadRequest: the parameters cannot be encoded.
+            RpcBadRequest: the parameters cannot be encoded (``on_done`` is not called).
+            RpcConnectionError: the client is closed, or its nursery is.
+            RuntimeError: the client has no nursery (see :class:`RpcClient`).
         """
         connection = self._connection
-        if connection is None or connection.failure is not None:
-            return None
-        if connection.io.backlog > MAX_BACKLOG:
-            return None
+        if connection is None or connection.error is not None:
+            connection = self._connect()
         msgid = connection.allocate_msgid()
-        connection.io.send(connection.framing.encode_request(msgid, method, params))
-        waiter = _CallbackWaiter(self, connection, msgid, on_done)
-        connection.waiters[msgid] = waiter
-        return waiter.cancel
+        request = connection.framing.encode_request(msgid, method, params)
+        call = _Call(connection, msgid, on_done)
+        connection.calls[msgid] = call
+        connection.send(call, request)
+        return call.cancel
 
     async def notify(self, method: str, *params: object) -> None:
         """Send a one-way ``method(*params)``; returns once it is queued for sending.
@@ -272,13 +336,22 @@ class RpcClient(NurseryUser):
             RpcConnectionError: the peer could not be reached or the connection is lost.
             RpcAuthenticationError, RpcProtocolError, RpcBadRequest: as for :meth:`call`.
         """
-        connection = await self._get_connection()
+        connection = self._connection
+        if connection is None or connection.error is not None:
+            connection = self._connect()
         data = connection.framing.encode_notification(method, params)
-        try:
-            await connection.io.wait_for_room()
-            connection.io.send(data)
-        except _STREAM_ERRORS:
-            raise self._lost(connection) from None
+        await connection.settled.wait()
+        if connection.error is None:
+            io = connection.io
+            assert io is not None
+            try:
+                await io.wait_for_room()
+                io.send(data)
+                return
+            except _STREAM_ERRORS:
+                pass  # the connection failed meanwhile (only its failure closes the socket)
+        assert connection.error is not None
+        raise _fresh(connection.error)
 
     async def aclose(self) -> None:
         """Close the connection, failing calls still waiting; later calls raise.
@@ -288,41 +361,44 @@ class RpcClient(NurseryUser):
         self._closed = True
         connection = self._connection
         if connection is not None:
-            connection.fail("the client was closed")
+            connection.fail(connection.lost("the client was closed"))
             with trio.CancelScope(shield=True):
                 await connection.finished.wait()
 
-    def _lost(self, connection: _Connection) -> RpcConnectionError:
-        return RpcConnectionError(
-            f"connection to {self.host}:{self.port} lost: {connection.failure or 'closed'}"
-        )
-
-    async def _get_connection(self) -> _Connection:
-        connection = self._connection
-        if connection is not None and connection.failure is None:
-            return connection
-        async with self._connect_lock:
-            connection = self._connection
-            if connection is not None and connection.failure is None:
-                return connection
-            if self._closed:
-                raise RpcConnectionError(f"the client for {self.host}:{self.port} is closed")
-            nursery = self._require_nursery()
-            io, trailing = await self._open_authenticated_socket()
-            framing = RpcConnection()
-            if trailing:
-                framing.receive_data(trailing)
-            connection = _Connection(io, framing)
-            try:
-                nursery.start_soon(self._run_connection, connection)
-            except RuntimeError as exc:  # The nursery is closed to new tasks.
-                connection.io.close()
-                raise RpcConnectionError(f"cannot run a connection: {exc}") from exc
-            self._connection = connection
-            return connection
-
-    async def _open_authenticated_socket(self) -> tuple[SocketIO, bytes]:
+    def _connect(self) -> _Connection:
+        """A new connection, opening in the background; calls can be started on it at once."""
         address = f"{self.host}:{self.port}"
+        if self._closed:
+            raise RpcConnectionError(f"the client for {address} is closed")
+        nursery = self._require_nursery()
+        connection = _Connection(address)
+        try:
+            nursery.start_soon(self._run_connection, connection)
+        except RuntimeError as exc:  # The nursery is closed to new tasks.
+            raise RpcConnectionError(f"cannot run a connection to {address}: {exc}") from exc
+        self._connection = connection
+        return connection
+
+    async def _run_connection(self, connection: _Connection) -> None:
+        try:
+            with connection.cancel_scope:
+                try:
+                    io, trailing = await self._open_authenticated_socket(connection.address)
+                except RpcError as exc:
+                    connection.fail(exc)
+                    return
+                connection.opened(io, trailing)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_write_loop, connection)
+                    nursery.start_soon(_send_held_loop, connection)
+                    await _read_loop(connection)
+        finally:
+            connection.fail(connection.lost("the connection was closed"))
+            if self._connection is connection:
+                self._connection = None
+            connection.finished.set()
+
+    async def _open_authenticated_socket(self, address: str) -> tuple[SocketIO, bytes]:
         try:
             with trio.fail_after(self._connect_timeout):
                 io = SocketIO(await self._open_socket())
@@ -340,18 +416,6 @@ class RpcClient(NurseryUser):
         except _STREAM_ERRORS as exc:
             raise RpcConnectionError(f"connection to {address} lost during handshake") from exc
         return io, trailing
-
-    async def _run_connection(self, connection: _Connection) -> None:
-        try:
-            with connection.cancel_scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_write_loop, connection)
-                    await _read_loop(connection)
-        finally:
-            connection.fail("the connection was closed")
-            if self._connection is connection:
-                self._connection = None
-            connection.finished.set()
 
 
 async def _open_tcp_socket(host: str, port: int) -> socket.socket:
@@ -372,39 +436,57 @@ async def _client_handshake(io: SocketIO, secret: bytes) -> bytes:
 
 
 async def _write_loop(connection: _Connection) -> None:
+    assert connection.io is not None
     try:
         await connection.io.run_writer()
     except _STREAM_ERRORS as exc:
-        connection.fail(f"send failed: {exc!r}")
+        connection.fail(connection.lost(f"send failed: {exc!r}"))
+
+
+async def _send_held_loop(connection: _Connection) -> None:
+    """Send the calls held back while the send queue was full, as it drains."""
+    io = connection.io
+    assert io is not None
+    try:
+        while True:
+            if not connection.held:
+                await connection.something_held.wait()
+            await io.wait_for_room()
+            connection.send_held()
+    except _STREAM_ERRORS:
+        return  # the connection failed; whoever closed the socket failed its calls
 
 
 async def _read_loop(connection: _Connection) -> None:
-    """Deliver responses to waiting callers until the connection ends."""
+    """Deliver responses to their calls until the connection ends."""
+    io = connection.io
+    assert io is not None
     framing = connection.framing
+    calls = connection.calls
     while True:
         try:
             message = framing.next_message()
         except RpcProtocolError as exc:
             logger.warning("closing RPC connection: %s", exc)
-            connection.fail(f"protocol error: {exc}")
+            connection.fail(connection.lost(f"protocol error: {exc}"))
             return
         if message is NEED_DATA:
             try:
-                data = await connection.io.receive()
+                data = await io.receive()
             except _STREAM_ERRORS as exc:
-                connection.fail(f"receive failed: {exc!r}")
+                connection.fail(connection.lost(f"receive failed: {exc!r}"))
                 return
             framing.receive_data(data)
         elif message is CLOSED:
-            connection.fail("the server closed the connection")
+            connection.fail(connection.lost("the server closed the connection"))
             return
         elif isinstance(message, Response):
-            waiter = connection.waiters.pop(message.msgid, None)
-            if waiter is None:
+            call = calls.pop(message.msgid, None)
+            if call is None:
                 logger.debug("discarding RPC response %d: its caller gave up", message.msgid)
             else:
-                waiter.deliver(message)
+                call.receive(message)
         else:
             logger.warning("closing RPC connection: the server sent %r", message)
-            connection.fail("the server sent a request; only clients may")
+            connection.fail(connection.lost("the server sent a request; only clients may"))
             return

@@ -12,10 +12,11 @@ from functools import partial
 
 import trio
 
-from kai.rpc.client import DEFAULT_CONNECT_TIMEOUT, NurseryUser, RpcClient
+from kai.core.errors import RpcConnectionError
+from kai.rpc.client import DEFAULT_CONNECT_TIMEOUT, NurseryOwner, RpcClient
 
 
-class RpcClientPool(NurseryUser):
+class RpcClientPool(NurseryOwner):
     """One :class:`RpcClient` per peer address, created on first use (for the coordinator).
 
     Use as ``async with RpcClientPool(secret) as pool:`` or give it a nursery; its clients
@@ -50,13 +51,16 @@ class RpcClientPool(NurseryUser):
         """The client for ``host``:``port``, created (unconnected) if needed.
 
         Raises:
-            RuntimeError: the pool has no nursery, or was closed.
+            RpcConnectionError: the pool was closed.
+            RuntimeError: the pool has no nursery.
         """
         key = (host, port)
         client = self._clients.get(key)
         if client is None:
             if self._closed:
-                raise RuntimeError("the RPC client pool is closed")
+                raise RpcConnectionError(
+                    f"the RPC client pool is closed: not calling {host}:{port}"
+                )
             client = RpcClient(
                 host,
                 port,

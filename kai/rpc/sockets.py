@@ -21,11 +21,48 @@ import trio
 
 #: Most bytes asked of the socket per receive.
 RECEIVE_SIZE: Final = 64 * 1024
-#: Queued bytes beyond which writers wait (:meth:`SocketIO.wait_for_room`) and callers that
-#: cannot wait are told to (``RpcClient.start_call`` returns None).
+#: Queued bytes beyond which writers wait (:meth:`SocketIO.wait_for_room`); the RPC client
+#: holds calls back instead of queueing more.
 MAX_BACKLOG: Final = 4 * 1024 * 1024
 #: Receives that find data at once before the reader lets other tasks run.
 FAIR_SHARE: Final = 8
+
+
+class Wakeup:
+    """Lets one task sleep until another task wakes it: a ParkingLot for a single waiter.
+
+    trio advises :class:`trio.lowlevel.ParkingLot` over ``wait_task_rescheduled``; this is
+    the one place Kai uses the latter, because its waits come once per RPC call (a writer
+    waiting for bytes to send, a fan-out waiting for an answer), where a ParkingLot's
+    bookkeeping for many waiters costs measurably more.
+    """
+
+    __slots__ = ("_task",)
+
+    def __init__(self) -> None:
+        self._task: trio.lowlevel.Task | None = None
+
+    async def wait(self) -> None:
+        """Sleep until :meth:`wake` is called (or the task is cancelled).
+
+        Raises:
+            RuntimeError: another task is already waiting.
+        """
+        if self._task is not None:
+            raise RuntimeError("another task is already waiting")
+        self._task = trio.lowlevel.current_task()
+
+        def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
+            self._task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def wake(self) -> None:
+        """Wake the waiting task, if there is one."""
+        task, self._task = self._task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
 
 
 def from_stream(stream: trio.abc.Stream) -> socket.socket:
@@ -49,7 +86,7 @@ class SocketIO:
         self.sock = sock
         self._queue: list[bytes] = []
         self._queued = 0
-        self._writer: trio.lowlevel.Task | None = None
+        self._writer_idle = Wakeup()
         self._room: trio.Event | None = None
         self._finishing = False
         self._sending = False
@@ -83,9 +120,7 @@ class SocketIO:
             raise trio.ClosedResourceError("the RPC socket is closed")
         self._queue.append(data)
         self._queued += len(data)
-        task, self._writer = self._writer, None
-        if task is not None:
-            trio.lowlevel.reschedule(task)
+        self._writer_idle.wake()
 
     def send_now(self, data: bytes) -> None:
         """Send ``data`` from this task if nothing is queued, else queue it; never blocks.
@@ -114,9 +149,7 @@ class SocketIO:
     def finish(self) -> None:
         """Let :meth:`run_writer` return once everything queued is sent."""
         self._finishing = True
-        task, self._writer = self._writer, None
-        if task is not None:
-            trio.lowlevel.reschedule(task)
+        self._writer_idle.wake()
 
     async def run_writer(self) -> None:
         """Send queued bytes until :meth:`finish` is called and the queue is empty."""
@@ -124,13 +157,7 @@ class SocketIO:
             if not self._queue:
                 if self._finishing:
                     return
-                self._writer = trio.lowlevel.current_task()
-
-                def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
-                    self._writer = None
-                    return trio.lowlevel.Abort.SUCCEEDED
-
-                await trio.lowlevel.wait_task_rescheduled(abort)
+                await self._writer_idle.wait()
                 continue
             queue, self._queue = self._queue, []
             data = queue[0] if len(queue) == 1 else b"".join(queue)

@@ -2,27 +2,29 @@
 
 Gossip and the failure detector only ever use :class:`Transport`, the coordinator's fan-out
 :class:`FanOutTransport`, so the same code runs over authenticated TCP (:class:`RpcTransport`)
-and over the fault-injecting in-process network of ``kai.testing.network``. Callers own timeouts (wrap calls in
-``trio.fail_after``); an unreachable peer raises :class:`~kai.core.errors.RpcConnectionError`.
+and over the fault-injecting in-process network of :mod:`kai.testing.network`. Both
+implement :meth:`FanOutTransport.start_call` for real, and their :meth:`Transport.call` is
+that call awaited, so a test on the in-process network takes the same path as a node.
+
+Callers own timeouts: they wrap :meth:`Transport.call` in ``trio.fail_after``, and cancel a
+started call at their deadline. An unreachable peer raises (or answers with)
+:class:`~kai.core.errors.RpcConnectionError`.
 """
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeAlias
+from functools import partial
+from typing import Protocol
 
 import trio
 
-from kai.core.errors import RpcError
 from kai.core.ring import NodeId
+from kai.rpc.client import CancelCall, OnDone, wait_for_call
 from kai.rpc.pool import RpcClientPool
 
-#: Told how a call started with :meth:`Transport.start_call` ended: ``(result, None)`` or
-#: ``(None, error)``.
-OnDone: TypeAlias = Callable[[object, RpcError | None], None]
-#: Forgets a started call: its response, if it comes, is dropped and ``on_done`` not called.
-CancelCall: TypeAlias = Callable[[], None]
+__all__ = ["CancelCall", "FanOutTransport", "OnDone", "RpcTransport", "Transport"]
 
 
 class Transport(Protocol):
@@ -42,15 +44,20 @@ class FanOutTransport(Transport, Protocol):
 
     def start_call(
         self, peer: NodeId, method: str, params: tuple[object, ...], on_done: OnDone
-    ) -> CancelCall | None:
-        """Send ``method(*params)`` to ``peer`` without waiting, if that can be done right now.
+    ) -> CancelCall:
+        """Send ``method(*params)`` to ``peer`` without waiting; returns its cancel function.
 
-        Returns a function that cancels the call, and later calls ``on_done`` exactly once
-        (unless cancelled first) from whatever task sees the outcome; ``on_done`` must not
-        block or raise. Returns None, having sent nothing, when the call cannot start that
-        way (not connected yet, the send queue is full, or the transport does not support
-        it): the caller then uses :meth:`call`. Raises an :class:`~kai.core.errors.RpcError` only
-        for params that cannot be sent at all.
+        ``on_done(result, None)`` or ``on_done(None, error)`` is called at most once, later
+        (never before this returns), from whatever task sees the outcome, unless the call
+        is cancelled first; ``on_done`` must not block or raise. A call whose answer never
+        comes (a silent peer, a lost message) never calls it: the caller cancels the call
+        at its own deadline.
+
+        Raises:
+            RpcError: the call failed before anything was sent, and ``on_done`` will not be
+                called: :class:`~kai.core.errors.RpcBadRequest` for params that cannot be
+                encoded, :class:`~kai.core.errors.RpcConnectionError` when the transport
+                is closed or knows at once that the peer refuses connections.
         """
         ...
 
@@ -72,13 +79,14 @@ class RpcTransport:
         self._pool = RpcClientPool(secret, nursery=nursery, open_socket=open_socket)
 
     async def call(self, peer: NodeId, method: str, *params: object) -> object:
-        """Call ``method`` on ``peer`` over its RPC port."""
-        return await self._pool.call(peer.host, peer.port, method, *params)
+        """Call ``method`` on ``peer`` over its RPC port: :meth:`start_call`, awaited."""
+        return await wait_for_call(partial(self.start_call, peer, method, params))
 
     def start_call(
         self, peer: NodeId, method: str, params: tuple[object, ...], on_done: OnDone
-    ) -> CancelCall | None:
-        """Queue ``method`` on the peer's connection if it is open (see :class:`Transport`)."""
+    ) -> CancelCall:
+        """Send ``method`` on the peer's connection, opening it if needed (see
+        :meth:`FanOutTransport.start_call` and :meth:`~kai.rpc.client.RpcClient.start_call`)."""
         return self._pool.client(peer.host, peer.port).start_call(method, params, on_done)
 
     async def aclose(self) -> None:

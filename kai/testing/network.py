@@ -15,8 +15,12 @@ timeout (a lost message hangs the caller until the caller's own timeout fires), 
 cancelled caller cancel a handler that has already received the request, and never leave a
 task running after :meth:`FakeNetwork.running` exits.
 
-Determinism: every random draw for a call happens synchronously when the call is made, a
-fixed number of draws per call for a given :class:`Faults`, so the outcomes depend only on
+Every call takes one path, :meth:`FakeNetwork.start_call`, as on the real RPC client: the
+delivery runs in the network's nursery and hands the outcome to the call's ``on_done``
+callback; :meth:`FakeNetwork.call` is that call, awaited.
+
+Determinism: every random draw for a call happens synchronously when the call is started,
+a fixed number of draws per call for a given :class:`Faults`, so the outcomes depend only on
 the seed and on the order in which calls are made. Calls a node makes to itself are never
 faulty and draw nothing.
 """
@@ -27,14 +31,16 @@ import collections
 import random
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
-from typing import Final, NoReturn
+from functools import partial
+from typing import Final
 
 import attrs
 import trio
 
-from kai.core.errors import RpcConnectionError
+from kai.core.errors import RpcConnectionError, RpcError
 from kai.core.ring import NodeId
 from kai.core.rpc.protocol import Request, Response, RpcConnection
+from kai.rpc.client import wait_for_call
 from kai.rpc.server import Handler, respond
 from kai.rpc.transport import CancelCall, FanOutTransport, OnDone
 
@@ -116,14 +122,36 @@ class _Endpoint:
 
 
 class _Reply:
-    """Where a delivery leaves the response (or the news that the connection was lost)."""
+    """Where a delivery hands the response (or the news that the connection was lost)."""
 
-    __slots__ = ("arrived", "data", "lost")
+    __slots__ = ("arrived", "on_done")
 
-    def __init__(self) -> None:
-        self.arrived = trio.Event()
-        self.data: bytes | None = None
-        self.lost: str | None = None
+    def __init__(self, on_done: OnDone) -> None:
+        self.on_done: OnDone | None = on_done
+        self.arrived = False
+
+    def cancel(self) -> None:
+        """The caller gave up: the outcome, if it comes, is dropped."""
+        self.on_done = None
+
+    def arrive(self, data: bytes) -> None:
+        """The encoded response reached the caller."""
+        self.arrived = True
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            response = _decode(data)
+            assert isinstance(response, Response)
+            if response.error is not None:
+                on_done(None, RpcError.for_code(*response.error))
+            else:
+                on_done(response.result, None)
+
+    def lose(self, reason: str) -> None:
+        """The connection was lost before the response came."""
+        self.arrived = True
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            on_done(None, RpcConnectionError(reason))
 
 
 @attrs.frozen
@@ -139,9 +167,10 @@ class _NodeTransport:
 
     def start_call(
         self, peer: NodeId, method: str, params: tuple[object, ...], on_done: OnDone
-    ) -> CancelCall | None:
-        """Never: every call on the fake network runs as a task, through :meth:`call`."""
-        return None
+    ) -> CancelCall:
+        """Start ``method(*params)`` on ``peer`` from this node (see
+        :meth:`FakeNetwork.start_call`)."""
+        return self.network.start_call(self.node, peer, method, params, on_done)
 
 
 class FakeNetwork:
@@ -297,7 +326,10 @@ class FakeNetwork:
     # Calls.
 
     async def call(self, caller: NodeId, target: NodeId, method: str, *params: object) -> object:
-        """Call ``method(*params)`` on ``target`` as ``caller``; what the transports use.
+        """Call ``method(*params)`` on ``target`` as ``caller``: :meth:`start_call`, awaited.
+
+        A lost message (dropped, or stuck on a partition) hangs the caller until its own
+        timeout.
 
         Raises:
             RpcBadRequest: ``params`` cannot be encoded as MessagePack (nothing was sent).
@@ -306,12 +338,32 @@ class FakeNetwork:
                 the network is no longer running.
             RpcMethodNotFound, RpcRemoteError, RpcError: as the real server sends them.
         """
+        return await wait_for_call(partial(self.start_call, caller, target, method, params))
+
+    def start_call(
+        self,
+        caller: NodeId,
+        target: NodeId,
+        method: str,
+        params: tuple[object, ...],
+        on_done: OnDone,
+    ) -> CancelCall:
+        """Start ``method(*params)`` on ``target`` as ``caller``; what the transports use.
+
+        As :meth:`~kai.rpc.transport.FanOutTransport.start_call`: the delivery runs in the
+        network's nursery and calls ``on_done`` once with the outcome, unless the returned
+        function cancels the call first; a lost message never calls it. Errors are those of
+        :meth:`call`; the ones known at once (unencodable params, a refused connection, a
+        network no longer running) are raised here instead, and nothing is delivered.
+        """
         request = self._framing.encode_request(_MSGID, method, params)
         nursery = self._nursery
         if nursery is None:
             raise RpcConnectionError(f"could not connect to {target}: the network is not running")
+        reply = _Reply(on_done)
         if caller != target and not self.reachable(caller, target):
-            await self._hang_caller()
+            self._statistics["hung"] += 1
+            return reply.cancel
         endpoint = self._endpoints.get(target)
         if endpoint is None:
             self._statistics["refused"] += 1
@@ -323,20 +375,14 @@ class FakeNetwork:
             response_fate = self._draw_fate()
         if request_fate.dropped:
             self._statistics["dropped"] += 1
-            await self._hang_caller(count=False)
-        reply = _Reply()
+            return reply.cancel
         nursery.start_soon(
             self._deliver, endpoint, caller, request, request_fate, response_fate, reply
         )
         if request_fate.duplicated:
             self._statistics["duplicated"] += 1
             nursery.start_soon(self._deliver, endpoint, caller, request, request_fate, None, None)
-        await reply.arrived.wait()
-        if reply.data is None:
-            raise RpcConnectionError(f"connection to {target} lost: {reply.lost}")
-        response = _decode(reply.data)
-        assert isinstance(response, Response)
-        return response.unwrap()
+        return reply.cancel
 
     def _draw_fate(self) -> _Fate:
         """Draw one message's fate: one draw per fault kind that is switched on."""
@@ -346,12 +392,6 @@ class FakeNetwork:
         low, high = faults.delay
         delay = self._rng.uniform(low, high) if high > 0 else 0.0
         return _Fate(dropped=dropped, duplicated=duplicated and not dropped, delay=delay)
-
-    async def _hang_caller(self, *, count: bool = True) -> NoReturn:
-        """Never return, as a caller whose message vanished; its own timeout ends this."""
-        if count:
-            self._statistics["hung"] += 1
-        await trio.sleep_forever()
 
     async def _deliver(
         self,
@@ -393,8 +433,7 @@ class FakeNetwork:
                 if response_fate.duplicated:
                     self._statistics["duplicated"] += 1
                 await self._transit(response_fate)
-                reply.data = response
-                reply.arrived.set()
+                reply.arrive(response)
             finally:
                 endpoint.in_flight.discard(scope)
         if scope.cancelled_caught:
@@ -402,10 +441,9 @@ class FakeNetwork:
 
     def _lose(self, endpoint: _Endpoint, reply: _Reply | None) -> None:
         """Fail a call whose target crashed while it was in flight."""
-        if reply is not None and not reply.arrived.is_set():
+        if reply is not None and not reply.arrived:
             self._statistics["lost"] += 1
-            reply.lost = f"{endpoint.node} crashed"
-            reply.arrived.set()
+            reply.lose(f"connection to {endpoint.node} lost: {endpoint.node} crashed")
 
     async def _transit(self, fate: _Fate) -> None:
         if fate.delay > 0:
