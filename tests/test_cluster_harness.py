@@ -10,6 +10,7 @@ from kai.core.config import Quorum
 from kai.core.versions import check_sibling_set
 from kai.testing.cluster import InProcessCluster
 from kai.testing.network import Faults
+from tests.test_commands import MIX, FakeClock, MemcachedModel, parse_one
 
 
 def token_of(reply: bytes) -> int:
@@ -135,3 +136,20 @@ async def test_flush_all_reaches_every_node_even_one_that_was_down(autojump_cloc
         )
         assert await cluster.request(2, b"set k 0 0 1\r\ny\r\n") == b"STORED\r\n"
         assert await cluster.request(0, b"get k\r\n") == b"VALUE k 0 1\r\ny\r\nEND\r\n"
+
+
+async def test_a_healthy_cluster_answers_as_memcached_does(autojump_clock) -> None:
+    """The same requests as the node-of-one model test, through random nodes of a 3-node
+    cluster (N=3, R=2, W=2): the replies are memcached's, whichever node coordinates."""
+    rng = random.Random(7)
+    async with InProcessCluster.running(3) as cluster:
+        model = MemcachedModel(FakeClock(cluster.wall_clock()))
+        for _step in range(300):
+            raw = rng.choice(MIX)
+            # Time passes between requests, as it does for real clients: the nodes' write
+            # stamps never run ahead of each other's clocks by more than a microsecond or so
+            # (a flush_all is only as sharp as the members' clocks agree).
+            await trio.sleep(0.001 if rng.random() < 0.8 else rng.choice([0.5, 1.0]))
+            model.clock.now = cluster.wall_clock()
+            reply = await cluster.request(rng.randrange(3), raw)
+            assert reply == model.reply(parse_one(raw)), raw

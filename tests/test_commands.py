@@ -363,7 +363,8 @@ class MemcachedModel:
         return item
 
     def _expiry(self, exptime: int) -> float:
-        return self.clock.now + exptime if exptime else 0
+        # memcached's clock counts whole seconds.
+        return int(self.clock.now) + exptime if exptime else 0
 
     def reply(self, request: protocol.Request | protocol.Invalid) -> bytes:
         now_live = self._live
