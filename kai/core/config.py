@@ -284,11 +284,6 @@ _SETTINGS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
 _PARTS = ("memcache_port", "rpc_port", "hostname", "n", "r", "w")
 
 
-def settings_names() -> list[str]:
-    """Every accepted configuration key (for documentation and tests)."""
-    return sorted([*_SETTINGS, *_PARTS])
-
-
 def config_from_mapping(settings: Mapping[str, object], *, base: Config | None = None) -> Config:
     """Build a Config from parsed settings (TOML tables flattened by the caller).
 
