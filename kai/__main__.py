@@ -147,15 +147,14 @@ def tune_garbage_collector() -> None:
     """Keep the start-up objects out of every later collection, and run full ones rarely.
 
     The modules, classes and functions of kai and its libraries live as long as the process;
-    without the freeze every full collection walks them again (about 12 ms on this project's
-    test machine, in the middle of serving requests). ``gc.collect()`` first, so no garbage
-    is frozen with them.
+    without the freeze every full collection walks them again, in the middle of serving
+    requests. ``gc.collect()`` first, so no garbage is frozen with them.
 
     A full collection still walks every tracked object made since, mostly the cache's
-    decoded versions, and took 18-25 ms in a loaded 3-node cluster; those pauses set its
-    p99.9. With :data:`GC_THRESHOLDS` they come about ten times less often, and p99.9 went
-    from 19-22 ms to 12-14 ms (bench/README.md). Cyclic garbage that has reached the oldest
-    generation waits longer to be freed in exchange.
+    decoded versions, and its pause shows up in the slowest requests of a loaded node. With
+    :data:`GC_THRESHOLDS` full collections come about ten times less often; in exchange,
+    cyclic garbage that has reached the oldest generation waits longer to be freed. The
+    measurements are in docs/performance.md.
     """
     gc.collect()
     gc.freeze()
