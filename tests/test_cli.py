@@ -61,6 +61,11 @@ def test_unavailable_membership_commands_say_so(capsys: pytest.CaptureFixture[st
     assert "not available" in capsys.readouterr().err
 
 
+def test_help_marks_the_commands_that_are_not_available_yet() -> None:
+    for name, (help_text, _example, method) in COMMANDS.items():
+        assert ("not available yet" in help_text) == (method is None), name
+
+
 def test_admin_reports_a_missing_secret(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nope.secret"
     assert admin_main(["--secret-file", str(missing), "status"]) == 1

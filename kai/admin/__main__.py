@@ -46,9 +46,13 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
         "kai-admin --node 127.0.0.1:11012 join 127.0.0.1:11011",
         "join",
     ),
-    "leave": ("hand the node's data off, then retire it", "kai-admin leave", None),
+    "leave": (
+        "hand the node's data off, then retire it (not available yet)",
+        "kai-admin leave",
+        None,
+    ),
     "remove": (
-        "evict a dead NODE and re-replicate from the survivors",
+        "evict a dead NODE and re-replicate from the survivors (not available yet)",
         "kai-admin remove 127.0.0.1:11013",
         None,
     ),
