@@ -1,40 +1,46 @@
-"""The failure detector: one failure marks down, one success marks up, probes find returns."""
+"""The failure detector: one failure marks down, one answer marks up, probes find returns.
+
+Probes run over the in-process :class:`~kai.testing.network.FakeNetwork`, from node SELF.
+"""
 
 from __future__ import annotations
 
 import logging
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
 import trio.testing
 
-from kai.core.errors import RpcConnectionError
+from kai.core.errors import RpcBadRequest, RpcConnectionError, RpcProtocolError
 from kai.core.ring import NodeId
 from kai.membership.detector import FailureDetector
+from kai.testing.network import FakeNetwork, Faults
 
+SELF = NodeId("127.0.0.1", 11010)
 A = NodeId("127.0.0.1", 11011)
 B = NodeId("127.0.0.1", 11012)
 C = NodeId("127.0.0.1", 11013)
 
 
-class PingTransport:
-    """Answers ``ping`` after ``latency`` seconds, except from unreachable or hung nodes."""
+#: Each way; a ping's round trip takes twice this.
+ONE_WAY = 0.125
+ROUND_TRIP = 2 * ONE_WAY
 
-    def __init__(self, latency: float = 0.25) -> None:
-        self.latency = latency
-        self.unreachable: set[NodeId] = set()
-        self.hung: set[NodeId] = set()
-        self.pings: list[tuple[float, NodeId]] = []
 
-    async def call(self, peer: NodeId, method: str, *params: object) -> object:
-        assert (method, params) == ("ping", ())
-        self.pings.append((trio.current_time(), peer))
-        if peer in self.hung:
-            await trio.sleep_forever()
-        await trio.sleep(self.latency)
-        if peer in self.unreachable:
-            raise RpcConnectionError(f"{peer} is unreachable")
-        return "pong"
+def pong() -> str:
+    return "pong"
+
+
+@asynccontextmanager
+async def pinged(*nodes: NodeId) -> AsyncIterator[FakeNetwork]:
+    """A network on which ``nodes`` answer ``ping`` (the detector's own node is SELF)."""
+    async with FakeNetwork.running(random.Random(0), Faults(delay=(ONE_WAY, ONE_WAY))) as network:
+        for node in nodes:
+            network.register(node, {"ping": pong})
+        yield network
 
 
 def fixed_clock() -> float:
@@ -79,32 +85,53 @@ def test_transitions_count_only_changes() -> None:
     assert detector.down_nodes() == [B]
 
 
+def test_an_error_the_peer_answered_with_means_it_is_up() -> None:
+    detector = FailureDetector(clock=fixed_clock)
+    detector.record_error(A, RpcConnectionError("refused"))
+    detector.record_error(B, RpcProtocolError("not Kai RPC"))
+    detector.record_error(C, RpcBadRequest("no"))
+    assert detector.statuses() == {A: False, B: False, C: True}
+
+
 async def test_probe_marks_answering_nodes_up(autojump_clock: trio.testing.MockClock) -> None:
     detector = FailureDetector()
-    transport = PingTransport(latency=0.25)
-    for node in (A, B, C):
-        detector.record_failure(node)
-    transport.unreachable.add(B)
-    start = trio.current_time()
-    await detector.probe_down_nodes(transport, timeout=1.0)
-    # The pings run concurrently: the whole probe takes one latency, not three.
-    assert trio.current_time() - start == 0.25
-    assert sorted(node for _, node in transport.pings) == [A, B, C]
+    async with pinged(A, B, C) as network:
+        for node in (A, B, C):
+            detector.record_failure(node)
+        network.unregister(B)
+        start = trio.current_time()
+        await detector.probe_down_nodes(network.transport_for(SELF), timeout=1.0)
+        # The pings run concurrently: the whole probe takes one round trip, not three.
+        assert trio.current_time() - start == ROUND_TRIP
+    assert (network.calls[(A, "ping")], network.calls[(C, "ping")]) == (1, 1)
+    assert network.statistics()["refused"] == 1
     assert detector.down_nodes() == [B]
     assert detector.transitions() == 5
+
+
+async def test_a_node_that_answers_with_an_error_is_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    detector = FailureDetector()
+    async with pinged(C) as network:
+        network.register(B, {})  # answers every call, with "no such method"
+        detector.record_failure(B)
+        detector.record_failure(C)
+        await detector.probe_down_nodes(network.transport_for(SELF), timeout=1.0)
+    assert detector.statuses() == {B: True, C: True}
 
 
 async def test_probe_gives_up_on_hung_nodes_at_the_timeout(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     detector = FailureDetector()
-    transport = PingTransport(latency=0.25)
-    detector.record_failure(A)
-    detector.record_failure(B)
-    transport.hung.add(B)
-    start = trio.current_time()
-    await detector.probe_down_nodes(transport, timeout=1.5)
-    assert trio.current_time() - start == 1.5
+    async with pinged(A, B) as network:
+        detector.record_failure(A)
+        detector.record_failure(B)
+        network.hang(B)
+        start = trio.current_time()
+        await detector.probe_down_nodes(network.transport_for(SELF), timeout=1.5)
+        assert trio.current_time() - start == 1.5
     assert detector.statuses() == {A: True, B: False}
 
 
@@ -113,9 +140,9 @@ async def test_probe_without_down_nodes_calls_nobody(
 ) -> None:
     detector = FailureDetector()
     detector.record_success(A)
-    transport = PingTransport()
-    await detector.probe_down_nodes(transport, timeout=1.0)
-    assert transport.pings == []
+    async with pinged(A, B) as network:
+        await detector.probe_down_nodes(network.transport_for(SELF), timeout=1.0)
+    assert network.statistics()["delivered"] == 0
     assert trio.current_time() == 0
 
 

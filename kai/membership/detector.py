@@ -1,9 +1,10 @@
 """Local failure detection: which peers this node currently believes are down.
 
 The coordinator asks :meth:`FailureDetector.is_up` to skip unreachable primaries (sloppy
-quorum, hinted handoff), and gossip feeds it the outcome of every exchange. A single failed
-call marks a peer down and a single success marks it up again; down peers are pinged by
-:meth:`FailureDetector.probe_down_nodes` so they are noticed when they come back.
+quorum, hinted handoff), and the coordinator's calls and gossip feed it the outcome of every
+call. A single call that cannot reach a peer marks it down, and a single answer (even an
+error: see :attr:`~kai.core.errors.RpcError.unreachable`) marks it up again; down peers are
+pinged by :meth:`FailureDetector.probe_down_nodes` so they are noticed when they come back.
 
 This view is local and never gossiped. It must never change the membership view or the
 ring: a down node stays a member (Kai evicted a node after one failed ping; DESIGN §8).
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 class FailureDetector:
-    """Tracks, per peer, whether the last call to it succeeded.
+    """Tracks, per peer, whether the last call to it reached it.
 
     Args:
         clock: Returns the current time in seconds; used to say in the log how long a node
@@ -47,8 +48,13 @@ class FailureDetector:
         self._record(node, up=True)
 
     def record_failure(self, node: NodeId) -> None:
-        """Note that a call to ``node`` failed or timed out: it is down from now on."""
+        """Note that a call to ``node`` could not reach it or timed out: it is down from now on."""
         self._record(node, up=False)
+
+    def record_error(self, node: NodeId, error: RpcError) -> None:
+        """Note that a call to ``node`` failed with ``error``: down if it did not reach the
+        peer, up if the peer answered with it."""
+        self._record(node, up=not error.unreachable)
 
     def down_nodes(self) -> list[NodeId]:
         """The nodes currently believed down, sorted."""
@@ -84,8 +90,8 @@ class FailureDetector:
         try:
             await transport.call(node, "ping")
         except RpcError as exc:
-            logger.debug("%s is still down: %s", node, exc)
-            self.record_failure(node)
+            logger.debug("ping to %s failed: %s", node, exc)
+            self.record_error(node, exc)
         else:
             self.record_success(node)
 

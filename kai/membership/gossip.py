@@ -127,8 +127,9 @@ class Membership:
     async def gossip_with(self, peer: NodeId) -> bool:
         """Exchange views with ``peer`` once, within ``call_timeout``.
 
-        The outcome goes to the failure detector: a peer that answers is up, one that fails
-        or times out is down (and stays in the view).
+        The outcome goes to the failure detector: a peer that answers is up, even with an
+        error; one that cannot be reached (:attr:`~kai.core.errors.RpcError.unreachable`) or
+        does not answer in time is down (and stays in the view).
 
         Returns:
             Whether the exchange succeeded. Never raises for an unreachable, failing or slow
@@ -137,9 +138,13 @@ class Membership:
         try:
             with trio.fail_after(self._call_timeout):
                 reply = await self._transport.call(peer, "gossip", self._view.to_wire())
-        except (RpcError, trio.TooSlowError) as exc:
-            logger.debug("gossip with %s failed: %r", peer, exc)
+        except trio.TooSlowError:
+            logger.debug("gossip with %s timed out", peer)
             self._detector.record_failure(peer)
+            return False
+        except RpcError as exc:
+            logger.debug("gossip with %s failed: %r", peer, exc)
+            self._detector.record_error(peer, exc)
             return False
         # The peer answered, so it is up, even if its answer turns out to be unusable.
         self._detector.record_success(peer)
