@@ -192,22 +192,29 @@ def run_together(
     """
     started = time.monotonic()
     processes = []
-    for index, run in enumerate(runs):
-        stem = scratch / f"memtier-{run.port}-{'prefill' if prefill else index}-{time.time_ns()}"
-        argv = command(binary, run, stem.with_suffix(".json"), prefill=prefill)
-        print("$", " ".join(argv), flush=True)
-        with stem.with_suffix(".log").open("wb") as log:
-            process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-            )
-        processes.append((run, argv, stem, process))
-    results = []
-    for run, argv, stem, process in processes:
-        limit = PREFILL_TIMEOUT if prefill else run.seconds + RUN_SLACK
-        result = _finish(process, stem, started + limit)
-        result.update(port=run.port, connections=run.connections, command=" ".join(argv))
-        results.append(result)
-    return results
+    try:
+        for index, run in enumerate(runs):
+            kind = "prefill" if prefill else str(index)
+            stem = scratch / f"memtier-{run.port}-{kind}-{time.time_ns()}"
+            argv = command(binary, run, stem.with_suffix(".json"), prefill=prefill)
+            print("$", " ".join(argv), flush=True)
+            with stem.with_suffix(".log").open("wb") as log:
+                process = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                )
+            processes.append((run, argv, stem, process))
+        results = []
+        for run, argv, stem, process in processes:
+            limit = PREFILL_TIMEOUT if prefill else run.seconds + RUN_SLACK
+            result = _finish(process, stem, started + limit)
+            result.update(port=run.port, connections=run.connections, command=" ".join(argv))
+            results.append(result)
+        return results
+    finally:  # also when interrupted: no memtier outlives the run
+        for *_, process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 def _finish(process: subprocess.Popen[bytes], stem: Path, deadline: float) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -307,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     memtier = _memtier.find_binary(args, parser)
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the servers are still stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     servers = (args.only,) if args.only else SERVERS
     load_before = os.getloadavg()[0]
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -349,7 +352,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         document,
         readme_block="single_node results" if args.update_readme else None,
     )
-    failed = any("error" in run for server in results.values() for run in server.values())
+    failed = any(
+        "error" in run or run.get("error_count")
+        for server in results.values()
+        for run in server.values()
+    )
     return 1 if failed else 0
 
 

@@ -33,6 +33,7 @@ import os
 import platform
 import select
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -281,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "memcached" in names and not MemcachedProcess.available():
         print("memcached is not installed; skipping it", file=sys.stderr)
         names.remove("memcached")
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the servers are still stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     args.pin = args.pin and len(os.sched_getaffinity(0)) >= 2
     if args.pin:
         os.sched_setaffinity(0, {CLIENT_CPU})
