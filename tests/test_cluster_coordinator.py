@@ -234,8 +234,10 @@ async def test_a_write_via_a_non_primary_is_forwarded_once_and_lands_on_n_replic
         key = b"forwarded"
         outsider = cluster.others(key)[0]
         written = await cluster[outsider].put(key, Payload(7, 0, b"v"), context=None)
-        assert trio.current_time() == 0
-    assert trio.current_time() == 0  # replication finished without any waiting
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.current_time() == 0  # replication finished without any waiting
+        for node in cluster.primaries(key):
+            assert cluster.stored(node, key) == (written,)
     assert cluster.network.calls_of("coordinate_put") == [(outsider, cluster.primaries(key)[0])]
     assert cluster[outsider].statistics()[1] == ("kai_forwarded_writes", 1)
     for node in cluster.primaries(key):
@@ -397,8 +399,12 @@ async def test_a_read_repairs_a_stale_and_a_missing_replica(
         results = await cluster[b].get_many([stale_key, missing_key])
         assert trio.current_time() == 0
         assert [result.siblings for result in results] == [(new,), (only,)]
-    # One second for c's late reply, then one more for each repair (sent one after the other).
-    assert trio.current_time() == 3.0
+        # One second for c's late reply, then one more for each repair (one after the other).
+        await trio.sleep(2.5)
+        assert (cluster.stored(c, stale_key), cluster.stored(c, missing_key)) != ((new,), (only,))
+        await trio.sleep(0.5)
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.current_time() == 3.0
     assert cluster.stored(c, stale_key) == (new,)
     assert cluster.stored(c, missing_key) == (only,)
     assert ("kai_read_repairs", 2) in cluster[b].statistics()
