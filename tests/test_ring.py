@@ -242,6 +242,15 @@ def test_preference_lists_hold_every_member_once_and_primaries_are_a_prefix(
         assert preference_list[: len(primaries)] == primaries
 
 
+@given(nodes=node_sets, shape=ring_shapes, n=replica_counts, key=st.binary(min_size=1, max_size=20))
+def test_the_primaries_of_a_key_are_those_of_its_partition(
+    nodes: set[NodeId], shape: tuple[int, int], n: int, key: bytes
+) -> None:
+    buckets, virtual_nodes = shape
+    ring = Ring(nodes, buckets=buckets, virtual_nodes=virtual_nodes)
+    assert ring.primaries_of(key, n) == ring.primaries(ring.partition_for_key(key), n)
+
+
 @given(nodes=node_sets, shape=ring_shapes, key=st.binary(max_size=20))
 def test_preference_list_starts_after_the_partition_start(
     nodes: set[NodeId], shape: tuple[int, int], key: bytes

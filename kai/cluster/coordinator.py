@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from functools import partial
 
 import trio
 
@@ -32,7 +31,7 @@ from kai.cluster.replica_rpc import READ_REPLY_BUDGET, ReplicaRpcHandlers
 from kai.cluster.writes import QuorumWriter
 from kai.core.config import Quorum
 from kai.core.errors import QuorumUnavailable
-from kai.core.pending import Step, then
+from kai.core.pending import Pending, Step
 from kai.core.quorum import ReadRound
 from kai.core.ring import NodeId, Ring
 from kai.core.vclock import VClock
@@ -153,10 +152,13 @@ class Coordinator:
         """
         unique = keys if len(keys) == 1 else list(dict.fromkeys(keys))
         ring, quorum = self._placement()
-        n, partition_for_key, primaries = quorum.n, ring.partition_for_key, ring.primaries
-        replicas = [primaries(partition_for_key(key), n) for key in unique]
+        n, primaries_of = quorum.n, ring.primaries_of
+        replicas = [primaries_of(key, n) for key in unique]
         round_ = ReadRound(unique, replicas, quorum.r, self.self_node, self.replica.read_record)
-        return then(self._reads.read(round_), partial(_results, keys, round_))
+        decided = self._reads.read(round_)
+        if isinstance(decided, Pending):
+            return Pending(_results_when_decided(keys, round_, decided))
+        return _results(keys, round_)
 
     def put(self, key: bytes, payload: Payload, *, context: VClock | None) -> Step[Version]:
         """Write ``payload`` as a new version of ``key`` with W acks.
@@ -191,7 +193,14 @@ class Coordinator:
         return ring, quorum
 
 
-def _results(keys: Sequence[bytes], round_: ReadRound, _decided: None) -> list[SiblingSet]:
+async def _results_when_decided(
+    keys: Sequence[bytes], round_: ReadRound, decided: Pending[None]
+) -> list[SiblingSet]:
+    await decided
+    return _results(keys, round_)
+
+
+def _results(keys: Sequence[bytes], round_: ReadRound) -> list[SiblingSet]:
     if len(round_.keys) == len(keys):
         return round_.merged
     by_key = dict(zip(round_.keys, round_.merged, strict=True))

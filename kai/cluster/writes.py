@@ -78,7 +78,7 @@ class QuorumWriter:
             TooManySiblings: the write would leave too many siblings.
         """
         ring, quorum = self.placement()
-        primaries = ring.primaries(ring.partition_for_key(key), quorum.n)
+        primaries = ring.primaries_of(key, quorum.n)
         if self.self_node in primaries:
             return self._coordinate(key, payload, context, primaries, quorum.w)
         return Pending(self._forward(key, payload, context, primaries))
@@ -91,7 +91,7 @@ class QuorumWriter:
         stored here too, but only the primaries' acks count towards W.
         """
         ring, quorum = self.placement()
-        primaries = ring.primaries(ring.partition_for_key(key), quorum.n)
+        primaries = ring.primaries_of(key, quorum.n)
         return self._coordinate(key, payload, context, primaries, quorum.w)
 
     def _coordinate(

@@ -258,6 +258,16 @@ class Ring:
             raise ValueError(f"the replica count n must be at least 1, not {n!r}")
         return self.preference_list(partition)[:n]
 
+    def primaries_of(self, key: bytes, n: int) -> tuple[NodeId, ...]:
+        """The primaries of ``key``'s partition (see :meth:`primaries`).
+
+        Raises:
+            ValueError: If ``n`` is less than 1.
+        """
+        if len(self._nodes) == 1 and n >= 1:
+            return self._nodes  # every partition's preference list is the one member
+        return self.primaries(self.partition_for_key(key), n)
+
     def with_node(self, node: NodeId) -> Ring:
         """This ring with ``node`` added; this ring itself if ``node`` is already a member."""
         if node in self._nodes:

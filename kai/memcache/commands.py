@@ -190,7 +190,19 @@ class CommandExecutor:
 
     def _get(self, keys: Sequence[bytes], with_cas: bool) -> Step[bytes]:
         started = time.perf_counter()
-        return then(self.coordinator.get(keys), partial(self._get_reply, keys, with_cas, started))
+        found = self.coordinator.get(keys)
+        if isinstance(found, Pending):
+            return Pending(self._get_when_read(keys, with_cas, started, found))
+        return self._get_reply(keys, with_cas, started, found)
+
+    async def _get_when_read(
+        self,
+        keys: Sequence[bytes],
+        with_cas: bool,
+        started: float,
+        found: Pending[list[SiblingSet]],
+    ) -> bytes:
+        return self._get_reply(keys, with_cas, started, await found)
 
     def _get_reply(
         self, keys: Sequence[bytes], with_cas: bool, started: float, results: list[SiblingSet]
