@@ -120,33 +120,42 @@ class ReadRound:
         #: The local replica's record of each key it holds, by key index: a peer that answers
         #: the same bytes holds the same versions, so its answer needs no decoding.
         self.local_records: dict[int, tuple[bytes, SiblingSet]] = {}
-        self.unmet = 0
         self.lost_index: int | None = None
         # How many keys of its batch each replica has answered (answers come in order);
         # -1 once it failed.
         self._answered: dict[NodeId, int] = {}
-        for index, (key, nodes) in enumerate(zip(keys, replicas, strict=True)):
-            tally = Tally(min(r, len(nodes)), len(nodes))
-            self.tallies.append(tally)
-            if read_local is not None and local_node is not None and local_node in nodes:
-                siblings, record = read_local(key)
+        if read_local is None:
+            local_node = None
+        tallies, answers, merged, batches = self.tallies, self.answers, self.merged, self.batches
+        unmet = 0
+        for index in range(len(keys)):
+            nodes = replicas[index]
+            count = len(nodes)
+            tally = Tally(r if r < count else count, count)
+            tallies.append(tally)
+            if local_node is not None and local_node in nodes:
+                assert read_local is not None
+                siblings, record = read_local(keys[index])
                 tally.reply()
-                self.answers.append({local_node: siblings})
-                self.merged.append(siblings)
+                answers.append({local_node: siblings})
+                merged.append(siblings)
                 if record is not None:
                     self.local_records[index] = (record, siblings)
+                if count == 1:
+                    continue  # its one replica answered: met, and nobody to ask
             else:
-                self.answers.append({})
-                self.merged.append(())
-            if not tally.met:
-                self.unmet += 1
+                answers.append({})
+                merged.append(())
+            if tally.replies < tally.required:
+                unmet += 1
             for node in nodes:
-                if node != local_node or read_local is None:
-                    batch = self.batches.get(node)
+                if node != local_node:
+                    batch = batches.get(node)
                     if batch is None:
-                        self.batches[node] = [index]
+                        batches[node] = [index]
                     else:
                         batch.append(index)
+        self.unmet = unmet
 
     @property
     def nodes(self) -> Iterable[NodeId]:
