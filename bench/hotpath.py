@@ -10,28 +10,52 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import random
 import tempfile
 import time
 from pathlib import Path
 
 import trio
 
-from kai.coordinator import LocalCoordinator
+from kai.cluster.coordinator import Coordinator
+from kai.core.config import Quorum
 from kai.core.memcache import protocol as mc
 from kai.core.memcache.report import NodeInfo
+from kai.core.pending import resolve
+from kai.core.ring import NodeId, Ring
 from kai.core.stats import NodeStats
 from kai.memcache.commands import CommandExecutor
 from kai.storage.leveldb import LevelDBEngine
 from kai.storage.replica import LocalReplica
+from kai.testing.network import FakeNetwork
 
 
 async def run(ops: int, data_dir: Path, cache_bytes: int) -> dict[str, float]:
+    async with trio.open_nursery() as background:
+        results = await _run_node(ops, data_dir, cache_bytes, background)
+        background.cancel_scope.cancel()
+    return results
+
+
+async def _run_node(
+    ops: int, data_dir: Path, cache_bytes: int, background: trio.Nursery
+) -> dict[str, float]:
+    """A node of one (the node's own coordinator on a ring of one) parsing and executing."""
     engine = LevelDBEngine(data_dir / "db")
     stats = NodeStats()
     replica = LocalReplica(
         engine, actor=b"12345678", buckets=1024, stats=stats, cache_bytes=cache_bytes
     )
-    coordinator = LocalCoordinator(replica, node_name="127.0.0.1:11011")
+    node = NodeId("127.0.0.1", 11011)
+    ring = Ring([node], buckets=1024)
+    coordinator = Coordinator(
+        self_node=node,
+        replica=replica,
+        transport=FakeNetwork(random.Random(0)).transport_for(node),  # never called
+        ring=lambda: ring,
+        quorum=Quorum(3, 2, 2),
+        background=background,
+    )
     info = NodeInfo(
         node="127.0.0.1:11011",
         quorum="1,1,1",
@@ -55,7 +79,7 @@ async def run(ops: int, data_dir: Path, cache_bytes: int) -> dict[str, float]:
             parser.receive_data(requests[i % len(requests)])
             event = parser.next_event()
             assert not isinstance(event, type)
-            reply = await executor.execute(event)
+            reply = await resolve(executor.execute(event))
             assert reply
         results[label] = (time.perf_counter() - started) / ops * 1e6
     engine.close()

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import trio
 
-from kai.cluster.coordinator import ClusterCoordinator
+from kai.cluster.coordinator import Coordinator
 from kai.cluster.replica_rpc import ReplicaRpcHandlers
 from kai.core.config import Quorum
+from kai.core.pending import Step, resolve
 from kai.core.ring import NodeId, Ring
 from kai.core.stats import NodeStats
+from kai.core.versions import Version
 from kai.rpc.server import Handler
 from kai.rpc.transport import CancelCall, OnDone
 from kai.storage.memory import MemoryEngine
@@ -45,7 +47,7 @@ class InProcessPeers:
 
     def start_call(
         self, peer: NodeId, method: str, params: tuple[object, ...], on_done: OnDone
-    ) -> CancelCall | None:
+    ) -> CancelCall:
         self.answers.append((on_done, self.handlers[peer][method](*params)))
         return lambda: None
 
@@ -77,7 +79,7 @@ async def measure(ops: int, value_size: int) -> dict[str, float]:
     payload = Payload(0, 0, b"v" * value_size)
     results: dict[str, float] = {}
     async with trio.open_nursery() as background:
-        coordinator = ClusterCoordinator(
+        coordinator = Coordinator(
             self_node=NODES[0],
             replica=replicas[NODES[0]],
             transport=peers,
@@ -87,15 +89,15 @@ async def measure(ops: int, value_size: int) -> dict[str, float]:
         )
         background.start_soon(peers.deliver_forever)
         for key in keys:
-            await coordinator.put(key, payload, context=None)
-        requests: dict[str, Callable[[bytes], Awaitable[object]]] = {
-            "get": coordinator.get,
+            await resolve(coordinator.put(key, payload, context=None))
+        requests: dict[str, Callable[[bytes], Step[object]]] = {
+            "get": lambda key: coordinator.get((key,)),
             "set": lambda key: coordinator.put(key, payload, context=None),
         }
         for label, request in requests.items():
             started = time.process_time()
             for index in range(ops):
-                await request(keys[index % len(keys)])
+                await resolve(request(keys[index % len(keys)]))
             for _ in range(3):  # the last requests' late answers
                 await trio.lowlevel.checkpoint()
             results[label] = (time.process_time() - started) / ops * 1e6
@@ -103,7 +105,7 @@ async def measure(ops: int, value_size: int) -> dict[str, float]:
     return results
 
 
-async def _no_forwarding(*_args: object) -> object:
+def _no_forwarding(*_args: object) -> Version:
     raise AssertionError("every node is a primary here: nothing is forwarded")
 
 

@@ -576,14 +576,7 @@ def test_rpc_scenario() -> None:
         assert calls_per_sec > 0, row
 
 
-#: hotpath.py and quorum.py still call kai internals that have been reworked (LocalCoordinator,
-#: ClusterCoordinator); strict xfail, so the marks must go once they run again.
-STALE = pytest.mark.xfail(reason="calls kai internals that were reworked", strict=True)
-
-
-@pytest.mark.parametrize(
-    "module", [pytest.param("hotpath", marks=STALE), pytest.param("quorum", marks=STALE)]
-)
+@pytest.mark.parametrize("module", ["hotpath", "quorum"])
 def test_in_process_cost_scenarios(module: str) -> None:
     completed = run_scenario(module, "--ops=200")
     lines = [line for line in completed.stdout.splitlines() if line.startswith(("get:", "set:"))]
