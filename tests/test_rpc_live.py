@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -32,6 +32,7 @@ from kai.rpc.server import (
     serve_rpc,
     serve_rpc_listeners,
 )
+from kai.rpc.sockets import MAX_BACKLOG
 
 SECRET = b"cluster-secret-0123456789abcdef!"
 OTHER_SECRET = b"another-secret-0123456789abcdef!"
@@ -614,3 +615,134 @@ async def test_handlers_run_concurrently_up_to_the_limit(
         assert service.calls == limit + 1
         for name in names:
             service.gates[name].set()
+
+
+# --- Started calls: held until the connection is up or has room -------------------------
+
+
+class Outcomes:
+    """``on_done`` callbacks that record each call's outcome by name."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, object] = {}
+        self.errors: dict[str, RpcError] = {}
+        self.changed = trio.Event()
+
+    def on_done(self, name: str) -> Callable[[object, RpcError | None], None]:
+        def record(result: object, error: RpcError | None) -> None:
+            assert name not in self.results, "answered twice"
+            assert name not in self.errors, "answered twice"
+            if error is None:
+                self.results[name] = result
+            else:
+                self.errors[name] = error
+            self.changed.set()
+            self.changed = trio.Event()
+
+        return record
+
+    async def wait_for(self, count: int) -> None:
+        while len(self.results) + len(self.errors) < count:
+            await self.changed.wait()
+
+
+async def test_calls_started_before_the_connection_is_up_are_sent_once_it_is(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    service = Service()
+    outcomes = Outcomes()
+    connect = trio.Event()
+    async with trio.open_nursery() as nursery:
+        network = PairNetwork(nursery, service)
+
+        async def slow_connect() -> socket.socket:
+            await connect.wait()
+            return await network.open_socket()
+
+        async with RpcClient("peer", 1, SECRET, open_socket=slow_connect) as client:
+            for name in ("first", "dropped", "second"):
+                cancel = client.start_call("echo", (name,), outcomes.on_done(name))
+            client.start_call("echo", ("dropped",), outcomes.on_done("dropped"))()
+            connected_before = client.connected
+            await trio.sleep(1)
+            assert outcomes.results == {}
+            assert service.calls == 0
+            connect.set()
+            await outcomes.wait_for(3)
+            assert outcomes.results == {
+                "first": ["first"],
+                "dropped": ["dropped"],
+                "second": ["second"],
+            }
+            assert (connected_before, client.connected) == (False, True)
+            cancel()  # too late: answered already, so nothing happens
+        network.drop_all()
+    assert service.calls == 3, "the call cancelled while held was never sent"
+    assert network.connections == 1
+
+
+async def test_a_failed_connect_fails_every_held_call_with_its_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    service = Service()
+    outcomes = Outcomes()
+    async with trio.open_nursery() as nursery:
+        network = PairNetwork(nursery, service, secret=OTHER_SECRET)
+        async with RpcClient("peer", 1, SECRET, open_socket=network.open_socket) as client:
+            for name in ("a", "b"):
+                client.start_call("echo", (name,), outcomes.on_done(name))
+            await outcomes.wait_for(2)
+        network.drop_all()
+    assert set(outcomes.errors) == {"a", "b"}
+    assert all(isinstance(error, RpcAuthenticationError) for error in outcomes.errors.values())
+    assert outcomes.errors["a"] is not outcomes.errors["b"], "each caller raises its own"
+    assert service.calls == 0
+
+
+async def test_closing_while_connecting_fails_held_calls(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    outcomes = Outcomes()
+
+    async def never_connect() -> socket.socket:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async with RpcClient("peer", 1, SECRET, open_socket=never_connect) as client:
+        client.start_call("echo", (), outcomes.on_done("held"))
+        await trio.sleep(1)
+        await client.aclose()
+        assert isinstance(outcomes.errors["held"], RpcConnectionError)
+        with pytest.raises(RpcConnectionError, match="closed"):
+            client.start_call("echo", (), outcomes.on_done("late"))
+
+
+async def test_calls_wait_their_turn_while_the_peer_does_not_read(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    service = Service()
+    outcomes = Outcomes()
+    gates = [str(index) for index in range(MAX_CONCURRENT_REQUESTS_PER_CONNECTION + 1)]
+    big = b"x" * (MAX_BACKLOG + 1024 * 1024)
+    async with memory_client(service) as (client, _network):
+        for name in gates:
+            client.start_call("gate", (name,), outcomes.on_done(name))
+        await trio.testing.wait_all_tasks_blocked()
+        # Every handler slot is taken: the server holds the last gate and stops reading, so
+        # the big request fills the socket and the client's send queue stays over the limit.
+        assert service.calls == len(gates) - 1
+        client.start_call("echo", (big,), outcomes.on_done("big"))
+        await trio.testing.wait_all_tasks_blocked()
+        for name in ("held", "dropped", "last"):
+            cancel = client.start_call("echo", (name,), outcomes.on_done(name))
+            if name == "dropped":
+                cancel()
+        await trio.sleep(1)
+        assert service.calls == len(gates) - 1
+        for name in gates:
+            service.gates[name].set()
+        await outcomes.wait_for(len(gates) + 3)
+        assert outcomes.results["big"] == [big]
+        assert (outcomes.results["held"], outcomes.results["last"]) == (["held"], ["last"])
+        assert "dropped" not in outcomes.results
+    assert service.calls == len(gates) + 3, "the call cancelled while held was never sent"
