@@ -88,6 +88,30 @@ async def outcome(network: FakeNetwork, caller: NodeId, target: NodeId, *call: A
     return "timeout"
 
 
+async def started_outcome(
+    network: FakeNetwork, caller: NodeId, target: NodeId, method: str, *params: object
+) -> object:
+    """As :func:`outcome`, through ``start_call``: its callback, cancelled after 1 s."""
+    outcomes: list[object] = []
+    arrived = trio.Event()
+
+    def on_done(result: object, error: RpcError | None) -> None:
+        outcomes.append(result if error is None else type(error))
+        arrived.set()
+
+    try:
+        cancel = network.transport_for(caller).start_call(target, method, params, on_done)
+    except RpcError as exc:
+        return type(exc)
+    assert outcomes == [], "never called before start_call returns"
+    with trio.move_on_after(1):
+        await arrived.wait()
+    cancel()
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(outcomes) <= 1, "called at most once"
+    return outcomes[0] if outcomes else "timeout"
+
+
 # Wire types and errors.
 
 
@@ -378,15 +402,21 @@ async def test_set_faults_applies_to_later_calls(autojump_clock: trio.testing.Mo
         assert await outcome(network, A, B, "echo") == []
 
 
-async def run_scenario(seed: int) -> tuple[list[tuple[object, float]], dict[str, int]]:
-    """Sixty calls between random pairs on a bad network: (result, elapsed time) per call."""
+async def run_scenario(
+    seed: int, *, started: bool = False
+) -> tuple[list[tuple[object, float]], dict[str, int]]:
+    """Sixty calls between random pairs on a bad network: (result, elapsed time) per call.
+
+    Made with ``call``, or with ``start_call`` if ``started``.
+    """
     faults = Faults(drop=0.2, duplicate=0.2, delay=(0.0, 0.3))
     start = trio.current_time()
     results: list[tuple[object, float]] = []
+    observe = started_outcome if started else outcome
     async with cluster(seed=seed, faults=faults) as (network, _):
         for index in range(60):
             caller, target = random.Random(index).sample([A, B, C], 2)
-            result = await outcome(network, caller, target, "echo", index)
+            result = await observe(network, caller, target, "echo", index)
             results.append((result, round(trio.current_time() - start, 9)))
     return results, network.statistics()
 
@@ -401,6 +431,56 @@ async def test_same_seed_same_outcomes(autojump_clock: trio.testing.MockClock) -
     assert first_statistics["duplicated"] > 0
     assert first_statistics["delayed"] > 0
     assert other != first
+
+
+async def test_started_calls_meet_the_same_fates_as_awaited_ones(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    awaited, awaited_statistics = await run_scenario(5)
+    started, started_statistics = await run_scenario(5, started=True)
+    # The same draws in the same order: the same results, at the same times.
+    assert started == awaited
+    assert started_statistics == awaited_statistics
+
+
+async def test_a_started_call_reports_every_kind_of_outcome(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with cluster(nodes=(A, B, C, D)) as (network, services):
+        assert await started_outcome(network, A, B, "echo", 1) == [1]
+        assert await started_outcome(network, A, B, "nope") is RpcMethodNotFound
+        assert await started_outcome(network, A, B, "echo", object()) is RpcBadRequest
+        network.unregister(C)
+        assert await started_outcome(network, A, C, "echo") is RpcConnectionError
+        network.partition([A], [D])
+        assert await started_outcome(network, A, D, "echo") == "timeout"
+        assert trio.current_time() == 1
+        assert network.statistics()["refused"] == network.statistics()["hung"] == 1
+    assert services[B].received == [(1,)]
+
+
+async def test_a_cancelled_start_drops_the_late_outcome_but_the_handler_runs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with cluster() as (network, services):
+        assert await started_outcome(network, A, B, "slow", 10) == "timeout"
+        await trio.sleep(20)
+        assert services[B].finish_times == [10]
+
+
+async def test_a_crash_fails_a_started_call(autojump_clock: trio.testing.MockClock) -> None:
+    async with cluster() as (network, _):
+        errors: list[RpcError | None] = []
+        network.transport_for(A).start_call(
+            B, "slow", (10,), lambda result, error: errors.append(error)
+        )
+        await trio.sleep(3)
+        network.unregister(B)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(errors) == 1
+        assert isinstance(errors[0], RpcConnectionError)
+        assert "lost" in str(errors[0])
+        assert network.statistics()["lost"] == 1
 
 
 async def test_running_cancels_deliveries_and_then_refuses(
