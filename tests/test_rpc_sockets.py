@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from kai.rpc.sockets import MAX_BACKLOG, SocketIO, from_stream
+from kai.rpc.sockets import MAX_BACKLOG, SocketIO, Wakeup, from_stream
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -157,3 +157,31 @@ async def test_send_now_goes_straight_out_only_when_nothing_is_queued(
             await trio.testing.wait_all_tasks_blocked()
             io.finish()
         assert theirs.recv(100) == b"firstsecond"
+
+
+async def test_a_wakeup_wakes_its_one_waiter_and_survives_a_cancelled_wait(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wakeup = Wakeup()
+    wakeup.wake()  # nobody waits: nothing happens, and nothing is remembered
+    woken: list[float] = []
+
+    async def waiter() -> None:
+        await wakeup.wait()
+        woken.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(RuntimeError, match="already waiting"):
+            await wakeup.wait()
+        await trio.sleep(1)
+        wakeup.wake()
+    assert woken == [1]
+    with trio.move_on_after(1):
+        await wakeup.wait()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)  # the cancelled wait left no waiter behind
+        await trio.testing.wait_all_tasks_blocked()
+        wakeup.wake()
+    assert woken == [1, 2]
