@@ -194,8 +194,9 @@ async def test_nothing_runs_in_the_background_after_the_last_deadline(
         caller = peers.caller(background)
         assert len(await drain(caller.fan_out([(A, "whoami", ()), (B, "hang", ("b",))], 3))) == 2
         assert await drain(caller.fan_out([(A, "whoami", ())], 4)) != []
-    # The background nursery closed by itself, at the last call's deadline.
-    assert trio.current_time() == 4
+    # The background nursery closed by itself, by the last call's deadline at the latest
+    # (sooner if the deadline sweeper finds the last call answered already).
+    assert 3 <= trio.current_time() <= 4
 
 
 async def test_a_silent_peer_times_out_exactly_at_the_deadline(
