@@ -91,6 +91,9 @@ class Coordinator:
         self.ring = ring
         self.quorum = quorum
         self._capped: dict[int, Quorum] = {}
+        self._placed: tuple[Ring, Quorum] | None = None
+        # One call less on every get: the flush cutoff is the replica's.
+        self.flushed_before = replica.flushed_before  # type: ignore[method-assign]
         self._peers = PeerCaller(
             transport, background, on_success=on_success, on_failure=on_failure
         )
@@ -134,7 +137,7 @@ class Coordinator:
 
     def flushed_before(self, now: float) -> int:
         """The local flush cutoff (flushes reach every node by RPC or by gossip)."""
-        return self.replica.flushed_before(now)
+        return self.replica.flushed_before(now)  # replaced by the replica's own in __init__
 
     # --- reads and writes ---------------------------------------------------------------------
 
@@ -184,12 +187,16 @@ class Coordinator:
     def _placement(self) -> tuple[Ring, Quorum]:
         """The current ring, and the quorum capped at its member count."""
         ring = self.ring()
+        placed = self._placed
+        if placed is not None and placed[0] is ring:
+            return placed
         members = len(ring.nodes)
         if not members:
             raise QuorumUnavailable("the ring has no members")
         quorum = self._capped.get(members)
         if quorum is None:
             quorum = self._capped[members] = self.quorum.capped(members)
+        self._placed = ring, quorum
         return ring, quorum
 
 

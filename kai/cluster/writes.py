@@ -103,12 +103,12 @@ class QuorumWriter:
         w: int,
     ) -> Step[Version]:
         version, record = self.replica.coordinate_write_record(key, payload, context)
-        tally = Tally(min(w, len(primaries)), len(primaries))
         others = [node for node in primaries if node != self.self_node]
+        if not others:
+            return version  # the only primary is this node, and it stored the version
+        tally = Tally(min(w, len(primaries)), len(primaries))
         if len(others) < len(primaries):
             tally.reply()  # the local store is one ack
-        if not others:
-            return self._decide(tally, key, version)
         deadline = trio.current_time() + self.request_timeout
         answers = self._peers.fan_out(
             [(peer, "replica_apply", (key, record)) for peer in others], deadline

@@ -136,7 +136,7 @@ class ReadRound:
             if local_node is not None and local_node in nodes:
                 assert read_local is not None
                 siblings, record = read_local(keys[index])
-                tally.reply()
+                tally.replies, tally.outstanding = 1, count - 1  # its reply
                 answers.append({local_node: siblings})
                 merged.append(siblings)
                 if record is not None:

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from functools import partial
 
 import trio
 
@@ -265,14 +264,19 @@ class CommandExecutor:
         self.stats.cmd_set += 1
         if request.command != "set":
             return Pending(self._store_conditionally(request, started))
-        payload = self._payload_of(request)
+        written = self.coordinator.put(request.key, self._payload_of(request), context=None)
         reply = b"" if request.noreply else protocol.STORED
-        return then(
-            self.coordinator.put(request.key, payload, context=None),
-            partial(self._stored, started, reply),
-        )
+        if isinstance(written, Pending):
+            return Pending(self._stored_when_written(started, reply, written))
+        return self._stored(started, reply)
 
-    def _stored(self, started: float, reply: bytes, _written: object = None) -> bytes:
+    async def _stored_when_written(
+        self, started: float, reply: bytes, written: Pending[Version]
+    ) -> bytes:
+        await written
+        return self._stored(started, reply)
+
+    def _stored(self, started: float, reply: bytes) -> bytes:
         self.stats.set_latency.record(time.perf_counter() - started)
         return reply
 
