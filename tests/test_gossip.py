@@ -47,7 +47,11 @@ class Call:
 
 @attrs.frozen
 class RecordingTransport:
-    """A node's transport on the network that notes every call it makes, answered or not."""
+    """A node's transport on the network that notes every call it makes, answered or not.
+
+    Not a second fake: calls still go through FakeNetwork, which counts only the calls it
+    delivers, while these tests need the attempts too (to a hung or crashed node) and when.
+    """
 
     transport: Transport
     source: NodeId
