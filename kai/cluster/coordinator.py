@@ -156,11 +156,16 @@ class Coordinator:
         unique = keys if len(keys) == 1 else list(dict.fromkeys(keys))
         ring, quorum = self._placement()
         n, primaries_of = quorum.n, ring.primaries_of
-        replicas = [primaries_of(key, n) for key in unique]
+        if len(unique) == 1:
+            replicas = [primaries_of(unique[0], n)]
+        else:
+            replicas = [primaries_of(key, n) for key in unique]
         round_ = ReadRound(unique, replicas, quorum.r, self.self_node, self.replica.read_record)
         decided = self._reads.read(round_)
-        if isinstance(decided, Pending):
+        if decided is not None:
             return Pending(_results_when_decided(keys, round_, decided))
+        if unique is keys:
+            return round_.merged
         return _results(keys, round_)
 
     def put(self, key: bytes, payload: Payload, *, context: VClock | None) -> Step[Version]:

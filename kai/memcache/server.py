@@ -237,12 +237,16 @@ class MemcacheServer:
         if connection.busy:
             connection.drained = False  # its task must look for this input
             return
-        self._go_on(connection, self._serve_guarded(connection))
-
-    def _go_on(self, connection: _Connection, step: Pending[None] | None) -> None:
-        """Have a task await ``step`` and serve on; nothing to do for None."""
-        if step is None:
+        try:
+            step = self._serve(connection)
+        except Exception as error:  # noqa: BLE001 - this connection's failure only
+            self._fail(connection, error)
             return
+        if step is not None:
+            self._go_on(connection, step)
+
+    def _go_on(self, connection: _Connection, step: Pending[None]) -> None:
+        """Have a task await ``step`` and serve on."""
         assert self._tasks is not None
         connection.busy = True
         try:
@@ -312,8 +316,7 @@ class MemcacheServer:
                 continue
             if event is protocol.CLOSED or type(event) is protocol.Quit:
                 return self._end(connection)
-            assert not isinstance(event, type)
-            reply = execute(event)
+            reply = execute(event)  # type: ignore[arg-type]  # the sentinels are handled above
             if isinstance(reply, Pending):
                 return Pending(self._reply_when_ready(connection, reply))
             if reply:
