@@ -215,11 +215,18 @@ class CommandExecutor:
         all_siblings = self.all_siblings
         stats = self.stats
         parts: list[bytes] = []
+        append, encode_value = parts.append, protocol.encode_value
         hits = 0
         for key, siblings in zip(keys, results, strict=True):
             if len(siblings) == 1 and not all_siblings:  # the common case: one version
-                latest = siblings[0]
-                shown = [latest] if latest.is_live(now, flushed_before) else []
+                version = siblings[0]
+                if version.is_live(now, flushed_before):
+                    hits += 1
+                    assert version.value is not None
+                    cas = cas_unique(context_of(siblings)) if with_cas else None
+                    append(encode_value(key, version.flags, version.value, cas))
+                    continue
+                shown = []
             else:
                 shown = visible(siblings, now, flushed_before, all_siblings=all_siblings)
             if not shown:
@@ -231,7 +238,7 @@ class CommandExecutor:
             cas = cas_unique(context_of(siblings)) if with_cas else None
             for version in shown:
                 assert version.value is not None
-                parts.append(protocol.encode_value(key, version.flags, version.value, cas))
+                append(encode_value(key, version.flags, version.value, cas))
         stats.cmd_get += len(keys)
         stats.get_hits += hits
         stats.get_misses += len(keys) - hits
