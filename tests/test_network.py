@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -23,7 +24,7 @@ from kai.core.pending import waits
 from kai.core.ring import NodeId
 from kai.rpc.client import RpcClient
 from kai.rpc.server import Handler, serve_rpc
-from kai.testing.network import FakeNetwork, Faults
+from kai.testing.network import Attempt, FakeNetwork, Faults
 
 A = NodeId("10.0.0.1", 11011)
 B = NodeId("10.0.0.2", 11011)
@@ -301,6 +302,114 @@ async def test_a_call_waiting_on_a_hung_node_completes_after_unhang(
 async def _unhang_later(network: FakeNetwork, node: NodeId, seconds: float) -> None:
     await trio.sleep(seconds)
     network.unhang(node)
+
+
+async def test_a_slow_node_gets_every_message_late_in_virtual_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with cluster() as (network, services):
+        network.slow(B, 2.0)
+        assert await network.transport_for(A).call(B, "echo", 1) == [1]
+        assert trio.current_time() == 2.0  # the request to B; the response to A is on time
+        assert await network.transport_for(B).call(C, "echo", 2) == [2]
+        assert trio.current_time() == 4.0  # the response to B
+        assert await network.transport_for(A).call(C, "echo", 3) == [3]
+        assert await network.transport_for(B).call(B, "echo", 4) == [4]  # never to itself
+        assert trio.current_time() == 4.0
+        assert network.statistics()["delayed"] == 2
+        network.slow(B, 0.5)  # replaces the earlier delay
+        assert await network.transport_for(A).call(B, "echo", 5) == [5]
+        assert trio.current_time() == 4.5
+        network.unslow(B)
+        network.unslow(D)  # not slow: ignored
+        assert await network.transport_for(A).call(B, "echo", 6) == [6]
+        network.slow(B, 1.0)
+        network.slow(B, 0)  # as unslow
+        assert await network.transport_for(A).call(B, "echo", 7) == [7]
+        assert trio.current_time() == 4.5
+    assert services[B].received == [(1,), (4,), (5,), (6,), (7,)]
+
+
+async def test_slow_applies_to_calls_started_after_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with cluster() as (network, services):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outcome, network, A, B, "slow", 1.0)
+            await trio.sleep(0.5)
+            network.slow(A, 10.0)  # the response is not delayed: its call started before
+        assert trio.current_time() == 1.0
+        assert services[B].finish_times == [1.0]
+        assert await outcome(network, C, A, "echo") == "timeout"  # started after: 10 s late
+        network.unslow(A)
+        answered = trio.Event()
+        network.transport_for(C).start_call(A, "echo", (), lambda _result, _error: answered.set())
+        network.slow(A, 10.0)  # after the call started: it is not delayed
+        await answered.wait()
+        assert trio.current_time() == 2.0
+        assert services[A].received == [()]
+        await trio.sleep(9.0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert services[A].received == [(), ()]  # the first request, 10 s after it was sent
+
+
+async def test_slow_adds_to_the_seeded_delays_and_draws_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rng = random.Random(99)
+    drawn = [(rng.uniform(0.1, 0.5), rng.uniform(0.1, 0.5)) for _ in range(4)]
+    async with cluster(seed=99, faults=Faults(delay=(0.1, 0.5))) as (network, _):
+        network.slow(B, 3.0)
+        for (request, response), (caller, target) in zip(
+            drawn, [(A, B), (B, A), (A, C), (A, B)], strict=True
+        ):
+            start = trio.current_time()
+            await network.transport_for(caller).call(target, "echo")
+            extra = 3.0 if B in (caller, target) else 0.0
+            assert trio.current_time() - start == pytest.approx(request + response + extra)
+
+
+@pytest.mark.parametrize("seconds", [-1.0, math.inf, math.nan, True, "1"])
+def test_slow_validates(seconds: Any) -> None:
+    network = FakeNetwork(random.Random(0))
+    with pytest.raises(ValueError, match="finite seconds"):
+        network.slow(B, seconds)
+
+
+async def test_the_log_has_every_call_started_whatever_became_of_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with cluster(nodes=(A, B, C, D)) as (network, _):
+        assert await outcome(network, A, B, "echo") == []
+        assert await outcome(network, A, B, "nope") is RpcMethodNotFound
+        assert await outcome(network, A, A, "echo") == []
+        assert await outcome(network, A, B, "echo", object()) is RpcBadRequest  # never sent
+        network.unregister(C)
+        assert await outcome(network, B, C, "echo") is RpcConnectionError
+        network.partition([A], [D])
+        assert await outcome(network, D, A, "echo") == "timeout"
+        network.heal()
+        network.hang(B)
+        assert await started_outcome(network, C, B, "echo") == "timeout"
+        network.unhang(B)
+        network.set_faults(Faults(drop=1.0))
+        assert await outcome(network, D, B, "echo") == "timeout"
+    assert network.log == [
+        Attempt(A, B, "echo"),
+        Attempt(A, B, "nope"),
+        Attempt(A, A, "echo"),
+        Attempt(B, C, "echo"),
+        Attempt(D, A, "echo"),
+        Attempt(C, B, "echo"),
+        Attempt(D, B, "echo"),
+    ]
+    assert network.attempts("echo") == [(A, B), (A, A), (B, C), (D, A), (C, B), (D, B)]
+    assert network.attempts("nope") == [(A, B)]
+    # The counter has only the deliveries: the call that waited at the hung B ran late.
+    assert network.calls == {(B, "echo"): 2, (B, "nope"): 1, (A, "echo"): 1}
+    with pytest.raises(RpcConnectionError, match="not running"):
+        await network.transport_for(A).call(B, "echo")
+    assert len(network.log) == 7
 
 
 # Random faults, in virtual time.

@@ -5,8 +5,9 @@ handlers, and :meth:`FakeNetwork.transport_for` gives each node a
 :class:`~kai.rpc.transport.Transport` whose calls are routed, through a seeded
 :class:`random.Random`, to deliver, drop, duplicate or delay each request and each response
 (as trio's ``test_handshake_over_terrible_network``). Tests can also partition the network,
-crash (:meth:`~FakeNetwork.unregister`) and pause (:meth:`~FakeNetwork.hang`) nodes. Delays
-use :func:`trio.sleep`, so a test under ``autojump_clock`` runs in virtual time.
+crash (:meth:`~FakeNetwork.unregister`), pause (:meth:`~FakeNetwork.hang`) and slow down
+(:meth:`~FakeNetwork.slow`) nodes, and read who called whom (:attr:`~FakeNetwork.log`).
+Delays use :func:`trio.sleep`, so a test under ``autojump_clock`` runs in virtual time.
 
 It must never behave differently from the real RPC where a caller could tell: params and
 results are encoded and decoded by the real sans-IO framing (:mod:`kai.core.rpc.protocol`), and
@@ -22,12 +23,14 @@ callback; :meth:`FakeNetwork.call` is that call, awaited.
 Determinism: every random draw for a call happens synchronously when the call is started,
 a fixed number of draws per call for a given :class:`Faults`, so the outcomes depend only on
 the seed and on the order in which calls are made. Calls a node makes to itself are never
-faulty and draw nothing.
+faulty and draw nothing. A slow node's fixed delay is added to the drawn one and draws
+nothing either.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import random
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -71,6 +74,13 @@ def _check_delay(
         raise ValueError(f"delay must be (low, high) seconds with 0 <= low <= high, not {value!r}")
 
 
+def _is_duration(value: object) -> bool:
+    """Whether ``value`` is a finite number of seconds >= 0 (a bool is not a number here)."""
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value < math.inf
+    )
+
+
 @attrs.frozen
 class Faults:
     """How unreliable the network is; applied independently to each request and response.
@@ -103,6 +113,15 @@ class _Fate:
 
 
 _RELIABLE: Final = _Fate()
+
+
+@attrs.frozen
+class Attempt:
+    """One call started on a :class:`FakeNetwork`, whatever became of it."""
+
+    caller: NodeId
+    target: NodeId
+    method: str
 
 
 class _Endpoint:
@@ -183,6 +202,10 @@ class FakeNetwork:
     Attributes:
         calls: how many times each ``(target, method)`` was delivered to a handler (a
             duplicated request counts twice, a dropped one not at all).
+        log: every call started, in order, as an :class:`Attempt`: refused, hung and
+            dropped ones too, and calls a node makes to itself; not those whose params could
+            not be encoded, or made when the network was not running (nothing was sent).
+            Tests may clear it.
     """
 
     def __init__(
@@ -207,8 +230,10 @@ class FakeNetwork:
         self._endpoints: dict[NodeId, _Endpoint] = {}
         self._group_of: dict[NodeId, int] = {}
         self._hung: dict[NodeId, trio.Event] = {}
+        self._slow: dict[NodeId, float] = {}
         self._statistics: collections.Counter[str] = collections.Counter()
         self.calls: collections.Counter[tuple[NodeId, str]] = collections.Counter()
+        self.log: list[Attempt] = []
 
     @classmethod
     @asynccontextmanager
@@ -296,6 +321,35 @@ class FakeNetwork:
         if resumed is not None:
             resumed.set()
 
+    def slow(self, node: NodeId, seconds: float) -> None:
+        """Delay every message to ``node`` by ``seconds`` more, in calls started from now on.
+
+        As a slow link into ``node``: a request to it, and the response to a call it made,
+        each take ``seconds`` on top of any delay :class:`Faults` draws, so a call from a
+        normal node to ``node`` is answered ``seconds`` late. Calls a node makes to itself
+        are not delayed. Replaces an earlier :meth:`slow` of ``node``; 0 ends it.
+
+        Raises:
+            ValueError: ``seconds`` is not a finite number >= 0.
+        """
+        if not _is_duration(seconds):
+            raise ValueError(f"a slow node's delay must be finite seconds >= 0, not {seconds!r}")
+        if seconds:
+            self._slow[node] = seconds
+        else:
+            self._slow.pop(node, None)
+
+    def unslow(self, node: NodeId) -> None:
+        """End :meth:`slow` for ``node``, in calls started from now on (calls already
+        started keep their delay). Nodes that are not slow are ignored."""
+        self._slow.pop(node, None)
+
+    def attempts(self, method: str) -> list[tuple[NodeId, NodeId]]:
+        """``(caller, target)`` of every call of ``method`` in :attr:`log`, in order."""
+        return [
+            (attempt.caller, attempt.target) for attempt in self.log if attempt.method == method
+        ]
+
     def set_faults(self, faults: Faults) -> None:
         """Use ``faults`` for calls made from now on."""
         self._faults = faults
@@ -360,6 +414,7 @@ class FakeNetwork:
         nursery = self._nursery
         if nursery is None:
             raise RpcConnectionError(f"could not connect to {target}: the network is not running")
+        self.log.append(Attempt(caller, target, method))
         reply = _Reply(on_done)
         if caller != target and not self.reachable(caller, target):
             self._statistics["hung"] += 1
@@ -371,8 +426,8 @@ class FakeNetwork:
         if caller == target:
             request_fate = response_fate = _RELIABLE
         else:
-            request_fate = self._draw_fate()
-            response_fate = self._draw_fate()
+            request_fate = self._slowed(self._draw_fate(), target)
+            response_fate = self._slowed(self._draw_fate(), caller)
         if request_fate.dropped:
             self._statistics["dropped"] += 1
             return reply.cancel
@@ -392,6 +447,11 @@ class FakeNetwork:
         low, high = faults.delay
         delay = self._rng.uniform(low, high) if high > 0 else 0.0
         return _Fate(dropped=dropped, duplicated=duplicated and not dropped, delay=delay)
+
+    def _slowed(self, fate: _Fate, receiver: NodeId) -> _Fate:
+        """``fate`` with the fixed delay of a message to ``receiver`` added, if it is slow."""
+        extra = self._slow.get(receiver)
+        return fate if extra is None else attrs.evolve(fate, delay=fate.delay + extra)
 
     async def _deliver(
         self,
