@@ -1,14 +1,19 @@
-"""The quorum coordinator over an in-test network: forwarding, quorums, timeouts, read repair.
+"""The quorum coordinator over the verified in-process network: forwarding, quorums,
+timeouts, read repair.
 
-Every test runs in virtual time (``autojump_clock``). The network routes each call to the
-target node's handlers after a msgpack round trip of params and results, so the handlers see
-realistic wire types; it can cut links, hang or delay nodes. Background work (replication,
-late replies, read repair) runs in a nursery the test owns: leaving it waits for exactly that
-work, so checks after it need no sleeps.
+Every test runs in virtual time (``autojump_clock``) on
+:class:`~kai.testing.network.FakeNetwork`, which encodes params and results with the real RPC
+framing (the handlers see real wire types) and takes the coordinator's fan-out path
+(``start_call``). A crashed node (``unregister``) refuses calls at once; a hung node or a
+partition leaves them unanswered until the caller's deadline; a slow node answers late.
+Background work (replication, late replies, read repair) runs in a nursery the test owns:
+leaving it waits for exactly that work, so checks after it need no sleeps. The network
+stops after it, so calls a test makes itself go inside the block.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -25,8 +30,6 @@ from kai.core.errors import (
     QuorumTimeout,
     QuorumUnavailable,
     RpcBadRequest,
-    RpcConnectionError,
-    RpcError,
     TooManySiblings,
 )
 from kai.core.pending import Pending, resolve
@@ -36,10 +39,9 @@ from kai.core.stats import NodeStats
 from kai.core.vclock import VClock
 from kai.core.versions import ReadResult, Version, encode_siblings
 from kai.core.wire import siblings_from_wire
-from kai.rpc.server import Handler
-from kai.rpc.transport import CancelCall, OnDone
 from kai.storage.memory import MemoryEngine
 from kai.storage.replica import LocalReplica, Payload
+from kai.testing.network import FakeNetwork
 
 TIMEOUT = 5.0
 BUCKETS = 64
@@ -50,84 +52,12 @@ def wall_clock() -> float:
     return EPOCH + trio.current_time()
 
 
-class Network:
-    """Routes calls between in-process nodes, msgpack-encoding params and results."""
-
-    def __init__(self) -> None:
-        self.handlers: dict[NodeId, dict[str, Handler]] = {}
-        self.cut: set[frozenset[NodeId]] = set()
-        self.unreachable: set[NodeId] = set()
-        self.hung: set[NodeId] = set()
-        self.delays: dict[NodeId, float] = {}
-        self.calls: list[tuple[NodeId, NodeId, str]] = []
-
-    def partition(self, *groups: set[NodeId]) -> None:
-        """Cut every link between nodes of different groups."""
-        for index, group in enumerate(groups):
-            for other in groups[index + 1 :]:
-                self.cut.update(frozenset((a, b)) for a in group for b in other)
-
-    def heal(self) -> None:
-        self.cut.clear()
-        self.unreachable.clear()
-        self.hung.clear()
-        self.delays.clear()
-
-    def calls_of(self, method: str, caller: NodeId | None = None) -> list[tuple[NodeId, NodeId]]:
-        return [
-            (source, target)
-            for source, target, name in self.calls
-            if name == method and (caller is None or source == caller)
-        ]
-
-    async def call(self, caller: NodeId, peer: NodeId, method: str, *params: object) -> object:
-        self.calls.append((caller, peer, method))
-        if peer in self.unreachable or frozenset((caller, peer)) in self.cut:
-            raise RpcConnectionError(f"{peer} is unreachable from {caller}")
-        if peer in self.hung:
-            await trio.sleep_forever()
-        await trio.sleep(self.delays.get(peer, 0.0))
-        wire_params = msgpack.unpackb(msgpack.packb(list(params), use_bin_type=True), raw=False)
-        handler = self.handlers[peer][method]
-        try:
-            result = await resolve(handler(*wire_params))
-        except RpcError as exc:  # what the caller rebuilds from [code, message]
-            raise RpcError.for_code(exc.code, str(exc)) from None
-        return msgpack.unpackb(msgpack.packb(result, use_bin_type=True), raw=False)
-
-
-class NodeTransport:
-    def __init__(self, network: Network, node: NodeId, nursery: trio.Nursery) -> None:
-        self.network = network
-        self.node = node
-        self.nursery = nursery
-
-    async def call(self, peer: NodeId, method: str, *params: object) -> object:
-        return await self.network.call(self.node, peer, method, *params)
-
-    def start_call(
-        self, peer: NodeId, method: str, params: tuple[object, ...], on_done: OnDone
-    ) -> CancelCall:
-        scope = trio.CancelScope()
-
-        async def run() -> None:
-            with scope:
-                try:
-                    result = await self.call(peer, method, *params)
-                except RpcError as exc:
-                    on_done(None, exc)
-                    return
-                on_done(result, None)
-
-        self.nursery.start_soon(run)
-        return scope.cancel
-
-
 class Cluster:
     """Nodes 127.0.0.1:11011.. sharing one ring, network and background nursery."""
 
     def __init__(
         self,
+        network: FakeNetwork,
         background: trio.Nursery,
         size: int,
         quorum: Quorum,
@@ -136,7 +66,7 @@ class Cluster:
         siblings_maximum: int = 100,
         read_reply_budget: int = READ_REPLY_BUDGET,
     ) -> None:
-        self.network = Network()
+        self.network = network
         self.nodes = [NodeId("127.0.0.1", 11011 + index) for index in range(size)]
         self.ring = Ring(self.nodes, buckets=BUCKETS, virtual_nodes=16)
         self.down = down if down is not None else set()
@@ -156,7 +86,7 @@ class Cluster:
             coordinator = Coordinator(
                 self_node=node,
                 replica=replica,
-                transport=NodeTransport(self.network, node, background),
+                transport=network.transport_for(node),
                 ring=lambda: self.ring,
                 quorum=quorum,
                 is_up=lambda peer: peer not in self.down,
@@ -168,10 +98,18 @@ class Cluster:
                 read_reply_budget=read_reply_budget,
             )
             self.coordinators[node] = coordinator
-            self.network.handlers[node] = coordinator.handlers()
+            network.register(node, coordinator.handlers())
 
     def _flush_recorder(self, node: NodeId) -> Callable[[int], None]:
         return lambda at: self.flushes.append((node, at))
+
+    def crash(self, node: NodeId) -> None:
+        """Stop ``node`` listening: calls to it are refused at once."""
+        self.network.unregister(node)
+
+    def restart(self, node: NodeId) -> None:
+        """Bring a crashed ``node`` back, its coordinator and replica as they were."""
+        self.network.register(node, self.coordinators[node].handlers())
 
     def __getitem__(self, node: NodeId) -> Client:
         return Client(self.coordinators[node])
@@ -215,9 +153,13 @@ class Client:
 async def cluster_of(
     size: int, quorum: Quorum | None = None, **kwargs: object
 ) -> AsyncIterator[Cluster]:
-    """A cluster whose background work has all finished when the block is left."""
-    async with trio.open_nursery() as background:
-        yield Cluster(background, size, quorum or Quorum(3, 2, 2), **kwargs)  # type: ignore[arg-type]
+    """A cluster on a perfect network whose background work has all finished when the block
+    is left; the network stops then too."""
+    async with (
+        FakeNetwork.running(random.Random(0)) as network,
+        trio.open_nursery() as background,
+    ):
+        yield Cluster(network, background, size, quorum or Quorum(3, 2, 2), **kwargs)  # type: ignore[arg-type]
 
 
 def values(result_siblings: tuple[Version, ...]) -> set[bytes | None]:
@@ -238,7 +180,7 @@ async def test_a_write_via_a_non_primary_is_forwarded_once_and_lands_on_n_replic
         assert trio.current_time() == 0  # replication finished without any waiting
         for node in cluster.primaries(key):
             assert cluster.stored(node, key) == (written,)
-    assert cluster.network.calls_of("coordinate_put") == [(outsider, cluster.primaries(key)[0])]
+    assert cluster.network.attempts("coordinate_put") == [(outsider, cluster.primaries(key)[0])]
     assert cluster[outsider].statistics()[1] == ("kai_forwarded_writes", 1)
     for node in cluster.primaries(key):
         assert cluster.stored(node, key) == (written,)
@@ -255,11 +197,10 @@ async def test_forwarding_skips_a_primary_that_is_down_and_fails_over_on_connect
         first, second, third = cluster.primaries(key)
         outsider = cluster.others(key)[0]
         cluster.down.add(first)
-        cluster.network.unreachable.add(second)
+        cluster.crash(second)  # refuses the forward at once: a connection error
         written = await cluster[outsider].put(key, Payload(0, 0, b"v"), context=None)
-        cluster.network.heal()
     # Up primaries first (second, third), the one marked down last.
-    assert cluster.network.calls_of("coordinate_put") == [(outsider, second), (outsider, third)]
+    assert cluster.network.attempts("coordinate_put") == [(outsider, second), (outsider, third)]
     assert written.actor == cluster[third].replica.actor
     assert second in cluster.failures
 
@@ -271,7 +212,9 @@ async def test_a_forwarded_write_reports_the_primarys_quorum_failure(
     async with cluster_of(4) as cluster:
         first, second, third = cluster.primaries(key)
         outsider = cluster.others(key)[0]
-        cluster.network.partition({first}, {second, third})
+        # The other replicas refuse the primary's calls: it knows at once W cannot be met.
+        cluster.crash(second)
+        cluster.crash(third)
         cluster.down.update({second, third})
         with pytest.raises(QuorumUnavailable):
             await cluster[outsider].put(key, Payload(0, 0, b"v"), context=None)
@@ -304,7 +247,7 @@ async def test_a_primary_coordinates_a_forwarded_write_even_when_rings_disagree(
         pending = cluster[outsider].handlers()["coordinate_put"](key, 1, 0, b"v", None)
         assert isinstance(pending, Pending)
         record = await pending
-    assert cluster.network.calls_of("coordinate_put") == []  # never forwarded again
+    assert cluster.network.attempts("coordinate_put") == []  # never forwarded again
     assert values(cluster.stored(outsider, key)) == {b"v"}
     for node in cluster.primaries(key):
         assert cluster.stored(node, key) == cluster.stored(outsider, key)
@@ -317,7 +260,8 @@ async def test_unreachable_replicas_fail_a_write_at_once(
     key = b"k"
     async with cluster_of(3) as cluster:
         coordinator, *others = cluster.primaries(key)
-        cluster.network.unreachable.update(others)
+        for node in others:
+            cluster.crash(node)
         with pytest.raises(QuorumUnavailable):
             await cluster[coordinator].put(key, Payload(0, 0, b"v"), context=None)
         assert trio.current_time() == 0
@@ -330,7 +274,8 @@ async def test_hung_replicas_time_a_write_out_after_exactly_the_request_timeout(
     key = b"k"
     async with cluster_of(3) as cluster:
         coordinator, *others = cluster.primaries(key)
-        cluster.network.hung.update(others)
+        for node in others:
+            cluster.network.hang(node)
         with pytest.raises(QuorumTimeout):
             await cluster[coordinator].put(key, Payload(0, 0, b"v"), context=None)
         assert trio.current_time() == TIMEOUT
@@ -342,7 +287,8 @@ async def test_a_forwarded_write_to_hung_primaries_times_out_within_the_request_
 ) -> None:
     key = b"k"
     async with cluster_of(4) as cluster:
-        cluster.network.hung.update(cluster.primaries(key))
+        for node in cluster.primaries(key):
+            cluster.network.hang(node)
         with pytest.raises(QuorumTimeout):
             await cluster[cluster.others(key)[0]].put(key, Payload(0, 0, b"v"), context=None)
         assert trio.current_time() == TIMEOUT
@@ -354,8 +300,8 @@ async def test_a_write_answers_after_w_acks_without_waiting_for_slow_replicas(
     key = b"k"
     async with cluster_of(3) as cluster:
         coordinator, slow, hung = cluster.primaries(key)
-        cluster.network.delays[slow] = 0.25
-        cluster.network.hung.add(hung)
+        cluster.network.slow(slow, 0.25)
+        cluster.network.hang(hung)
         written = await cluster[coordinator].put(key, Payload(0, 0, b"v"), context=None)
         assert trio.current_time() == 0.25
     assert trio.current_time() == TIMEOUT  # the hung replica's call was bounded
@@ -388,14 +334,14 @@ async def test_a_read_repairs_a_stale_and_a_missing_replica(
         old = cluster[a].replica.coordinate_write(stale_key, Payload(0, 0, b"old"), None)
         for node in (b, c):
             cluster[node].replica.apply(stale_key, (old,))
-        cluster.network.unreachable.add(c)
+        cluster.crash(c)
         new = await cluster[a].put(stale_key, Payload(0, 0, b"new"), context=None)
         only = await cluster[a].put(missing_key, Payload(0, 0, b"x"), context=None)
-        cluster.network.heal()
+        cluster.restart(c)
         assert values(cluster.stored(c, stale_key)) == {b"old"}
         assert cluster.stored(c, missing_key) == ()
         # c answers late: the read is answered by a and b, c's reply arrives afterwards.
-        cluster.network.delays[c] = 1.0
+        cluster.network.slow(c, 1.0)
         results = await cluster[b].get_many([stale_key, missing_key])
         assert trio.current_time() == 0
         assert [result.siblings for result in results] == [(new,), (only,)]
@@ -442,9 +388,9 @@ async def test_a_read_repairs_the_coordinators_own_replica(
     key = b"k"
     async with cluster_of(3) as cluster:
         a, b, _ = cluster.nodes
-        cluster.network.unreachable.add(a)
+        cluster.crash(a)
         written = await cluster[b].put(key, Payload(0, 0, b"v"), context=None)
-        cluster.network.heal()
+        cluster.restart(a)
         assert (await cluster[a].get(key)).siblings == (written,)
     assert cluster.stored(a, key) == (written,)
     assert ("kai_read_repairs", 1) in cluster[a].statistics()
@@ -456,7 +402,8 @@ async def test_unreachable_replicas_fail_a_read_at_once(
     key = b"k"
     async with cluster_of(3) as cluster:
         reader, *others = cluster.primaries(key)
-        cluster.network.unreachable.update(others)
+        for node in others:
+            cluster.crash(node)
         with pytest.raises(QuorumUnavailable):
             await cluster[reader].get(key)
         assert trio.current_time() == 0
@@ -468,7 +415,8 @@ async def test_hung_replicas_time_a_read_out_after_exactly_the_request_timeout(
     key = b"k"
     async with cluster_of(3) as cluster:
         reader, *others = cluster.primaries(key)
-        cluster.network.hung.update(others)
+        for node in others:
+            cluster.network.hang(node)
         with pytest.raises(QuorumTimeout):
             await cluster[reader].get_many([key, b"other"])
         assert trio.current_time() == TIMEOUT
@@ -483,13 +431,14 @@ async def test_hung_and_down_replicas_do_not_delay_a_read_past_the_first_r_repli
         reader = cluster.others(key)[0]
         await cluster[first].put(key, Payload(0, 0, b"v"), context=None)
         start = trio.current_time()
-        cluster.network.delays.update({first: 0.5, second: 0.25})
-        cluster.network.hung.add(third)
+        cluster.network.slow(first, 0.5)
+        cluster.network.slow(second, 0.25)
+        cluster.network.hang(third)
         cluster.down.add(third)
         result = await cluster[reader].get(key)
         assert trio.current_time() == start + 0.5
         assert values(result.siblings) == {b"v"}
-    assert (reader, third) in cluster.network.calls_of("replica_read")  # it might be back
+    assert (reader, third) in cluster.network.attempts("replica_read")  # it might be back
 
 
 async def test_get_many_of_two_thousand_keys_makes_one_call_per_peer(
@@ -501,15 +450,15 @@ async def test_get_many_of_two_thousand_keys_makes_one_call_per_peer(
         for key in keys[:50]:
             await cluster[writer].put(key, Payload(0, 0, key), context=None)
         reader = cluster.nodes[1]
-        cluster.network.calls.clear()
+        cluster.network.log.clear()
         results = await cluster[reader].get_many([*keys, keys[0]])
-    reads = cluster.network.calls_of("replica_read")
+    reads = cluster.network.attempts("replica_read")
     assert sorted(target for _, target in reads) == sorted(set(cluster.nodes) - {reader})
     assert all(source == reader for source, _ in reads)
     assert [values(result.siblings) for result in results[:50]] == [{key} for key in keys[:50]]
     assert all(result.siblings == () for result in results[50:-1])
     assert results[-1] == results[0]
-    assert cluster.network.calls_of("replica_apply") == []  # nothing was stale
+    assert cluster.network.attempts("replica_apply") == []  # nothing was stale
 
 
 async def test_a_peer_answers_a_large_multi_get_in_parts_within_its_budget(
@@ -521,15 +470,15 @@ async def test_a_peer_answers_a_large_multi_get_in_parts_within_its_budget(
         a, b, c = cluster.nodes
         for index, key in enumerate(keys):
             await cluster[a].put(key, Payload(0, 0, bytes([index]) * 1024), context=None)
-        cluster.network.calls.clear()
+        cluster.network.log.clear()
         results = await cluster[b].get_many(keys)  # R=3: every part of every answer counts
     assert [values(result.siblings) for result in results] == [
         {bytes([index]) * 1024} for index in range(40)
     ]
-    reads = cluster.network.calls_of("replica_read")
+    reads = cluster.network.attempts("replica_read")
     assert {target for _, target in reads} == {a, c}
     assert len(reads) >= 2 * 40 // 4  # several parts per peer
-    assert cluster.network.calls_of("replica_apply") == []  # nothing was stale
+    assert cluster.network.attempts("replica_apply") == []  # nothing was stale
 
 
 def _no_forwarded_writes(*args: object) -> Version:
@@ -580,8 +529,9 @@ async def test_partitioned_writes_become_siblings_and_a_write_with_the_context_r
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     key = b"contended"
-    # W=1 lets both sides of the partition write; R=3 makes the read see every replica
-    # whatever order the replies (and b's background replication to c) come in.
+    # W=1 lets both sides of the partition write (their replication across the cut is lost);
+    # R=3 makes the read see every replica whatever order the replies (and b's background
+    # replication to c) come in.
     async with cluster_of(3, Quorum(3, 3, 1)) as cluster:
         a, b, c = cluster.nodes
         cluster.network.partition({a}, {b, c})
@@ -603,12 +553,13 @@ async def test_a_late_stale_replica_apply_is_dropped(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     key = b"k"
-    async with cluster_of(3) as cluster:
+    async with cluster_of(3, Quorum(3, 2, 3)) as cluster:  # W=3: b holds each write at once
         a, b, _ = cluster.nodes
         first = await cluster[a].put(key, Payload(0, 0, b"1"), context=None)
         second = await cluster[a].put(key, Payload(0, 0, b"2"), context=None)
-    late = encode_siblings((first,))
-    stored = await cluster.network.call(a, b, "replica_apply", key, late)
+        assert cluster.stored(b, key) == (second,)
+        late = encode_siblings((first,))
+        stored = await cluster.network.call(a, b, "replica_apply", key, late)
     assert stored is False
     assert cluster.stored(b, key) == (second,)
 
@@ -622,7 +573,7 @@ async def test_flush_all_reaches_every_member_and_does_not_wait_for_down_ones(
     at = int(EPOCH * 1_000_000)
     async with cluster_of(4) as cluster:
         a, b, c, d = cluster.nodes
-        cluster.network.hung.add(d)
+        cluster.network.hang(d)
         cluster.down.add(d)
         await cluster[a].flush_all(at)
         assert trio.current_time() == 0
@@ -634,21 +585,14 @@ async def test_flush_all_reaches_every_member_and_does_not_wait_for_down_ones(
 
 async def test_a_ring_of_one_answers_at_once_without_calling_peers() -> None:
     node = NodeId("127.0.0.1", 11011)
-
-    class NoTransport:
-        async def call(self, peer: NodeId, method: str, *params: object) -> object:
-            raise AssertionError("a ring of one must not call peers")
-
-        def start_call(
-            self, peer: NodeId, method: str, params: tuple[object, ...], on_done: OnDone
-        ) -> CancelCall:
-            raise AssertionError("a ring of one must not call peers")
-
-    async with trio.open_nursery() as background:
+    async with (
+        FakeNetwork.running(random.Random(0)) as network,
+        trio.open_nursery() as background,
+    ):
         coordinator = Coordinator(
             self_node=node,
             replica=LocalReplica(MemoryEngine(), actor=b"solo", buckets=BUCKETS, stats=NodeStats()),
-            transport=NoTransport(),
+            transport=network.transport_for(node),
             ring=lambda: Ring([node], buckets=BUCKETS),
             quorum=Quorum(3, 2, 2),
             background=background,
@@ -659,6 +603,7 @@ async def test_a_ring_of_one_answers_at_once_without_calling_peers() -> None:
         assert coordinator.get((b"k", b"x", b"k")) == [(written,), (), (written,)]
         assert coordinator.flush_all(1) is None
         assert coordinator.members() == ["127.0.0.1:11011"]
+    assert network.log == []  # not a call to a peer, nor to itself
 
 
 async def test_a_node_with_peers_hands_back_pending_steps(
@@ -712,7 +657,7 @@ async def test_bad_handler_params_are_bad_requests(
         a, b, _ = cluster.nodes
         with pytest.raises(RpcBadRequest):
             await cluster.network.call(a, b, method, *params)
-        assert len(cluster.network.calls) == 1  # refused without side effects
+        assert len(cluster.network.log) == 1  # refused without side effects
         assert cluster.stored(b, b"k") == ()
 
 
