@@ -175,3 +175,54 @@ def test_without_epoll_the_poller_says_so(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(netpoll, "_EPOLL", None)
     with pytest.raises(OSError, match="epoll"):
         ReadPoller()
+
+
+async def test_input_that_arrives_during_a_round_is_served_in_the_same_wake_a_few_times(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A chain of sockets whose callbacks each make the next one readable: the poller looks
+    again before going back through trio's wait, at most ROUNDS times in a row."""
+    waits = 0
+    real_wait = trio.lowlevel.wait_readable
+
+    async def counting_wait(fd: int) -> None:
+        nonlocal waits
+        waits += 1
+        await real_wait(fd)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", counting_wait)
+    length = 3 * netpoll.ROUNDS
+    pairs = [socket.socketpair() for _ in range(length)]
+    served: list[int] = []
+    all_served = trio.Event()
+    try:
+        for ours, theirs in pairs:
+            ours.setblocking(False)
+            theirs.setblocking(False)
+
+        def callback(index: int) -> Callable[[], None]:
+            def on_readable() -> None:
+                pairs[index][0].recv(100)
+                served.append(index)
+                if index + 1 < length:
+                    pairs[index + 1][1].send(b"x")  # the next socket becomes readable now
+                else:
+                    all_served.set()
+
+            return on_readable
+
+        async with running() as poller:
+            watches = [poller.watch(pair[0], callback(index)) for index, pair in enumerate(pairs)]
+            await settle()
+            before = waits
+            pairs[0][1].send(b"x")
+            with trio.fail_after(5):
+                await all_served.wait()
+            assert served == list(range(length))
+            assert waits - before == length // netpoll.ROUNDS
+            for watch in watches:
+                watch.close()
+    finally:
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
