@@ -282,7 +282,7 @@ def test_memtier_result_reads_like_loadgen() -> None:
     assert "error" not in result
 
 
-def test_memtier_runs_at_once_add_up_with_the_worst_latency() -> None:
+def test_memtier_runs_together_add_up_with_the_worst_latency() -> None:
     first = {**_memtier.parse_result(memtier_document(1000, 0.9)), "port": 1}
     second = {**_memtier.parse_result(memtier_document(3000, 2.5)), "port": 2}
     combined = _memtier.combine([first, second])

@@ -254,7 +254,7 @@ async def test_a_primary_coordinates_a_forwarded_write_even_when_rings_disagree(
     assert isinstance(record, bytes)
 
 
-async def test_unreachable_replicas_fail_a_write_at_once(
+async def test_unreachable_replicas_fail_a_write_immediately(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     key = b"k"
@@ -396,7 +396,7 @@ async def test_a_read_repairs_the_coordinators_own_replica(
     assert ("kai_read_repairs", 1) in cluster[a].statistics()
 
 
-async def test_unreachable_replicas_fail_a_read_at_once(
+async def test_unreachable_replicas_fail_a_read_immediately(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     key = b"k"
@@ -583,7 +583,7 @@ async def test_flush_all_reaches_every_member_and_does_not_wait_for_down_ones(
         assert cluster[d].flushed_before(EPOCH + 1) == 0  # gossip's job
 
 
-async def test_a_ring_of_one_answers_at_once_without_calling_peers() -> None:
+async def test_a_ring_of_one_answers_without_waiting_without_calling_peers() -> None:
     node = NodeId("127.0.0.1", 11011)
     async with (
         FakeNetwork.running(random.Random(0)) as network,

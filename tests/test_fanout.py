@@ -219,7 +219,7 @@ async def test_a_silent_peer_times_out_exactly_at_the_deadline(
         assert caller.timeouts == 1
 
 
-async def test_a_crashed_peer_answers_with_an_unreachable_error_at_once(
+async def test_a_crashed_peer_answers_with_an_unreachable_error_immediately(
     autojump_clock: trio.testing.MockClock, network: Network
 ) -> None:
     async with calling(network) as (peers, caller):
@@ -279,7 +279,7 @@ async def test_listen_gets_the_late_answers_then_finishes_once(
         assert finished == [1]
 
 
-async def test_listen_after_everything_came_finishes_at_once(
+async def test_listen_after_everything_came_finishes_immediately(
     autojump_clock: trio.testing.MockClock, network: Network
 ) -> None:
     async with calling(network) as (_, caller):
@@ -318,7 +318,7 @@ async def test_closed_fan_out_drops_answers_but_the_detector_still_hears(
         assert peers.detector == [("up", A), ("down", B)]
 
 
-async def test_after_shutdown_calls_answer_at_once_without_blaming_peers(
+async def test_after_shutdown_calls_answer_immediately_without_blaming_peers(
     autojump_clock: trio.testing.MockClock, network: Network
 ) -> None:
     peers = Peers(network)

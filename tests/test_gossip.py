@@ -358,7 +358,7 @@ async def test_flush_times_spread_to_every_node(autojump_clock: trio.testing.Moc
     assert all(view == flushed for view in cluster.persisted.values())
 
 
-async def test_join_exchanges_views_with_the_seed_at_once(
+async def test_join_exchanges_views_with_the_seed_immediately(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with gossipers() as cluster:

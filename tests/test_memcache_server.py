@@ -51,7 +51,7 @@ async def read_until(stream: trio.SocketStream, ending: bytes, count: int = 1) -
     return bytes(received)
 
 
-async def test_answers_at_once_and_after_waiting_come_back_in_request_order() -> None:
+async def test_answers_made_without_and_after_waiting_come_back_in_request_order() -> None:
     requests = (
         b"set a 0 0 1\r\n1\r\n"  # at once
         b"get a\r\n"  # at once

@@ -224,7 +224,9 @@ async def test_partition_rejects_a_node_in_two_groups() -> None:
         network.partition([A, B], [B])
 
 
-async def test_unregistered_node_refuses_at_once(autojump_clock: trio.testing.MockClock) -> None:
+async def test_unregistered_node_refuses_immediately(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async with cluster() as (network, _):
         network.unregister(B)
         with pytest.raises(RpcConnectionError, match="refused"):
