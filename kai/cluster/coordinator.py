@@ -92,8 +92,9 @@ class Coordinator:
         self.quorum = quorum
         self._capped: dict[int, Quorum] = {}
         self._placed: tuple[Ring, Quorum] | None = None
-        # One call less on every get: the flush cutoff is the replica's.
-        self.flushed_before = replica.flushed_before  # type: ignore[method-assign]
+        #: The flush cutoff (microseconds) in effect at a unix time: the local replica's, as
+        #: flushes reach every node by RPC or by gossip.
+        self.flushed_before: Callable[[float], int] = replica.flushed_before
         self._peers = PeerCaller(
             transport, background, on_success=on_success, on_failure=on_failure
         )
@@ -135,10 +136,6 @@ class Coordinator:
         """The ring's members as ``host:rpc_port``, sorted."""
         return sorted(str(node) for node in self.ring().nodes)
 
-    def flushed_before(self, now: float) -> int:
-        """The local flush cutoff (flushes reach every node by RPC or by gossip)."""
-        return self.replica.flushed_before(now)  # replaced by the replica's own in __init__
-
     # --- reads and writes ---------------------------------------------------------------------
 
     def get(self, keys: Sequence[bytes]) -> Step[list[SiblingSet]]:
@@ -164,8 +161,6 @@ class Coordinator:
         decided = self._reads.read(round_)
         if decided is not None:
             return Pending(_results_when_decided(keys, round_, decided))
-        if unique is keys:
-            return round_.merged
         return _results(keys, round_)
 
     def put(self, key: bytes, payload: Payload, *, context: VClock | None) -> Step[Version]:

@@ -79,9 +79,7 @@ class QuorumReader:
         """
         peers = round_.batches
         if not peers:  # the local replica holds every key and answered: nobody else to ask
-            if round_.unmet:
-                self._decide(round_)
-            return None
+            return self._decide(round_)
         deadline = trio.current_time() + self.request_timeout
         answers = self._peers.fan_out(
             [(peer, "replica_read", (round_.batch(peer),)) for peer in peers], deadline

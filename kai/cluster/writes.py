@@ -130,10 +130,6 @@ class QuorumWriter:
                     tally.fail(timed_out=answer.timed_out)
         finally:
             answers.close()
-        return self._decide(tally, key, version)
-
-    @staticmethod
-    def _decide(tally: Tally, key: bytes, version: Version) -> Version:
         if not tally.met:
             raise tally.error(f"write of {key!r}")
         return version

@@ -124,10 +124,7 @@ class CommandExecutor:
         Raises nothing for bad input or unavailable replicas: those become error replies.
         """
         try:
-            if type(request) is protocol.Get:  # the commonest request: no dispatch
-                reply = self._get(request.keys, request.with_cas)
-            else:
-                reply = self._dispatch(request)
+            reply = self._dispatch(request)
         except (CoordinatorError, TooManySiblings) as error:
             return self._error_reply(request, error)
         if isinstance(reply, Pending):
