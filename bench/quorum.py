@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 import trio
 
@@ -25,11 +26,11 @@ from kai.core.config import Quorum
 from kai.core.pending import Step, resolve
 from kai.core.ring import NodeId, Ring
 from kai.core.stats import NodeStats
-from kai.core.versions import Version
+from kai.core.versions import Payload
 from kai.rpc.server import Handler
 from kai.rpc.transport import CancelCall, OnDone
 from kai.storage.memory import MemoryEngine
-from kai.storage.replica import LocalReplica, Payload
+from kai.storage.replica import LocalReplica
 
 NODES = [NodeId("127.0.0.1", 11011 + index) for index in range(3)]
 BUCKETS = 1024
@@ -73,7 +74,10 @@ async def measure(ops: int, value_size: int) -> dict[str, float]:
         for index, node in enumerate(NODES)
     }
     peers = InProcessPeers(
-        {node: ReplicaRpcHandlers(replicas[node], _no_forwarding).handlers() for node in NODES}
+        {
+            node: ReplicaRpcHandlers(replicas[node], _no_forwarding, _no_forwarding).handlers()
+            for node in NODES
+        }
     )
     keys = [b"key:%028d" % index for index in range(10_000)]
     payload = Payload(0, 0, b"v" * value_size)
@@ -89,10 +93,10 @@ async def measure(ops: int, value_size: int) -> dict[str, float]:
         )
         background.start_soon(peers.deliver_forever)
         for key in keys:
-            await resolve(coordinator.put(key, payload, context=None))
+            await resolve(coordinator.put(key, payload))
         requests: dict[str, Callable[[bytes], Step[object]]] = {
             "get": lambda key: coordinator.get((key,)),
-            "set": lambda key: coordinator.put(key, payload, context=None),
+            "set": lambda key: coordinator.put(key, payload),
         }
         for label, request in requests.items():
             started = time.process_time()
@@ -105,7 +109,7 @@ async def measure(ops: int, value_size: int) -> dict[str, float]:
     return results
 
 
-def _no_forwarding(*_args: object) -> Version:
+def _no_forwarding(*_args: object) -> NoReturn:
     raise AssertionError("every node is a primary here: nothing is forwarded")
 
 

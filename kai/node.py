@@ -8,7 +8,6 @@ bytes or touches LevelDB directly.
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import attrs
@@ -28,30 +27,12 @@ from kai.rpc.secret import load_or_create_secret
 from kai.rpc.server import Handler, serve_rpc
 from kai.rpc.transport import RpcTransport
 from kai.storage import open_engine
-from kai.storage.replica import LocalReplica
+from kai.storage.replica import LocalReplica, load_or_create_actor
 
 logger = logging.getLogger(__name__)
 
-#: Metadata name of this data directory's actor id.
-ACTOR_META = "actor_id"
-#: Bytes in an actor id.
-ACTOR_ID_SIZE = 8
 #: How long connections may take to finish their current request at shutdown.
 SHUTDOWN_GRACE = 10.0
-
-
-def load_or_create_actor(engine: StorageEngine) -> bytes:
-    """This data directory's actor id, created on first use and persisted (DESIGN §3).
-
-    A wiped data directory gets a new id, so a node that lost its history can never reuse
-    clock entries that other replicas already hold.
-    """
-    actor = engine.get_meta(ACTOR_META)
-    if actor is None:
-        actor = os.urandom(ACTOR_ID_SIZE)
-        engine.put_meta(ACTOR_META, actor)
-        logger.info("new data directory: actor id %s", actor.hex())
-    return actor
 
 
 @attrs.frozen

@@ -16,7 +16,9 @@ from __future__ import annotations
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import NoReturn
 
+import attrs
 import msgpack
 import pytest
 import trio
@@ -30,17 +32,24 @@ from kai.core.errors import (
     QuorumTimeout,
     QuorumUnavailable,
     RpcBadRequest,
-    TooManySiblings,
 )
 from kai.core.pending import Pending, resolve
 from kai.core.quorum import ReadRound
 from kai.core.ring import NodeId, Ring
 from kai.core.stats import NodeStats
+from kai.core.updates import Applied, Outcome, Update
 from kai.core.vclock import VClock
-from kai.core.versions import ReadResult, Version, encode_siblings
+from kai.core.versions import (
+    Payload,
+    SiblingSet,
+    Version,
+    cas_unique,
+    context_of,
+    encode_siblings,
+)
 from kai.core.wire import siblings_from_wire
 from kai.storage.memory import MemoryEngine
-from kai.storage.replica import LocalReplica, Payload
+from kai.storage.replica import LocalReplica
 from kai.testing.network import FakeNetwork
 
 TIMEOUT = 5.0
@@ -125,6 +134,22 @@ class Cluster:
         return self.coordinators[node].replica.read(key)
 
 
+@attrs.frozen
+class Read:
+    """What a read of one key found, with the context and cas token a client gets."""
+
+    key: bytes
+    siblings: SiblingSet
+
+    @property
+    def context(self) -> VClock:
+        return context_of(self.siblings)
+
+    @property
+    def cas_unique(self) -> int:
+        return cas_unique(self.key, self.context)
+
+
 class Client:
     """Awaits a coordinator's steps, as the memcached front end does."""
 
@@ -135,15 +160,19 @@ class Client:
         self.statistics = coordinator.statistics
         self.flushed_before = coordinator.flushed_before
 
-    async def get(self, key: bytes) -> ReadResult:
+    async def get(self, key: bytes) -> Read:
         (siblings,) = await resolve(self.coordinator.get((key,)))
-        return ReadResult(siblings)
+        return Read(key, siblings)
 
-    async def get_many(self, keys: list[bytes]) -> list[ReadResult]:
-        return [ReadResult(siblings) for siblings in await resolve(self.coordinator.get(keys))]
+    async def get_many(self, keys: list[bytes]) -> list[Read]:
+        found = await resolve(self.coordinator.get(keys))
+        return [Read(key, siblings) for key, siblings in zip(keys, found, strict=True)]
 
-    async def put(self, key: bytes, payload: Payload, *, context: VClock | None) -> Version:
-        return await resolve(self.coordinator.put(key, payload, context=context))
+    async def put(self, key: bytes, payload: Payload) -> Version:
+        return await resolve(self.coordinator.put(key, payload))
+
+    async def update(self, key: bytes, update: Update) -> Applied:
+        return await resolve(self.coordinator.update(key, update))
 
     async def flush_all(self, at: int) -> None:
         await resolve(self.coordinator.flush_all(at))
@@ -175,7 +204,7 @@ async def test_a_write_via_a_non_primary_is_forwarded_once_and_lands_on_n_replic
     async with cluster_of(4) as cluster:
         key = b"forwarded"
         outsider = cluster.others(key)[0]
-        written = await cluster[outsider].put(key, Payload(7, 0, b"v"), context=None)
+        written = await cluster[outsider].put(key, Payload(7, 0, b"v"))
         await trio.testing.wait_all_tasks_blocked()
         assert trio.current_time() == 0  # replication finished without any waiting
         for node in cluster.primaries(key):
@@ -198,7 +227,7 @@ async def test_forwarding_skips_a_primary_that_is_down_and_fails_over_on_connect
         outsider = cluster.others(key)[0]
         cluster.down.add(first)
         cluster.crash(second)  # refuses the forward at once: a connection error
-        written = await cluster[outsider].put(key, Payload(0, 0, b"v"), context=None)
+        written = await cluster[outsider].put(key, Payload(0, 0, b"v"))
     # Up primaries first (second, third), the one marked down last.
     assert cluster.network.attempts("coordinate_put") == [(outsider, second), (outsider, third)]
     assert written.actor == cluster[third].replica.actor
@@ -217,25 +246,10 @@ async def test_a_forwarded_write_reports_the_primarys_quorum_failure(
         cluster.crash(third)
         cluster.down.update({second, third})
         with pytest.raises(QuorumUnavailable):
-            await cluster[outsider].put(key, Payload(0, 0, b"v"), context=None)
+            await cluster[outsider].put(key, Payload(0, 0, b"v"))
         assert trio.current_time() == 0
     # The primary stored it (the Dynamo contract: a failed write may have landed).
     assert values(cluster.stored(first, key)) == {b"v"}
-
-
-async def test_a_forwarded_write_that_would_add_too_many_siblings_is_refused_as_such(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    key = b"crowded"
-    async with cluster_of(4, Quorum(3, 2, 3), siblings_maximum=1) as cluster:
-        outsider = cluster.others(key)[0]
-        await cluster[cluster.primaries(key)[1]].put(key, Payload(0, 0, b"one"), context=None)
-        # Forwarded to the first primary, whose new version with an empty context is
-        # concurrent with "one" (another actor's write).
-        with pytest.raises(TooManySiblings):
-            await cluster[outsider].put(key, Payload(0, 0, b"two"), context=VClock())
-    for node in cluster.primaries(key):
-        assert values(cluster.stored(node, key)) == {b"one"}
 
 
 async def test_a_primary_coordinates_a_forwarded_write_even_when_rings_disagree(
@@ -244,7 +258,7 @@ async def test_a_primary_coordinates_a_forwarded_write_even_when_rings_disagree(
     key = b"ring moved"
     async with cluster_of(4) as cluster:
         outsider = cluster.others(key)[0]
-        pending = cluster[outsider].handlers()["coordinate_put"](key, 1, 0, b"v", None)
+        pending = cluster[outsider].handlers()["coordinate_put"](key, 1, 0, b"v")
         assert isinstance(pending, Pending)
         record = await pending
     assert cluster.network.attempts("coordinate_put") == []  # never forwarded again
@@ -263,7 +277,7 @@ async def test_unreachable_replicas_fail_a_write_immediately(
         for node in others:
             cluster.crash(node)
         with pytest.raises(QuorumUnavailable):
-            await cluster[coordinator].put(key, Payload(0, 0, b"v"), context=None)
+            await cluster[coordinator].put(key, Payload(0, 0, b"v"))
         assert trio.current_time() == 0
         assert sorted(cluster.failures) == sorted(others)
 
@@ -277,7 +291,7 @@ async def test_hung_replicas_time_a_write_out_after_exactly_the_request_timeout(
         for node in others:
             cluster.network.hang(node)
         with pytest.raises(QuorumTimeout):
-            await cluster[coordinator].put(key, Payload(0, 0, b"v"), context=None)
+            await cluster[coordinator].put(key, Payload(0, 0, b"v"))
         assert trio.current_time() == TIMEOUT
     assert cluster[coordinator].statistics()[2] == ("kai_replica_timeouts", 2)
 
@@ -290,7 +304,7 @@ async def test_a_forwarded_write_to_hung_primaries_times_out_within_the_request_
         for node in cluster.primaries(key):
             cluster.network.hang(node)
         with pytest.raises(QuorumTimeout):
-            await cluster[cluster.others(key)[0]].put(key, Payload(0, 0, b"v"), context=None)
+            await cluster[cluster.others(key)[0]].put(key, Payload(0, 0, b"v"))
         assert trio.current_time() == TIMEOUT
 
 
@@ -302,7 +316,7 @@ async def test_a_write_answers_after_w_acks_without_waiting_for_slow_replicas(
         coordinator, slow, hung = cluster.primaries(key)
         cluster.network.slow(slow, 0.25)
         cluster.network.hang(hung)
-        written = await cluster[coordinator].put(key, Payload(0, 0, b"v"), context=None)
+        written = await cluster[coordinator].put(key, Payload(0, 0, b"v"))
         assert trio.current_time() == 0.25
     assert trio.current_time() == TIMEOUT  # the hung replica's call was bounded
     assert cluster.stored(slow, key) == (written,)
@@ -315,7 +329,7 @@ async def test_a_write_answers_after_w_acks_without_waiting_for_slow_replicas(
 async def test_read_your_write_from_every_node(autojump_clock: trio.testing.MockClock) -> None:
     async with cluster_of(4) as cluster:
         key = b"everywhere"
-        written = await cluster[cluster.nodes[0]].put(key, Payload(3, 0, b"hello"), context=None)
+        written = await cluster[cluster.nodes[0]].put(key, Payload(3, 0, b"hello"))
         for node in cluster.nodes:
             result = await cluster[node].get(key)
             assert result.siblings == (written,)
@@ -335,8 +349,8 @@ async def test_a_read_repairs_a_stale_and_a_missing_replica(
         for node in (b, c):
             cluster[node].replica.apply(stale_key, (old,))
         cluster.crash(c)
-        new = await cluster[a].put(stale_key, Payload(0, 0, b"new"), context=None)
-        only = await cluster[a].put(missing_key, Payload(0, 0, b"x"), context=None)
+        new = await cluster[a].put(stale_key, Payload(0, 0, b"new"))
+        only = await cluster[a].put(missing_key, Payload(0, 0, b"x"))
         cluster.restart(c)
         assert values(cluster.stored(c, stale_key)) == {b"old"}
         assert cluster.stored(c, missing_key) == ()
@@ -369,7 +383,7 @@ async def test_replies_equal_to_the_local_record_are_not_decoded_again(
     monkeypatch.setattr(reads_module, "siblings_from_wire", counting)
     async with cluster_of(3, Quorum(3, 2, 2)) as cluster:
         a, b, c = cluster.nodes
-        same = await cluster[a].put(b"same", Payload(0, 0, b"v"), context=None)
+        same = await cluster[a].put(b"same", Payload(0, 0, b"v"))
         old = cluster[a].replica.coordinate_write(b"differs", Payload(0, 0, b"old"), None)
         cluster[b].replica.apply(b"differs", (old,))
         cluster[c].replica.coordinate_write(b"differs", Payload(0, 0, b"new"), None)
@@ -389,7 +403,7 @@ async def test_a_read_repairs_the_coordinators_own_replica(
     async with cluster_of(3) as cluster:
         a, b, _ = cluster.nodes
         cluster.crash(a)
-        written = await cluster[b].put(key, Payload(0, 0, b"v"), context=None)
+        written = await cluster[b].put(key, Payload(0, 0, b"v"))
         cluster.restart(a)
         assert (await cluster[a].get(key)).siblings == (written,)
     assert cluster.stored(a, key) == (written,)
@@ -429,7 +443,7 @@ async def test_hung_and_down_replicas_do_not_delay_a_read_past_the_first_r_repli
     async with cluster_of(5) as cluster:
         first, second, third = cluster.primaries(key)
         reader = cluster.others(key)[0]
-        await cluster[first].put(key, Payload(0, 0, b"v"), context=None)
+        await cluster[first].put(key, Payload(0, 0, b"v"))
         start = trio.current_time()
         cluster.network.slow(first, 0.5)
         cluster.network.slow(second, 0.25)
@@ -448,7 +462,7 @@ async def test_get_many_of_two_thousand_keys_makes_one_call_per_peer(
     async with cluster_of(5, Quorum(3, 2, 3)) as cluster:  # W=3: no replica lags behind
         writer = cluster.nodes[0]
         for key in keys[:50]:
-            await cluster[writer].put(key, Payload(0, 0, key), context=None)
+            await cluster[writer].put(key, Payload(0, 0, key))
         reader = cluster.nodes[1]
         cluster.network.log.clear()
         results = await cluster[reader].get_many([*keys, keys[0]])
@@ -469,7 +483,7 @@ async def test_a_peer_answers_a_large_multi_get_in_parts_within_its_budget(
     async with cluster_of(3, Quorum(3, 3, 3), read_reply_budget=4096) as cluster:
         a, b, c = cluster.nodes
         for index, key in enumerate(keys):
-            await cluster[a].put(key, Payload(0, 0, bytes([index]) * 1024), context=None)
+            await cluster[a].put(key, Payload(0, 0, bytes([index]) * 1024))
         cluster.network.log.clear()
         results = await cluster[b].get_many(keys)  # R=3: every part of every answer counts
     assert [values(result.siblings) for result in results] == [
@@ -481,8 +495,12 @@ async def test_a_peer_answers_a_large_multi_get_in_parts_within_its_budget(
     assert cluster.network.attempts("replica_apply") == []  # nothing was stale
 
 
-def _no_forwarded_writes(*args: object) -> Version:
+def _no_forwarded_writes(*args: object) -> NoReturn:
     raise AssertionError("these tests forward no write")
+
+
+def _handlers(replica: LocalReplica, **kwargs: int) -> ReplicaRpcHandlers:
+    return ReplicaRpcHandlers(replica, _no_forwarded_writes, _no_forwarded_writes, **kwargs)
 
 
 def test_replica_read_stops_at_its_budget_but_always_answers_one_key() -> None:
@@ -491,14 +509,14 @@ def test_replica_read_stops_at_its_budget_but_always_answers_one_key() -> None:
         replica.coordinate_write(b"k%d" % index, Payload(0, 0, b"v" * 1000), None)
 
     keys = [b"k%d" % index for index in range(5)]
-    small = ReplicaRpcHandlers(replica, _no_forwarded_writes, read_reply_budget=2500)
+    small = _handlers(replica, read_reply_budget=2500)
     answer = small.replica_read([b"absent", *keys])
     assert isinstance(answer, list)
     assert answer[0] is None  # a missing key costs nothing against the budget
     assert len(answer) == 3  # two records of ~1 KB fit in 2,500 bytes, the third does not
-    tiny = ReplicaRpcHandlers(replica, _no_forwarded_writes, read_reply_budget=1)
+    tiny = _handlers(replica, read_reply_budget=1)
     assert tiny.replica_read(keys) == answer[1:2]  # one record even over the budget
-    whole = ReplicaRpcHandlers(replica, _no_forwarded_writes)
+    whole = _handlers(replica)
     complete = whole.replica_read(keys)
     assert isinstance(complete, list)
     assert len(complete) == 5
@@ -513,9 +531,7 @@ async def test_a_replica_read_of_many_keys_in_chunks_also_stops_at_its_budget() 
 
     record_size = len(encode_siblings(replica.read(keys[0])))
     for budget, expected in ((1, 1), (record_size * 1100, 1100), (READ_REPLY_BUDGET, 1500)):
-        pending = ReplicaRpcHandlers(
-            replica, _no_forwarded_writes, read_reply_budget=budget
-        ).replica_read(keys)
+        pending = _handlers(replica, read_reply_budget=budget).replica_read(keys)
         assert isinstance(pending, Pending)
         records = await pending
         assert len(records) == expected
@@ -535,18 +551,21 @@ async def test_partitioned_writes_become_siblings_and_a_write_with_the_context_r
     async with cluster_of(3, Quorum(3, 3, 1)) as cluster:
         a, b, c = cluster.nodes
         cluster.network.partition({a}, {b, c})
-        left = await cluster[a].put(key, Payload(0, 0, b"left"), context=None)
-        right = await cluster[b].put(key, Payload(0, 0, b"right"), context=None)
+        left = await cluster[a].put(key, Payload(0, 0, b"left"))
+        right = await cluster[b].put(key, Payload(0, 0, b"right"))
         cluster.network.heal()
         result = await cluster[a].get(key)
         assert set(result.siblings) == {left, right}
-        assert result.context.descends(left.clock)
-        assert result.context.descends(right.clock)
-        resolved = await cluster[c].put(key, Payload(0, 0, b"both"), context=result.context)
+        # A cas with the read's token, sent through any node, resolves both.
+        token = result.cas_unique
+        applied = await cluster[c].update(key, Update("cas", value=b"both", cas=token))
+    assert applied.outcome is Outcome.STORED
+    resolved = applied.version
+    assert resolved is not None
     for node in cluster.nodes:
         assert cluster.stored(node, key) == (resolved,)
-    assert resolved.clock.descends(left.clock)
-    assert resolved.clock.descends(right.clock)
+    assert resolved.supersedes(left)
+    assert resolved.supersedes(right)
 
 
 async def test_a_late_stale_replica_apply_is_dropped(
@@ -555,8 +574,8 @@ async def test_a_late_stale_replica_apply_is_dropped(
     key = b"k"
     async with cluster_of(3, Quorum(3, 2, 3)) as cluster:  # W=3: b holds each write at once
         a, b, _ = cluster.nodes
-        first = await cluster[a].put(key, Payload(0, 0, b"1"), context=None)
-        second = await cluster[a].put(key, Payload(0, 0, b"2"), context=None)
+        first = await cluster[a].put(key, Payload(0, 0, b"1"))
+        second = await cluster[a].put(key, Payload(0, 0, b"2"))
         assert cluster.stored(b, key) == (second,)
         late = encode_siblings((first,))
         stored = await cluster.network.call(a, b, "replica_apply", key, late)
@@ -597,7 +616,7 @@ async def test_a_ring_of_one_answers_without_waiting_without_calling_peers() -> 
             quorum=Quorum(3, 2, 2),
             background=background,
         )
-        written = coordinator.put(b"k", Payload(0, 0, b"v"), context=None)
+        written = coordinator.put(b"k", Payload(0, 0, b"v"))
         assert isinstance(written, Version)
         assert coordinator.get((b"k",)) == [(written,)]
         assert coordinator.get((b"k", b"x", b"k")) == [(written,), (), (written,)]
@@ -614,7 +633,7 @@ async def test_a_node_with_peers_hands_back_pending_steps(
         read = coordinator.get((b"k",))
         assert isinstance(read, Pending)
         assert await read == [()]
-        write = coordinator.put(b"k", Payload(0, 0, b"v"), context=None)
+        write = coordinator.put(b"k", Payload(0, 0, b"v"))
         assert isinstance(write, Pending)
         version = await write
     assert all(cluster.stored(node, b"k") == (version,) for node in cluster.nodes)
@@ -640,12 +659,23 @@ GOOD_RECORD = encode_siblings(())
         ("replica_apply", (b"k", b"\x01" + msgpack.packb([[[[b"a", 0, 1]], 1, b"a", 0, 0, b"v"]]))),
         ("replica_apply", (b"k", b"\x01" + msgpack.packb([[[["a", 1, 1]], 1, b"a", 0, 0, b"v"]]))),
         ("replica_apply", (b"k", b"\x01" + msgpack.packb([[[], 1, b"a", 0, 0, "text"]]))),
-        ("coordinate_put", (b"k", -1, 0, b"v", None)),
-        ("coordinate_put", (b"k", 0, True, b"v", None)),
-        ("coordinate_put", (b"k", 0, 0, "text", None)),
-        ("coordinate_put", (b"k", 0, 0, b"v", [[b"a", 1]])),
-        ("coordinate_put", (b"k", 0, 0, b"v", [[b"a", 1, 1], [b"a", 2, 1]])),
-        ("coordinate_put", (b"k", 0, 0, b"v", "clock")),
+        (
+            "replica_apply",
+            (b"k", b"\x02" + msgpack.packb([[b"a", 2, [[b"a", 2, 1]], 1, 0, 0, b"v"]])),
+        ),
+        ("replica_apply", (b"k", b"\x02" + msgpack.packb([[b"a", 0, [], 1, 0, 0, b"v"]]))),
+        ("replica_apply", (b"k", b"\x02" + msgpack.packb([["a", 1, [], 1, 0, 0, b"v"]]))),
+        ("replica_apply", (b"k", b"\x02" + msgpack.packb([[b"a", 1, [[b"b", 1]], 1, 0, 0, b"v"]]))),
+        ("coordinate_put", (b"k", -1, 0, b"v")),
+        ("coordinate_put", (b"k", 0, True, b"v")),
+        ("coordinate_put", (b"k", 0, 0, "text")),
+        ("coordinate_update", (b"k", "cas")),
+        ("coordinate_update", (b"k", ["swap", 0, 0, b"v", 0, 0, False, 1024])),
+        ("coordinate_update", (b"k", ["cas", -1, 0, b"v", 0, 0, False, 1024])),
+        ("coordinate_update", (b"k", ["cas", 0, 0, "text", 0, 0, False, 1024])),
+        ("coordinate_update", (b"k", ["incr", 0, 0, b"", 0, -1, False, 1024])),
+        ("coordinate_update", (b"k", ["add", 0, 0, b"v", 0, 0, 1, 1024])),
+        ("coordinate_update", (b"k", ["add", 0, 0, b"v", 0, 0, False])),
         ("flush", ("soon",)),
         ("flush", (-1,)),
     ],

@@ -22,9 +22,10 @@ from kai.core.memcache.report import VERSION_REPLY, NodeInfo
 from kai.core.pending import Pending
 from kai.core.ring import NodeId, Ring
 from kai.core.stats import NodeStats
+from kai.core.updates import parse_counter
 from kai.core.vclock import VClock
 from kai.core.versions import Version
-from kai.memcache.commands import CommandExecutor, parse_counter
+from kai.memcache.commands import CommandExecutor
 from kai.storage.memory import MemoryEngine
 from kai.storage.replica import LocalReplica
 from kai.testing.memcache import execute_raw
@@ -257,8 +258,8 @@ async def test_noreply_suppresses_every_reply(h: Harness) -> None:
 
 async def test_concurrent_versions_view_and_resolution(nursery: trio.Nursery) -> None:
     h = make_harness(nursery, all_siblings=True)
-    older = Version(VClock.from_entries([(b"x", 1, 1)]), int(NOW * 1e6), b"x", 1, 0, b"old")
-    newer = Version(VClock.from_entries([(b"y", 1, 1)]), int(NOW * 1e6) + 5, b"y", 2, 0, b"new")
+    older = Version((b"x", 1), VClock(), int(NOW * 1e6), 1, 0, b"old")
+    newer = Version((b"y", 1), VClock(), int(NOW * 1e6) + 5, 2, 0, b"new")
     assert h.replica.apply(b"k", (older, newer))
     reply = await h.send(b"gets k\r\n")
     lines = reply.split(b"\r\n")
@@ -275,20 +276,17 @@ async def test_concurrent_versions_view_and_resolution(nursery: trio.Nursery) ->
 
 async def test_default_view_shows_the_newest_sibling(nursery: trio.Nursery) -> None:
     h = make_harness(nursery)
-    older = Version(VClock.from_entries([(b"x", 1, 1)]), 10, b"x", 0, 0, b"old")
-    newer = Version(VClock.from_entries([(b"y", 1, 1)]), 20, b"y", 0, 0, b"new")
+    older = Version((b"x", 1), VClock(), 10, 0, 0, b"old")
+    newer = Version((b"y", 1), VClock(), 20, 0, 0, b"new")
     h.replica.apply(b"k", (older, newer))
     assert await h.send(b"get k\r\n") == b"VALUE k 0 3\r\nnew\r\nEND\r\n"
 
 
 async def test_sibling_cap_refuses_the_write(nursery: trio.Nursery) -> None:
     h = make_harness(nursery, siblings_maximum=2)
-    versions = tuple(
-        Version(VClock.from_entries([(bytes([65 + i]), 1, 1)]), i, b"a", 0, 0, b"v")
-        for i in range(2)
-    )
+    versions = tuple(Version((bytes([65 + i]), 1), VClock(), i, 0, 0, b"v") for i in range(2))
     h.replica.apply(b"k", versions)
-    third = Version(VClock.from_entries([(b"Z", 1, 1)]), 9, b"a", 0, 0, b"v")
+    third = Version((b"Z", 1), VClock(), 9, 0, 0, b"v")
     with pytest.raises(Exception, match="siblings"):
         h.replica.apply(b"k", (third,))
     assert h.stats.kai_sibling_rejections == 1

@@ -1,5 +1,5 @@
-"""The local replica: write fast path equals the write rule, accounting, durable flushes, and
-the cache of decoded sets with their records."""
+"""The local replica: new dots and actor epochs, accounting, durable flushes, and the cache of
+decoded sets with their records."""
 
 from __future__ import annotations
 
@@ -7,11 +7,19 @@ from hypothesis import given, strategies as st
 
 from kai.core.stats import NodeStats
 from kai.core.vclock import VClock
-from kai.core.versions import Version, apply_write, decode_siblings, encode_siblings
+from kai.core.versions import (
+    Payload,
+    SiblingSet,
+    Version,
+    context_of,
+    decode_siblings,
+    encode_siblings,
+    merge,
+)
 from kai.storage.memory import MemoryEngine
-from kai.storage.replica import LocalReplica, Payload
+from kai.storage.replica import ACTOR_META, LocalReplica
 
-from .strategies import versions
+from .strategies import ACTORS, sibling_sets, versions
 
 ACTOR = b"actor-a"
 
@@ -26,26 +34,62 @@ def make_replica(engine: MemoryEngine | None = None, now: float = 1_700_000_000.
     )
 
 
-@given(st.lists(versions(), max_size=1), st.binary(max_size=8))
-def test_blind_overwrite_matches_the_write_rule(stored: list[Version], value: bytes) -> None:
+@given(sibling_sets, st.sampled_from(ACTORS), st.binary(max_size=8))
+def test_a_blind_set_supersedes_everything_stored(
+    stored: SiblingSet, actor: bytes, value: bytes
+) -> None:
     replica = make_replica()
+    replica.actor = actor
     if stored:
-        assert replica.apply(b"k", tuple(stored))
-    before = replica.read(b"k")
+        assert replica.apply(b"k", stored)
     written = replica.coordinate_write(b"k", Payload(1, 0, value), None)
-    assert replica.read(b"k") == apply_write(before, written) == (written,)
-    assert all(written.clock.descends(version.clock) for version in before)
+    assert replica.read(b"k") == merge(stored, (written,)) == (written,)
+    assert all(written.supersedes(version) for version in stored)
+    assert replica.stats.kai_actor_epochs == 0
 
 
-@given(st.lists(versions(), min_size=1, max_size=4))
-def test_every_write_supersedes_what_it_knew(stored: list[Version]) -> None:
+@given(sibling_sets, st.sampled_from(ACTORS))
+def test_a_new_dot_is_past_every_counter_stored(stored: SiblingSet, actor: bytes) -> None:
     replica = make_replica()
+    replica.actor = actor
+    replica.apply(b"k", stored)
+    written = replica.coordinate_write(b"k", Payload(0, 0, b"v"), VClock())
+    assert written.dot[0] == actor
     for version in stored:
-        replica.apply(b"k", (version,))
-    before = replica.read(b"k")
-    written = replica.coordinate_write(b"k", Payload(0, 0, b"v"), None)
-    assert replica.read(b"k") == (written,)
-    assert all(written.clock.descends(version.clock) for version in before)
+        assert version.dot != written.dot
+        assert version.context.counter(actor) < written.dot[1]
+    # An empty context supersedes nothing: every stored version stays beside the new one.
+    assert set(replica.read(b"k")) == {*stored, written}
+
+
+def test_two_writes_from_one_context_both_stay() -> None:
+    replica = make_replica()
+    read = replica.coordinate_write(b"k", Payload(0, 0, b"v1"), None)
+    context = context_of((read,))
+    first = replica.coordinate_write(b"k", Payload(0, 0, b"x"), context)
+    second = replica.coordinate_write(b"k", Payload(0, 0, b"y"), context)
+    assert [version.value for version in replica.read(b"k")] == [b"x", b"y"]
+    assert first.dot[1] < second.dot[1]
+
+
+def test_a_context_from_a_forgotten_past_moves_to_a_new_actor_epoch() -> None:
+    # Riak's KV679: this replica lost its data (a restored backup), but a client read the
+    # key's versions from the other replicas, counter 5 of this actor among them.
+    engine = MemoryEngine()
+    engine.put_meta(ACTOR_META, ACTOR)
+    replica = make_replica(engine)
+    elsewhere = Version((ACTOR, 5), VClock(), timestamp=1, value=b"acknowledged long ago")
+    written = replica.coordinate_write(b"k", Payload(0, 0, b"new"), context_of((elsewhere,)))
+    assert replica.stats.kai_actor_epochs == 1
+    assert replica.actor != ACTOR
+    assert written.dot == (replica.actor, 1)
+    assert engine.get_meta(ACTOR_META) == replica.actor  # a restart keeps the new epoch
+    # Had the counter been reused, (ACTOR, 1) would be covered by contexts that hold ACTOR:5.
+    assert written.supersedes(elsewhere)
+    # Later writes stay in the new epoch.
+    again = replica.coordinate_write(b"k", Payload(0, 0, b"newer"), None)
+    assert again.dot == (replica.actor, 2)
+    assert replica.stats.kai_actor_epochs == 1
 
 
 def test_stale_replication_is_dropped_and_reported() -> None:
@@ -152,8 +196,8 @@ def test_a_replicated_record_is_stored_as_received_when_the_merge_is_exactly_it(
     assert replica.apply(b"k", (first,), received)
     assert replica.read_record(b"k")[1] is received  # the very bytes: not encoded again
     # A merge that is not exactly the incoming set is encoded here.
-    concurrent = replica.coordinate_write(b"k", Payload(0, 0, b"local"), first.clock)
-    second = source.coordinate_write(b"k", Payload(0, 0, b"2"), first.clock)
+    concurrent = replica.coordinate_write(b"k", Payload(0, 0, b"local"), context_of((first,)))
+    second = source.coordinate_write(b"k", Payload(0, 0, b"2"), context_of((first,)))
     second_record = encode_siblings((second,))
     assert replica.apply(b"k", (second,), second_record)
     siblings, record = replica.read_record(b"k")
@@ -162,16 +206,15 @@ def test_a_replicated_record_is_stored_as_received_when_the_merge_is_exactly_it(
     assert record == encode_siblings(siblings)
 
 
-@given(st.lists(versions(), max_size=3), st.booleans())
-def test_coordinate_write_record_is_the_new_version_alone(
-    stored: list[Version], blind: bool
-) -> None:
+@given(sibling_sets, st.booleans())
+def test_coordinate_write_record_is_the_stored_sibling_set(stored: SiblingSet, blind: bool) -> None:
     replica = make_replica()
-    for version in stored:
-        replica.apply(b"k", (version,))
-    # A blind set replaces everything; a write with an empty context may leave siblings.
+    replica.apply(b"k", stored)
+    # A blind set replaces everything; a write with an empty context may leave siblings, and
+    # replication sends them along, so no replica holds the new version without them.
     context = None if blind else VClock()
     version, record = replica.coordinate_write_record(b"k", Payload(0, 0, b"new"), context)
-    assert record == encode_siblings((version,))
-    if replica.read(b"k") == (version,):
-        assert record is replica.read_record(b"k")[1]  # the stored record, not a new encoding
+    siblings, stored_record = replica.read_record(b"k")
+    assert record is stored_record
+    assert decode_siblings(record) == siblings
+    assert version in siblings

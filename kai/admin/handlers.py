@@ -28,7 +28,8 @@ LOCATE_TIMEOUT = 5.0
 def _describe(siblings: SiblingSet) -> list[dict[str, object]]:
     return [
         {
-            "clock": {actor.hex(): counter for actor, counter, _ in version.clock.entries},
+            "dot": [version.dot[0].hex(), version.dot[1]],
+            "context": {actor.hex(): counter for actor, counter, _ in version.context.entries},
             "timestamp": version.timestamp,
             "tombstone": version.value is None,
             "bytes": len(version.value or b""),

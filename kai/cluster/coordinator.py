@@ -10,7 +10,8 @@ cluster they come back as pending steps (:mod:`kai.core.pending`).
   primary is asked in parallel, the answer goes out once R replies per key are in, and later
   replies still feed read repair.
 * Writes are coordinated by a primary (:mod:`kai.cluster.writes`); any other node forwards
-  them once.
+  them once. Conditional writes are decided by the key's coordinating primary (the first
+  primary that is up), under its lock for the key.
 * ``flush_all`` is recorded here, handed to gossip (``on_flush``) and sent to every member.
 
 What it must never do: answer a read from fewer than R replies or acknowledge a write with
@@ -34,11 +35,11 @@ from kai.core.errors import QuorumUnavailable
 from kai.core.pending import Pending, Step
 from kai.core.quorum import ReadRound
 from kai.core.ring import NodeId, Ring
-from kai.core.vclock import VClock
-from kai.core.versions import SiblingSet, Version
+from kai.core.updates import Applied, Update
+from kai.core.versions import Payload, SiblingSet, Version
 from kai.rpc.server import Handler
 from kai.rpc.transport import FanOutTransport
-from kai.storage.replica import LocalReplica, Payload
+from kai.storage.replica import LocalReplica
 
 logger = logging.getLogger(__name__)
 
@@ -109,12 +110,16 @@ class Coordinator:
             replica=replica,
             peers=self._peers,
             placement=self._placement,
+            read=self.get,
             is_up=is_up,
             request_timeout=request_timeout,
             on_flush=on_flush,
         )
         self._rpc = ReplicaRpcHandlers(
-            replica, self._writes.coordinate, read_reply_budget=read_reply_budget
+            replica,
+            self._writes.coordinate,
+            self._writes.coordinate_update,
+            read_reply_budget=read_reply_budget,
         )
 
     # --- introspection ------------------------------------------------------------------------
@@ -163,19 +168,24 @@ class Coordinator:
             return Pending(_results_when_decided(keys, round_, decided))
         return _results(keys, round_)
 
-    def put(self, key: bytes, payload: Payload, *, context: VClock | None) -> Step[Version]:
-        """Write ``payload`` as a new version of ``key`` with W acks.
-
-        Args:
-            key: the key.
-            payload: flags, absolute expiry and value (None deletes with a tombstone).
-            context: the causal context of a previous read (the new version supersedes
-                exactly that); None supersedes every version the coordinator knows.
+    def put(self, key: bytes, payload: Payload) -> Step[Version]:
+        """Write ``payload`` as a new version of ``key`` with W acks, superseding every
+        version its coordinating primary knows (a memcached ``set``; a delete when the value
+        is None).
 
         A failed write may still have landed on some replicas (the Dynamo contract): a
         timeout or unavailability only means fewer than W acknowledged it in time.
         """
-        return self._writes.write(key, payload, context)
+        return self._writes.write(key, payload)
+
+    def update(self, key: bytes, update: Update) -> Step[Applied]:
+        """Carry out a conditional write (cas, add, replace, append, prepend, incr, decr,
+        touch, delete) at ``key``'s coordinating primary: the first of its primaries that is
+        up reads it, checks the condition and writes, under its lock for the key.
+
+        Raises (from the pending step): as :meth:`put`; a failed write may have landed too.
+        """
+        return self._writes.update(key, update)
 
     def flush_all(self, at: int) -> Step[None]:
         """Make every version written before unix time ``at`` (microseconds) invisible,

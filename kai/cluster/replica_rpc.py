@@ -1,6 +1,6 @@
 """The RPC methods a node serves to its peers' coordinators (their encoding: :mod:`kai.core.wire`).
 
-Four methods, all called by :class:`~kai.cluster.coordinator.Coordinator` on peers:
+Five methods, all called by :class:`~kai.cluster.coordinator.Coordinator` on peers:
 
 ``replica_read(keys: list[bytes]) -> list[bytes | None]``
     The stored sibling set of each key as a record (:func:`~kai.core.versions.encode_siblings`),
@@ -12,10 +12,12 @@ Four methods, all called by :class:`~kai.cluster.coordinator.Coordinator` on pee
     Merge versions coordinated elsewhere (replication, read repair) under the replica write
     rule; True when something was stored, False when the versions were already known or
     superseded (a late, stale write is dropped).
-``coordinate_put(key, flags, expiry, value: bytes | None, context) -> bytes``
-    Coordinate a write forwarded by a node that is not a primary of ``key``; ``context`` is
-    None or a list of ``[actor: bytes, counter: int, timestamp: int]``. Returns the written
-    version as a one-version record.
+``coordinate_put(key, flags, expiry, value: bytes | None) -> bytes``
+    Coordinate a ``set`` (or a delete: ``value`` nil) forwarded by a node that is not a
+    primary of ``key``. Returns the written version as a one-version record.
+``coordinate_update(key, update: list) -> list``
+    Carry out a conditional write (:func:`~kai.core.wire.update_to_wire`) forwarded to this
+    node as the key's coordinating primary; answers :func:`~kai.core.wire.applied_to_wire`.
 ``flush(at: int) -> None``
     Record a ``flush_all`` taking effect at ``at`` (unix microseconds).
 
@@ -38,19 +40,20 @@ from kai.core.errors import (
 )
 from kai.core.pending import Pending, Step
 from kai.core.rpc.protocol import MAX_MESSAGE_SIZE
-from kai.core.vclock import VClock
-from kai.core.versions import Version, encode_siblings
+from kai.core.updates import Applied, Update
+from kai.core.versions import Payload, Version, encode_siblings
 from kai.core.wire import (
     UINT32_MAX,
     UINT64_MAX,
-    context_from_wire,
+    applied_to_wire,
     error_to_forward,
     is_int,
     key_from_wire,
     siblings_from_wire,
+    update_from_wire,
 )
 from kai.rpc.server import Handler
-from kai.storage.replica import LocalReplica, Payload
+from kai.storage.replica import LocalReplica
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +66,10 @@ READ_CHUNK = 1024
 #: RPC message limit, leaving room for framing); the caller asks again for the rest.
 READ_REPLY_BUDGET = MAX_MESSAGE_SIZE // 2
 
-#: Coordinates a write forwarded to this primary: ``(key, payload, context) -> version``.
-CoordinateWrite = Callable[[bytes, Payload, VClock | None], Step[Version]]
+#: Coordinates a ``set`` forwarded to this primary: ``(key, payload) -> version``.
+CoordinateWrite = Callable[[bytes, Payload], Step[Version]]
+#: Carries out a conditional write forwarded to this primary: ``(key, update) -> applied``.
+CoordinateUpdate = Callable[[bytes, Update], Step[Applied]]
 
 
 # --- handlers -------------------------------------------------------------------------------
@@ -75,18 +80,23 @@ class ReplicaRpcHandlers:
 
     Args:
         replica: this node's replica.
-        coordinate_write: coordinates a forwarded write on this node (never forwards again).
+        coordinate_write: coordinates a forwarded ``set`` on this node (never forwards again).
+        coordinate_update: carries out a forwarded conditional write on this node (never
+            forwards again).
+        read_reply_budget: bytes of records one ``replica_read`` answer carries at most.
     """
 
     def __init__(
         self,
         replica: LocalReplica,
         coordinate_write: CoordinateWrite,
+        coordinate_update: CoordinateUpdate,
         *,
         read_reply_budget: int = READ_REPLY_BUDGET,
     ) -> None:
         self.replica = replica
-        self.coordinate_write = coordinate_write
+        self._coordinate_write = coordinate_write
+        self._coordinate_update = coordinate_update
         self.read_reply_budget = read_reply_budget
 
     def handlers(self) -> dict[str, Handler]:
@@ -95,6 +105,7 @@ class ReplicaRpcHandlers:
             "replica_read": self.replica_read,
             "replica_apply": self.replica_apply,
             "coordinate_put": self.coordinate_put,
+            "coordinate_update": self.coordinate_update,
             "flush": self.flush,
         }
 
@@ -159,9 +170,9 @@ class ReplicaRpcHandlers:
             raise RpcBadRequest(str(exc)) from exc
 
     def coordinate_put(
-        self, key: object, flags: object, expiry: object, value: object, context: object
+        self, key: object, flags: object, expiry: object, value: object
     ) -> Step[bytes]:
-        """Coordinate a write that a non-primary forwarded here; returns the written version.
+        """Coordinate a ``set`` that a non-primary forwarded here; returns the written version.
 
         Raises:
             RpcBadRequest: bad parameters.
@@ -174,14 +185,30 @@ class ReplicaRpcHandlers:
             raise RpcBadRequest("expiry must be a non-negative integer")
         if value is not None and not isinstance(value, bytes):
             raise RpcBadRequest("value must be bytes or nil")
-        clock = context_from_wire(context)
         try:
-            written = self.coordinate_write(checked_key, Payload(flags, expiry, value), clock)
+            written = self._coordinate_write(checked_key, Payload(flags, expiry, value))
         except KaiError as exc:
             raise error_to_forward(exc) from exc
         if isinstance(written, Pending):
             return Pending(_finish_put(written))
         return encode_siblings((written,))
+
+    def coordinate_update(self, key: object, update: object) -> Step[list[object]]:
+        """Carry out a conditional write forwarded to this node as the coordinating primary.
+
+        Raises:
+            RpcBadRequest: bad parameters.
+            RpcQuorumTimeout, RpcQuorumUnavailable, RpcTooManySiblings: the write failed here.
+        """
+        checked_key = key_from_wire(key)
+        checked = update_from_wire(update)
+        try:
+            applied = self._coordinate_update(checked_key, checked)
+        except KaiError as exc:
+            raise error_to_forward(exc) from exc
+        if isinstance(applied, Pending):
+            return Pending(_finish_update(applied))
+        return applied_to_wire(applied)
 
     def flush(self, at: object) -> None:
         """Record a cluster-wide ``flush_all`` at unix microseconds ``at``.
@@ -200,3 +227,11 @@ async def _finish_put(written: Pending[Version]) -> bytes:
     except KaiError as exc:
         raise error_to_forward(exc) from exc
     return encode_siblings((version,))
+
+
+async def _finish_update(applied: Pending[Applied]) -> list[object]:
+    try:
+        result = await applied
+    except KaiError as exc:
+        raise error_to_forward(exc) from exc
+    return applied_to_wire(result)

@@ -1,12 +1,20 @@
 """Quorum writes for the cluster coordinator: build the version at a primary, replicate, W acks.
 
 A write is coordinated by a primary of its key, because the replica builds the new version
-atomically with its local store. A primary stores the version, sends it to the other
-primaries (``replica_apply``) and is done once W of them (itself included) hold it: at once
-when its own store meets W (a node of one, or W=1), else as a pending step. Any other node
-forwards the write once (``coordinate_put``) to the first primary that is up; the primary
-never forwards it again. ``flush_all`` is a write to every member: recorded here, handed to
-gossip, and sent best-effort to the others.
+atomically with its local store. A primary stores the version, sends its sibling set to the
+other primaries (``replica_apply``) and is done once W of them (itself included) hold it: at
+once when its own store meets W (a node of one, or W=1), else as a pending step.
+
+* A ``set`` is coordinated by whichever primary received it; any other node forwards it once
+  (``coordinate_put``) to the first primary that is up.
+* A conditional write (:mod:`kai.core.updates`) is decided by the key's *coordinating
+  primary*, the first of its primaries that is up: it is forwarded there (``coordinate_update``)
+  from anywhere else, primaries included, and decided under the key's lock there: read (a
+  quorum read), check, write with the read's context. So two ``cas`` with one token through
+  any two nodes give one STORED and one EXISTS; a ``set`` arriving at that primary meanwhile
+  waits for the lock, so it lands after the decision, not inside it.
+* ``flush_all`` is a write to every member: recorded here, handed to gossip, and sent
+  best-effort to the others.
 
 It must never acknowledge a write with fewer than W acks, forward a write more than once,
 count a replica that is not a primary towards W, or let a slow replica delay an answer once
@@ -15,23 +23,68 @@ W acks are in (the rest are still sent, and their answers dropped).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
+from typing import TypeVar
 
 import trio
 
 from kai.cluster.fanout import FanOut, PeerCaller
 from kai.core.config import Quorum
 from kai.core.errors import QuorumTimeout, QuorumUnavailable, RpcBadRequest, RpcConnectionError
-from kai.core.pending import Pending, Step
+from kai.core.pending import Pending, Step, resolve
 from kai.core.quorum import Tally
 from kai.core.ring import NodeId, Ring
+from kai.core.updates import Applied, Update, decide
 from kai.core.vclock import VClock
-from kai.core.versions import Version
-from kai.core.wire import context_to_wire, raise_forwarded, siblings_from_wire
-from kai.storage.replica import LocalReplica, Payload
+from kai.core.versions import Payload, SiblingSet, Version, cas_unique, context_of
+from kai.core.wire import (
+    applied_from_wire,
+    raise_forwarded,
+    siblings_from_wire,
+    update_to_wire,
+)
+from kai.storage.replica import LocalReplica
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Reads keys with their quorum (the coordinator's ``get``).
+Read = Callable[[Sequence[bytes]], Step[list[SiblingSet]]]
+
+
+class KeyLocks:
+    """One lock per key a conditional write is deciding on this node; unused locks go."""
+
+    def __init__(self) -> None:
+        self._locks: dict[bytes, tuple[trio.Lock, int]] = {}
+
+    def locked(self, key: bytes) -> bool:
+        """Whether some task holds or waits for ``key``'s lock."""
+        return key in self._locks
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: bytes) -> AsyncIterator[None]:
+        """Hold ``key``'s lock for the duration of the block (first come, first served)."""
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = trio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
 
 
 class QuorumWriter:
@@ -42,6 +95,7 @@ class QuorumWriter:
         replica: this node's replica.
         peers: how to call the other replicas.
         placement: the current ring and the quorum capped at its member count.
+        read: quorum-reads keys (what a conditional write decides on).
         is_up: the failure detector's opinion (forwarding tries nodes it calls down last).
         request_timeout: seconds a write, forward or flush waits for its answers.
         on_flush: told of every ``flush_all`` this node coordinates (gossip carries it).
@@ -54,6 +108,7 @@ class QuorumWriter:
         replica: LocalReplica,
         peers: PeerCaller,
         placement: Callable[[], tuple[Ring, Quorum]],
+        read: Read,
         is_up: Callable[[NodeId], bool],
         request_timeout: float,
         on_flush: Callable[[int], None],
@@ -64,35 +119,95 @@ class QuorumWriter:
         self.is_up = is_up
         self.request_timeout = request_timeout
         self.on_flush = on_flush
+        self._read = read
         self._peers = peers
+        self.locks = KeyLocks()
         #: Writes this node handed to a primary of their key.
         self.forwarded_writes = 0
 
-    def write(self, key: bytes, payload: Payload, context: VClock | None) -> Step[Version]:
-        """Write a new version of ``key``: coordinate it here if this node is a primary,
-        else forward it once to a primary.
+    # --- set ----------------------------------------------------------------------------------
+
+    def write(self, key: bytes, payload: Payload) -> Step[Version]:
+        """Write a new version of ``key`` that supersedes every version this primary knows:
+        here if this node is a primary, else forwarded once to a primary.
 
         Raises (at once, or from the pending step):
             QuorumUnavailable: fewer than W replicas can acknowledge the write.
             QuorumTimeout: W acks did not arrive within ``request_timeout``.
             TooManySiblings: the write would leave too many siblings.
         """
-        ring, quorum = self.placement()
-        primaries = ring.primaries_of(key, quorum.n)
+        primaries, w = self._primaries(key)
         if self.self_node in primaries:
-            return self._coordinate(key, payload, context, primaries, quorum.w)
-        return Pending(self._forward(key, payload, context, primaries))
+            return self._write_here(key, payload, primaries, w)
+        params = (key, payload.flags, payload.expiry, payload.value)
+        return Pending(self._forward(key, "coordinate_put", params, primaries, _version_from))
 
-    def coordinate(self, key: bytes, payload: Payload, context: VClock | None) -> Step[Version]:
-        """Build, store and replicate a new version here, whatever the ring says (a write
-        a peer forwarded: forwarding again could loop).
+    def coordinate(self, key: bytes, payload: Payload) -> Step[Version]:
+        """Write as :meth:`write` does, here, whatever the ring says (a write a peer
+        forwarded: forwarding again could loop).
 
         If rings briefly disagree and this node is no longer a primary, the version is
         stored here too, but only the primaries' acks count towards W.
         """
+        primaries, w = self._primaries(key)
+        return self._write_here(key, payload, primaries, w)
+
+    def _write_here(
+        self, key: bytes, payload: Payload, primaries: Sequence[NodeId], w: int
+    ) -> Step[Version]:
+        if self.locks.locked(key):
+            return Pending(self._write_in_turn(key, payload, primaries, w))
+        return self._coordinate(key, payload, None, primaries, w)
+
+    async def _write_in_turn(
+        self, key: bytes, payload: Payload, primaries: Sequence[NodeId], w: int
+    ) -> Version:
+        # A conditional write of this key is deciding: this write comes after it.
+        async with self.locks.hold(key):
+            return await resolve(self._coordinate(key, payload, None, primaries, w))
+
+    # --- conditional writes -------------------------------------------------------------------
+
+    def update(self, key: bytes, update: Update) -> Step[Applied]:
+        """Carry out a conditional write at ``key``'s coordinating primary: here if this
+        node is the first primary that is up, else forwarded once to it (or, when it cannot
+        be reached, to the next primary).
+
+        Raises (from the pending step): as :meth:`write`.
+        """
+        primaries, w = self._primaries(key)
+        params = (key, update_to_wire(update))
+        here = partial(self._update_here, key, update, primaries, w)
+        return Pending(
+            self._forward(key, "coordinate_update", params, primaries, applied_from_wire, here)
+        )
+
+    def coordinate_update(self, key: bytes, update: Update) -> Step[Applied]:
+        """Carry out a conditional write here (one a peer forwarded: never forwarded again)."""
+        primaries, w = self._primaries(key)
+        return Pending(self._update_here(key, update, primaries, w))
+
+    async def _update_here(
+        self, key: bytes, update: Update, primaries: Sequence[NodeId], w: int
+    ) -> Applied:
+        async with self.locks.hold(key):
+            (siblings,) = await resolve(self._read((key,)))
+            now = self.replica.wall_clock()
+            decision = decide(
+                update, key, siblings, now=now, flushed_before=self.replica.flushed_before(now)
+            )
+            if decision.write is None:
+                return Applied(decision.outcome)
+            context = context_of(siblings)
+            version = await resolve(self._coordinate(key, decision.write, context, primaries, w))
+        # The new version supersedes everything read: it alone is the key's state now.
+        return Applied(decision.outcome, version, cas_unique(key, context_of((version,))))
+
+    # --- both ---------------------------------------------------------------------------------
+
+    def _primaries(self, key: bytes) -> tuple[Sequence[NodeId], int]:
         ring, quorum = self.placement()
-        primaries = ring.primaries_of(key, quorum.n)
-        return self._coordinate(key, payload, context, primaries, quorum.w)
+        return ring.primaries_of(key, quorum.n), quorum.w
 
     def _coordinate(
         self,
@@ -135,26 +250,39 @@ class QuorumWriter:
         return version
 
     async def _forward(
-        self, key: bytes, payload: Payload, context: VClock | None, primaries: Sequence[NodeId]
-    ) -> Version:
-        """Hand a write to a primary of ``key`` (one hop) and return the version it wrote."""
-        self.forwarded_writes += 1
+        self,
+        key: bytes,
+        method: str,
+        params: tuple[object, ...],
+        primaries: Sequence[NodeId],
+        parse: Callable[[object], T],
+        here: Callable[[], Awaitable[T]] | None = None,
+    ) -> T:
+        """Hand a write to a primary of ``key`` (one hop): the first that is up, then the
+        others in turn while they cannot be reached. When this node's own turn comes (it is
+        a primary itself), ``here`` carries the write out."""
         candidates = [node for node in primaries if self.is_up(node)]
         candidates += [node for node in primaries if node not in candidates]
-        params = (key, payload.flags, payload.expiry, payload.value, context_to_wire(context))
         deadline = trio.current_time() + self.request_timeout
+        forwarded = False
         for peer in candidates:
-            answer = await self._peers.call(peer, "coordinate_put", params, deadline)
+            if peer == self.self_node:
+                if here is None:
+                    continue
+                return await here()
+            if not forwarded:
+                forwarded = True
+                self.forwarded_writes += 1
+            answer = await self._peers.call(peer, method, params, deadline)
             if answer.timed_out:
                 raise QuorumTimeout(f"write of {key!r}: primary {peer} did not answer in time")
             if answer.error is None:
                 try:
-                    (version,) = siblings_from_wire(answer.result)
+                    return parse(answer.result)
                 except (RpcBadRequest, ValueError) as exc:
                     raise QuorumUnavailable(
                         f"write of {key!r}: primary {peer} answered nonsense: {exc}"
                     ) from exc
-                return version
             if isinstance(answer.error, RpcConnectionError):
                 continue  # the write never reached it: try the next primary
             raise_forwarded(answer.error)
@@ -194,3 +322,9 @@ class QuorumWriter:
                     logger.info("flush_all did not reach %s; gossip will carry it", answer.peer)
         finally:
             answers.close()
+
+
+def _version_from(result: object) -> Version:
+    """The version a primary wrote for a forwarded ``set`` (a one-version record)."""
+    (version,) = siblings_from_wire(result)
+    return version

@@ -100,6 +100,7 @@ class NodeStats:
     total_items: int = 0
     kai_unreconciled_get: int = 0
     kai_clock_prunes: int = 0
+    kai_actor_epochs: int = 0
     kai_sibling_warnings: int = 0
     kai_sibling_rejections: int = 0
     kai_quorum_failures: int = 0
@@ -135,6 +136,7 @@ class NodeStats:
         "total_items",
         "kai_unreconciled_get",
         "kai_clock_prunes",
+        "kai_actor_epochs",
         "kai_sibling_warnings",
         "kai_sibling_rejections",
         "kai_quorum_failures",

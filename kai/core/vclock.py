@@ -1,9 +1,11 @@
-"""Vector clocks: the partial order that tells which versions of a key supersede which.
+"""Version vectors: the causal contexts of dotted version vectors (DESIGN §3).
 
 Pure values: no I/O, no trio, no wall-clock reads (callers pass timestamps in). A clock maps
-actor ids (random per data directory, see DESIGN §3) to counters; each entry also carries the
-time it was last incremented, used only to prune the oldest entries (Dynamo §4.4), never to
-order versions.
+actor ids (random per data directory and actor epoch, see DESIGN §3) to counters: ``{a: n}``
+says that the events ``(a, 1)`` … ``(a, n)`` were seen. Each entry also carries the time of
+its latest event, used only to prune the oldest entries (Dynamo §4.4), never to order
+versions. A version's *dot* is one such event (:data:`Dot`); :meth:`VClock.covers` says
+whether a context has seen it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import attrs
 
 #: One clock entry: (actor id, counter >= 1, timestamp in microseconds).
 Entry = tuple[bytes, int, int]
+#: One event: (actor id, counter >= 1), the write that created a version.
+Dot = tuple[bytes, int]
 
 
 class Order(enum.Enum):
@@ -66,6 +70,26 @@ class VClock:
             if entry_actor == actor:
                 return counter
         return 0
+
+    def covers(self, dot: Dot) -> bool:
+        """Whether this context has seen the event ``dot``."""
+        actor, counter = dot
+        for entry_actor, entry_counter, _ in self.entries:
+            if entry_actor == actor:
+                return entry_counter >= counter
+        return False
+
+    def including(self, dot: Dot, timestamp: int) -> VClock:
+        """This context joined with one event (its entry moves up to the dot if behind)."""
+        actor, counter = dot
+        entries = self.entries
+        for index, (entry_actor, entry_counter, _) in enumerate(entries):
+            if entry_actor == actor:
+                if entry_counter >= counter:
+                    return self
+                entry = (actor, counter, timestamp)
+                return VClock._trusted((*entries[:index], entry, *entries[index + 1 :]))
+        return VClock._trusted(tuple(sorted((*entries, (actor, counter, timestamp)))))
 
     def counters(self) -> dict[bytes, int]:
         """The clock as a plain ``{actor: counter}`` mapping (timestamps dropped)."""

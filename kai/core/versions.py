@@ -1,12 +1,20 @@
-"""Versions and sibling sets: the replica write rule, merging, the memcached view, the codec.
+"""Versions and sibling sets: dotted version vectors, the replica write rule, merging, the
+memcached view, and the record codec.
 
 Pure code (no I/O, no trio; callers pass the current time in). DESIGN §3 is the contract:
 
-* a key holds a *sibling set*: the versions that no other stored version descends from;
-* replica write rule: an incoming version is dropped if a stored version descends from or
-  equals it; otherwise it is stored and every stored version it descends from is removed;
-* merging two sibling sets is commutative, associative and idempotent;
+* every version carries its *dot* (the event that created it: coordinating actor and counter)
+  and the *causal context* its writer had seen (a version vector);
+* a version is obsolete exactly when another version's context covers its dot; a key holds
+  a *sibling set*: the versions nobody's context covers;
+* merging two sibling sets is commutative and idempotent, associative for every history a
+  cluster makes, and never discards a version whose dot no context covers;
 * a delete is a tombstone version (``value is None``), never a physical delete on the spot.
+
+Dots instead of plain vector clocks: one coordinator that builds two writes from one read
+context gives them the dots ``(P, k+1)`` and ``(P, k+2)`` and the same context, so neither
+covers the other and both stay (siblings), where the clocks ``context+{P:k+1}`` and
+``context+{P:k+2}`` would have made the second look like a successor of the first.
 """
 
 from __future__ import annotations
@@ -17,13 +25,25 @@ from collections.abc import Iterable, Sequence
 import attrs
 import msgpack
 
-from kai.core.vclock import VClock
+from kai.core.vclock import Dot, Entry, VClock
 
-#: Leading byte of every stored record, so the format can evolve.
-RECORD_FORMAT = 1
+#: Leading byte of every stored record, so the format can evolve. Format 1 (plain vector
+#: clocks) is still read; every record written is in this format.
+RECORD_FORMAT = 2
+#: The record format before dotted version vectors.
+VECTOR_CLOCK_FORMAT = 1
 
 #: memcached's boundary between relative and absolute expiration times (30 days).
 RELATIVE_EXPTIME_LIMIT = 60 * 60 * 24 * 30
+
+
+@attrs.frozen(slots=True)
+class Payload:
+    """What a client write carries: flags, absolute expiry, and the value (None = delete)."""
+
+    flags: int = 0
+    expiry: int = 0
+    value: bytes | None = None
 
 
 @attrs.frozen(slots=True)
@@ -31,26 +51,36 @@ class Version:
     """One version of a key's value.
 
     Attributes:
-        clock: the causal history of this version.
+        dot: the write that created it: its coordinator's actor id and counter.
+        context: what the writer had seen (never its own dot): the versions whose dots it
+            covers are the ones this version supersedes.
         timestamp: wall-clock time of the write at its coordinator, in microseconds; used only
             to pick the newest sibling for the default memcached view and for flush_all.
-        actor: the coordinator's actor id; breaks timestamp ties deterministically.
         flags: memcached client flags (32-bit).
         expiry: absolute unix time in seconds after which the version is gone; 0 = never.
         value: the bytes, or None for a tombstone (a delete).
     """
 
-    clock: VClock
+    dot: Dot
+    context: VClock
     timestamp: int
-    actor: bytes
     flags: int = 0
     expiry: int = 0
     value: bytes | None = None
 
     @property
+    def actor(self) -> bytes:
+        """The coordinator's actor id (breaks timestamp ties deterministically)."""
+        return self.dot[0]
+
+    @property
     def is_tombstone(self) -> bool:
         """Whether this version records a delete."""
         return self.value is None
+
+    def supersedes(self, other: Version) -> bool:
+        """Whether this version's writer had seen ``other`` (its context covers other's dot)."""
+        return self.context.covers(other.dot)
 
     def is_live(self, now: float, flushed_before: int = 0) -> bool:
         """Whether memcached clients can see this version at unix time ``now``.
@@ -66,77 +96,75 @@ class Version:
 
     def sort_key(self) -> tuple[int, bytes]:
         """Order for picking the newest sibling: (timestamp, actor)."""
-        return (self.timestamp, self.actor)
+        return (self.timestamp, self.dot[0])
 
-    def _tie_key(self) -> tuple[int, bytes, int, int, bool, bytes]:
-        # A total order over versions, used only when two versions carry equal clocks (which a
-        # correct cluster never produces) so that merging stays deterministic.
+    def _tie_key(self) -> tuple[int, int, int, bool, bytes, tuple[Entry, ...]]:
+        # A total order over versions with one dot, which a correct cluster never makes
+        # twice, so that merging such versions stays deterministic.
         return (
             self.timestamp,
-            self.actor,
             self.flags,
             self.expiry,
             self.value is not None,
             self.value or b"",
+            self.context.entries,
         )
 
 
-#: The versions of one key that no other version of it descends from, in canonical order.
+#: The versions of one key that no other version of it supersedes, in canonical (dot) order.
 SiblingSet = tuple[Version, ...]
 
 
-def _canonical(versions: Iterable[Version]) -> SiblingSet:
-    return tuple(sorted(versions, key=lambda version: version.clock.entries))
-
-
-def apply_write(stored: SiblingSet, incoming: Version) -> SiblingSet | None:
-    """The replica write rule. Returns the new sibling set, or None if ``incoming`` is dropped.
-
-    ``incoming`` is dropped when a stored version descends from it (a late, stale write) or
-    carries an equal clock; otherwise every stored version that ``incoming`` descends from is
-    replaced by it and concurrent versions stay as siblings.
-    """
-    kept: list[Version] = []
-    for version in stored:
-        if version.clock.descends(incoming.clock):
-            if not incoming.clock.descends(version.clock):
-                return None  # strictly newer version already stored
-            # Equal clocks: the same write seen twice. Keep one, chosen deterministically.
-            if incoming._tie_key() <= version._tie_key():
-                return None
-            continue
-        if incoming.clock.descends(version.clock):
-            continue  # superseded by incoming
-        kept.append(version)
-    kept.append(incoming)
-    return _canonical(kept)
-
-
 def merge(left: SiblingSet, right: SiblingSet) -> SiblingSet:
-    """The union of two sibling sets under the write rule (a least upper bound)."""
-    merged = left
-    for version in right:
-        updated = apply_write(merged, version)
-        if updated is not None:
-            merged = updated
-    return merged
+    """The join of two sibling sets: every version of either that no context covers.
+
+    The replica write rule is the merge with a set of one: an incoming version is dropped
+    when a stored version's context covers its dot (or it is stored already), and otherwise
+    stored in place of every stored version whose dot its context covers. Versions with one
+    dot are one write: a copy is kept (deterministically, should copies ever differ).
+    """
+    if not right or right == left:
+        return left
+    if not left:
+        return right
+    by_dot: dict[Dot, Version] = {}
+    for version in (*left, *right):
+        seen = by_dot.get(version.dot)
+        if seen is None or seen._tie_key() < version._tie_key():
+            by_dot[version.dot] = version
+    candidates = by_dot.values()
+    kept = [
+        version
+        for version in candidates
+        if not any(other.context.covers(version.dot) for other in candidates)
+    ]
+    kept.sort(key=_dot_of)
+    return tuple(kept)
+
+
+def _dot_of(version: Version) -> Dot:
+    return version.dot
 
 
 def context_of(siblings: Iterable[Version]) -> VClock:
-    """The causal context of a read: the merge of every sibling's clock."""
+    """The causal context of a read: every sibling's context and dot, joined.
+
+    A write made with it supersedes exactly the versions read (and what they superseded).
+    """
     context = VClock()
     for version in siblings:
-        context = context.merge(version.clock)
+        context = context.merge(version.context).including(version.dot, version.timestamp)
     return context
 
 
-def cas_unique(context: VClock) -> int:
-    """memcached's 64-bit cas unique for a key whose merged causal context is ``context``.
+def cas_unique(key: bytes, context: VClock) -> int:
+    """memcached's 64-bit cas unique of ``key`` whose read's causal context is ``context``.
 
-    A digest of the clock's counters, so every node derives the same token for the same
-    state, and any write to the key changes it. Never 0 (some clients treat 0 as "no cas").
+    A digest of the key and the context's counters, so every node derives the same token for
+    the same state, siblings share it, any write to the key changes it, and different keys
+    get different tokens. Never 0 (some clients treat 0 as "no cas").
     """
-    hasher = hashlib.blake2b(digest_size=8)
+    hasher = hashlib.blake2b(key, digest_size=8)
     for actor, counter, _ in context.entries:
         hasher.update(len(actor).to_bytes(1, "big"))
         hasher.update(actor)
@@ -169,60 +197,35 @@ def visible(
     return [latest]
 
 
-def next_clock(
+def seen_counter(stored: Iterable[Version], actor: bytes) -> int:
+    """The highest counter of ``actor`` that ``stored`` holds or has seen (0 for none)."""
+    counter = 0
+    for version in stored:
+        dot_actor, dot_counter = version.dot
+        if dot_actor == actor and dot_counter > counter:
+            counter = dot_counter
+        seen = version.context.counter(actor)
+        if seen > counter:
+            counter = seen
+    return counter
+
+
+def new_version(
+    payload: Payload,
     context: VClock,
-    stored: Iterable[Version],
-    actor: bytes,
+    dot: Dot,
     timestamp: int,
     max_entries: int,
-) -> tuple[VClock, int]:
-    """The clock of a new write coordinated by ``actor`` with causal ``context``.
+) -> tuple[Version, int]:
+    """The version a coordinator writes: ``payload`` at ``dot``, superseding ``context``.
 
-    The actor's counter moves past both the context and everything this replica stored, so
-    two writes by one coordinator never share a clock. Returns the clock and how many
-    entries pruning dropped.
+    The context is pruned to ``max_entries`` entries, oldest first (Dynamo §4.4): a pruned
+    context covers less, so pruning can only leave more siblings, never lose a write.
+    Returns the version and how many context entries pruning dropped.
     """
-    counter = context.counter(actor)
-    for version in stored:
-        counter = max(counter, version.clock.counter(actor))
-    clock = context.with_counter(actor, counter + 1, timestamp)
-    return clock.prune(max_entries)
-
-
-class ReadResult:
-    """What a read found for one key: every sibling, and the causal context to write with.
-
-    The context is computed on first use: a plain ``get`` never needs it.
-    """
-
-    __slots__ = ("_context", "siblings")
-
-    def __init__(self, siblings: SiblingSet, context: VClock | None = None) -> None:
-        self.siblings = siblings
-        self._context = context
-
-    @property
-    def context(self) -> VClock:
-        """The merged clock of every sibling read."""
-        if self._context is None:
-            self._context = context_of(self.siblings)
-        return self._context
-
-    @property
-    def cas_unique(self) -> int:
-        """memcached's cas token for this read."""
-        return cas_unique(self.context)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, ReadResult):
-            return NotImplemented
-        return self.siblings == other.siblings
-
-    def __hash__(self) -> int:
-        return hash(self.siblings)
-
-    def __repr__(self) -> str:
-        return f"ReadResult({self.siblings!r})"
+    pruned_context, pruned = context.prune(max_entries)
+    version = Version(dot, pruned_context, timestamp, payload.flags, payload.expiry, payload.value)
+    return version, pruned
 
 
 def absolute_expiry(exptime: int, now: float) -> int:
@@ -246,9 +249,10 @@ def encode_siblings(siblings: SiblingSet) -> bytes:
     """Serialise a sibling set as one storage record (msgpack behind a format byte)."""
     payload = [
         [
-            version.clock.entries,
+            version.dot[0],
+            version.dot[1],
+            version.context.entries,
             version.timestamp,
-            version.actor,
             version.flags,
             version.expiry,
             version.value,
@@ -260,21 +264,65 @@ def encode_siblings(siblings: SiblingSet) -> bytes:
 
 
 def decode_siblings(record: bytes) -> SiblingSet:
-    """Parse a record written by :func:`encode_siblings`.
+    """Parse a record written by :func:`encode_siblings`, or one in format 1.
 
     Raises:
         ValueError: the record is not in a known format.
     """
-    if not record or record[0] != RECORD_FORMAT:
-        raise ValueError("unknown record format")
+    if not record:
+        raise ValueError("empty record")
     payload = msgpack.unpackb(record[1:], raw=False, use_list=False)
-    # With use_list=False the clock entries already are (actor, counter, timestamp) tuples,
-    # written sorted by encode_siblings: use them as they are.
-    return tuple(
-        [
-            Version(VClock._trusted(entries), timestamp, actor, flags, expiry, value)
-            for entries, timestamp, actor, flags, expiry, value in payload
-        ]
+    if record[0] == RECORD_FORMAT:
+        # With use_list=False the context entries already are (actor, counter, timestamp)
+        # tuples, written sorted by encode_siblings: use them as they are.
+        return tuple(
+            [
+                Version(
+                    (actor, counter),
+                    VClock._trusted(entries),
+                    timestamp,
+                    flags,
+                    expiry,
+                    value,
+                )
+                for actor, counter, entries, timestamp, flags, expiry, value in payload
+            ]
+        )
+    if record[0] == VECTOR_CLOCK_FORMAT:
+        return tuple(
+            sorted(
+                [_from_vector_clock(*fields) for fields in payload],
+                key=_dot_of,
+            )
+        )
+    raise ValueError(f"unknown record format {record[0]}")
+
+
+def _from_vector_clock(
+    entries: tuple[Entry, ...],
+    timestamp: int,
+    actor: bytes,
+    flags: int,
+    expiry: int,
+    value: bytes | None,
+) -> Version:
+    """A format-1 version (a plain vector clock) as a dotted version.
+
+    Its coordinator's entry in the clock is the write's own event: that is the dot, and the
+    rest of the clock (with that entry one lower) is what the writer had seen. Two format-1
+    versions of one key never descend one another, and converted, neither covers the other.
+    """
+    counter = 1
+    context: list[Entry] = []
+    for entry_actor, entry_counter, entry_timestamp in entries:
+        if entry_actor == actor:
+            counter = entry_counter
+            if entry_counter > 1:
+                context.append((entry_actor, entry_counter - 1, entry_timestamp))
+        else:
+            context.append((entry_actor, entry_counter, entry_timestamp))
+    return Version(
+        (actor, counter), VClock._trusted(tuple(context)), timestamp, flags, expiry, value
     )
 
 
@@ -282,9 +330,12 @@ def check_sibling_set(siblings: SiblingSet) -> None:
     """Assert the invariants of a stored sibling set (used by tests).
 
     Raises:
-        AssertionError: two versions are ordered, or the order is not canonical.
+        AssertionError: a version supersedes another, two share a dot, or the order is not
+            canonical.
     """
-    for index, left in enumerate(siblings):
-        for right in siblings[index + 1 :]:
-            assert left.clock.compare(right.clock).value == "concurrent", (left, right)
-    assert siblings == _canonical(siblings), "sibling set is not in canonical order"
+    for left in siblings:
+        for right in siblings:
+            if left is not right:
+                assert left.dot != right.dot, (left, right)
+                assert not left.supersedes(right), (left, right)
+    assert list(siblings) == sorted(siblings, key=_dot_of), "sibling set is not canonical"

@@ -2,19 +2,19 @@
 
 Turns parsed requests into coordinator reads and writes and renders the exact memcached 1.6
 replies. Conditional commands (add, replace, cas, append, prepend, incr, decr, touch, gat,
-delete) read, check and then write with the read's causal context; a per-key lock makes that
-sequence atomic among the clients of this node (not across nodes: see the README).
+delete) become an :class:`~kai.core.updates.Update` that the key's coordinating primary
+checks and applies under its lock for the key (:mod:`kai.cluster.writes`), wherever the
+client sent it; this module turns the outcome into the reply and the counters.
 Never touches sockets: the server module feeds requests in and writes replies out.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-
-import trio
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import cast
 
 from kai.cluster.coordinator import Coordinator
 from kai.core.errors import CoordinatorError, TooManySiblings
@@ -22,8 +22,9 @@ from kai.core.memcache import protocol
 from kai.core.memcache.report import VERSION_REPLY, NodeInfo, StatsReport
 from kai.core.pending import Pending, Step, resolve, then
 from kai.core.stats import NodeStats
+from kai.core.updates import Applied, Command, Outcome, Update
 from kai.core.versions import (
-    ReadResult,
+    Payload,
     SiblingSet,
     Version,
     absolute_expiry,
@@ -31,50 +32,20 @@ from kai.core.versions import (
     context_of,
     visible,
 )
-from kai.storage.replica import Payload
 
 logger = logging.getLogger(__name__)
 
-_U64 = 2**64
 _NON_NUMERIC = protocol.client_error("cannot increment or decrement non-numeric value")
 _OUT_OF_MEMORY = protocol.server_error("out of memory storing object")
 _TOO_MANY_SIBLINGS = protocol.server_error("too many siblings")
-
-
-class KeyLocks:
-    """One lock per key being read-modified-written on this node; unused locks are dropped."""
-
-    def __init__(self) -> None:
-        self._locks: dict[bytes, tuple[trio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: bytes) -> AsyncIterator[None]:
-        """Hold ``key``'s lock for the duration of the block."""
-        lock, users = self._locks.get(key, (None, 0))
-        if lock is None:
-            lock = trio.Lock()
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
-
-    def __len__(self) -> int:
-        return len(self._locks)
-
-
-def parse_counter(value: bytes) -> int | None:
-    """The unsigned 64-bit number a stored value holds, as memcached's strtoull reads it."""
-    digits = value.lstrip(b" ").rstrip(b" \t\r\n")
-    if not digits or not digits.isdigit() or len(digits) > 20:
-        return None
-    number = int(digits)
-    return number if number < _U64 else None
+#: The reply to a store command (add, replace, cas, append, prepend) for each outcome.
+_STORE_REPLIES = {
+    Outcome.STORED: protocol.STORED,
+    Outcome.NOT_STORED: protocol.NOT_STORED,
+    Outcome.EXISTS: protocol.EXISTS,
+    Outcome.NOT_FOUND: protocol.NOT_FOUND,
+    Outcome.TOO_LARGE: _OUT_OF_MEMORY,
+}
 
 
 class CommandExecutor:
@@ -106,7 +77,6 @@ class CommandExecutor:
         self.info = info
         self.all_siblings = all_siblings
         self.wall_clock = wall_clock
-        self.locks = KeyLocks()
         #: What ``stats`` answers (``general()`` is also what ``kai-admin stats`` shows).
         self.report = StatsReport(
             stats,
@@ -162,11 +132,16 @@ class CommandExecutor:
             return self._store(request)
         match request:
             case protocol.Delete(key=key, noreply=noreply):
-                return Pending(self._delete(key, noreply))
+                return then(self._update(key, "delete"), partial(self._deleted, noreply))
             case protocol.Arithmetic(key=key, delta=delta, incr=incr, noreply=noreply):
-                return Pending(self._arithmetic(key, delta, incr, noreply))
+                arithmetic: Command = "incr" if incr else "decr"
+                return then(
+                    self._update(key, arithmetic, delta=delta),
+                    partial(self._counted, incr, noreply),
+                )
             case protocol.Touch(key=key, exptime=exptime, noreply=noreply):
-                return Pending(self._touch(key, exptime, noreply))
+                self.stats.cmd_touch += 1
+                return then(self._touch(key, exptime), partial(self._touched, noreply))
             case protocol.GetAndTouch(exptime=exptime, keys=keys, with_cas=with_cas):
                 return Pending(self._get_and_touch(keys, exptime, with_cas))
             case protocol.ValueTooLarge(command=command, key=key, noreply=noreply):
@@ -220,7 +195,7 @@ class CommandExecutor:
                 if version.is_live(now, flushed_before):
                     hits += 1
                     assert version.value is not None
-                    cas = cas_unique(context_of(siblings)) if with_cas else None
+                    cas = cas_unique(key, context_of(siblings)) if with_cas else None
                     append(encode_value(key, version.flags, version.value, cas))
                     continue
                 shown = []
@@ -232,7 +207,7 @@ class CommandExecutor:
             hits += 1
             if len(siblings) > 1:
                 stats.kai_unreconciled_get += 1
-            cas = cas_unique(context_of(siblings)) if with_cas else None
+            cas = cas_unique(key, context_of(siblings)) if with_cas else None
             for version in shown:
                 assert version.value is not None
                 append(encode_value(key, version.flags, version.value, cas))
@@ -252,173 +227,119 @@ class CommandExecutor:
         elif latest.expiry and now >= latest.expiry:
             self.stats.get_expired += 1
 
-    async def _read_live(self, key: bytes) -> tuple[ReadResult, Version | None]:
-        (siblings,) = await resolve(self.coordinator.get((key,)))
-        result = ReadResult(siblings)
-        now = self.wall_clock()
-        shown = visible(
-            siblings,
-            now,
-            self.coordinator.flushed_before(now),
-            all_siblings=self.all_siblings,
-        )
-        return result, (shown[0] if shown else None)
-
     # --- writes -------------------------------------------------------------------------------
 
     def _store(self, request: protocol.Store) -> Step[bytes]:
         started = time.perf_counter()
         self.stats.cmd_set += 1
-        if request.command != "set":
-            return Pending(self._store_conditionally(request, started))
-        written = self.coordinator.put(request.key, self._payload_of(request), context=None)
-        reply = b"" if request.noreply else protocol.STORED
-        if isinstance(written, Pending):
-            return Pending(self._stored_when_written(started, reply, written))
-        return self._stored(started, reply)
-
-    async def _stored_when_written(
-        self, started: float, reply: bytes, written: Pending[Version]
-    ) -> bytes:
-        await written
-        return self._stored(started, reply)
+        payload = self._payload_of(request)
+        if request.command == "set":
+            reply = b"" if request.noreply else protocol.STORED
+            written = self.coordinator.put(request.key, payload)
+            return then(written, lambda _version: self._stored(started, reply))
+        applied = self._update(
+            request.key,
+            cast(Command, request.command),
+            flags=payload.flags,
+            expiry=payload.expiry,
+            value=request.value,
+            cas=request.cas_unique or 0,
+        )
+        return then(applied, lambda done: self._stored(started, self._store_reply(request, done)))
 
     def _stored(self, started: float, reply: bytes) -> bytes:
         self.stats.set_latency.record(time.perf_counter() - started)
         return reply
 
-    async def _store_conditionally(self, request: protocol.Store, started: float) -> bytes:
-        command, key, noreply = request.command, request.key, request.noreply
-        payload = self._payload_of(request)
-        try:
-            async with self.locks.hold(key):
-                result, live = await self._read_live(key)
-                if command == "add":
-                    reply = (
-                        protocol.NOT_STORED
-                        if live is not None
-                        else await self._put(key, payload, result)
-                    )
-                elif command == "replace":
-                    reply = (
-                        protocol.NOT_STORED
-                        if live is None
-                        else await self._put(key, payload, result)
-                    )
-                elif command == "cas":
-                    if live is None:
-                        self.stats.cas_misses += 1
-                        reply = protocol.NOT_FOUND
-                    elif result.cas_unique != request.cas_unique:
-                        self.stats.cas_badval += 1
-                        reply = protocol.EXISTS
-                    else:
-                        self.stats.cas_hits += 1
-                        reply = await self._put(key, payload, result)
-                else:  # append / prepend keep the stored flags and expiry
-                    if live is None:
-                        reply = protocol.NOT_STORED
-                    else:
-                        assert live.value is not None
-                        joined = (
-                            live.value + request.value
-                            if command == "append"
-                            else request.value + live.value
-                        )
-                        if len(joined) > self.info.max_item_size:
-                            reply = _OUT_OF_MEMORY
-                        else:
-                            combined = Payload(live.flags, live.expiry, joined)
-                            reply = await self._put(key, combined, result)
-        finally:
-            self.stats.set_latency.record(time.perf_counter() - started)
-        return _quiet(noreply, reply)
+    def _store_reply(self, request: protocol.Store, applied: Applied) -> bytes:
+        outcome = applied.outcome
+        if request.command == "cas":
+            if outcome is Outcome.NOT_FOUND:
+                self.stats.cas_misses += 1
+            elif outcome is Outcome.EXISTS:
+                self.stats.cas_badval += 1
+            else:
+                self.stats.cas_hits += 1
+        return _quiet(request.noreply, _STORE_REPLIES[outcome])
 
     def _payload_of(self, request: protocol.Store) -> Payload:
         return Payload(
             request.flags, absolute_expiry(request.exptime, self.wall_clock()), request.value
         )
 
-    async def _put(self, key: bytes, payload: Payload, read: ReadResult) -> bytes:
-        await resolve(self.coordinator.put(key, payload, context=read.context))
-        return protocol.STORED
+    def _update(
+        self,
+        key: bytes,
+        command: Command,
+        *,
+        flags: int = 0,
+        expiry: int = 0,
+        value: bytes = b"",
+        cas: int = 0,
+        delta: int = 0,
+    ) -> Step[Applied]:
+        update = Update(
+            command,
+            flags,
+            expiry,
+            value,
+            cas,
+            delta,
+            all_siblings=self.all_siblings,
+            max_size=self.info.max_item_size,
+        )
+        return self.coordinator.update(key, update)
 
-    async def _delete(self, key: bytes, noreply: bool) -> bytes:
-        async with self.locks.hold(key):
-            result, live = await self._read_live(key)
-            if live is None:
-                self.stats.delete_misses += 1
-                return _quiet(noreply, protocol.NOT_FOUND)
-            await resolve(self.coordinator.put(key, Payload(), context=result.context))
-        self.stats.delete_hits += 1
-        return _quiet(noreply, protocol.DELETED)
+    def _deleted(self, noreply: bool, applied: Applied) -> bytes:
+        if applied.outcome is Outcome.DELETED:
+            self.stats.delete_hits += 1
+            return _quiet(noreply, protocol.DELETED)
+        self.stats.delete_misses += 1
+        return _quiet(noreply, protocol.NOT_FOUND)
 
-    async def _arithmetic(self, key: bytes, delta: int, incr: bool, noreply: bool) -> bytes:
-        async with self.locks.hold(key):
-            result, live = await self._read_live(key)
-            if live is None:
-                if incr:
-                    self.stats.incr_misses += 1
-                else:
-                    self.stats.decr_misses += 1
-                return _quiet(noreply, protocol.NOT_FOUND)
-            assert live.value is not None
-            number = parse_counter(live.value)
-            if number is None:
-                return _quiet(noreply, _NON_NUMERIC)
-            number = (number + delta) % _U64 if incr else max(number - delta, 0)
-            encoded = str(number).encode()
-            await resolve(
-                self.coordinator.put(
-                    key, Payload(live.flags, live.expiry, encoded), context=result.context
-                )
-            )
+    def _counted(self, incr: bool, noreply: bool, applied: Applied) -> bytes:
+        outcome = applied.outcome
+        if outcome is Outcome.NON_NUMERIC:
+            return _quiet(noreply, _NON_NUMERIC)
+        hit = outcome is Outcome.STORED
         if incr:
-            self.stats.incr_hits += 1
+            self.stats.incr_hits += hit
+            self.stats.incr_misses += not hit
         else:
-            self.stats.decr_hits += 1
-        return _quiet(noreply, encoded + b"\r\n")
-
-    async def _touch(self, key: bytes, exptime: int, noreply: bool) -> bytes:
-        self.stats.cmd_touch += 1
-        touched = await self._retouch(key, exptime)
-        if touched is None:
-            self.stats.touch_misses += 1
+            self.stats.decr_hits += hit
+            self.stats.decr_misses += not hit
+        if not hit:
             return _quiet(noreply, protocol.NOT_FOUND)
-        self.stats.touch_hits += 1
-        return _quiet(noreply, protocol.TOUCHED)
+        assert applied.version is not None
+        assert applied.version.value is not None
+        return _quiet(noreply, applied.version.value + b"\r\n")
 
-    async def _retouch(self, key: bytes, exptime: int) -> tuple[Version, int] | None:
-        """Give a live key a new expiry; returns the old version and the new cas, or None."""
-        async with self.locks.hold(key):
-            result, live = await self._read_live(key)
-            if live is None:
-                return None
-            expiry = absolute_expiry(exptime, self.wall_clock())
-            written = await resolve(
-                self.coordinator.put(
-                    key, Payload(live.flags, expiry, live.value), context=result.context
-                )
-            )
-        return live, ReadResult((written,)).cas_unique
+    def _touch(self, key: bytes, exptime: int) -> Step[Applied]:
+        return self._update(key, "touch", expiry=absolute_expiry(exptime, self.wall_clock()))
+
+    def _touched(self, noreply: bool, applied: Applied) -> bytes:
+        if applied.outcome is Outcome.TOUCHED:
+            self.stats.touch_hits += 1
+            return _quiet(noreply, protocol.TOUCHED)
+        self.stats.touch_misses += 1
+        return _quiet(noreply, protocol.NOT_FOUND)
 
     async def _get_and_touch(self, keys: Sequence[bytes], exptime: int, with_cas: bool) -> bytes:
         parts: list[bytes] = []
         self.stats.cmd_touch += len(keys)
         self.stats.cmd_get += len(keys)
         for key in keys:
-            touched = await self._retouch(key, exptime)
-            if touched is None:
+            applied = await resolve(self._touch(key, exptime))
+            version = applied.version
+            if applied.outcome is not Outcome.TOUCHED or version is None:
                 self.stats.touch_misses += 1
                 self.stats.get_misses += 1
                 continue
             self.stats.touch_hits += 1
             self.stats.get_hits += 1
-            version, cas = touched
             assert version.value is not None
-            parts.append(
-                protocol.encode_value(key, version.flags, version.value, cas if with_cas else None)
-            )
+            cas = applied.cas if with_cas else None
+            parts.append(protocol.encode_value(key, version.flags, version.value, cas))
         parts.append(protocol.END)
         return b"".join(parts)
 
@@ -426,10 +347,7 @@ class CommandExecutor:
         self.stats.store_too_large += 1
         if command == "set":
             # memcached drops the old value when a set is refused as too large.
-            async with self.locks.hold(key):
-                result, live = await self._read_live(key)
-                if live is not None:
-                    await resolve(self.coordinator.put(key, Payload(), context=result.context))
+            await resolve(self._update(key, "delete"))
         return _quiet(noreply, protocol.OBJECT_TOO_LARGE)
 
     def _flush_all(self, delay: int, noreply: bool) -> Step[bytes]:

@@ -8,11 +8,11 @@ every other task on this node. Never awaits, never talks to the network.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-import attrs
 import msgpack
 
 from kai.core.errors import TooManySiblings
@@ -21,17 +21,24 @@ from kai.core.stats import NodeStats
 from kai.core.storage import StorageEngine
 from kai.core.vclock import VClock
 from kai.core.versions import (
+    Payload,
     SiblingSet,
     Version,
-    apply_write,
     context_of,
     decode_siblings,
     encode_siblings,
+    merge,
+    new_version,
     newest,
-    next_clock,
+    seen_counter,
 )
 
 logger = logging.getLogger(__name__)
+
+#: Metadata name of this data directory's actor id (its current actor epoch).
+ACTOR_META = "actor_id"
+#: Bytes in an actor id.
+ACTOR_ID_SIZE = 8
 
 #: Metadata name of the pending and past flush_all times.
 FLUSH_META = "flush_times"
@@ -39,13 +46,18 @@ FLUSH_META = "flush_times"
 MAX_FLUSH_TIMES = 16
 
 
-@attrs.frozen(slots=True)
-class Payload:
-    """What a client write carries: flags, absolute expiry, and the value (None = delete)."""
+def load_or_create_actor(engine: StorageEngine) -> bytes:
+    """This data directory's actor id, created on first use and persisted (DESIGN §3).
 
-    flags: int = 0
-    expiry: int = 0
-    value: bytes | None = None
+    A wiped data directory gets a new id, so a node that lost its history can never reuse
+    counters that other replicas already hold.
+    """
+    actor = engine.get_meta(ACTOR_META)
+    if actor is None:
+        actor = os.urandom(ACTOR_ID_SIZE)
+        engine.put_meta(ACTOR_META, actor)
+        logger.info("new data directory: actor id %s", actor.hex())
+    return actor
 
 
 class SiblingCache:
@@ -122,7 +134,8 @@ class LocalReplica:
 
     Args:
         engine: the storage engine holding the records.
-        actor: this data directory's actor id (DESIGN §3).
+        actor: this data directory's actor id (DESIGN §3); replaced by a new actor epoch when
+            a write shows that this replica lost history (persisted in ``engine``).
         buckets: number of ring partitions (the storage key prefix).
         stats: counters to update.
         clock_max_entries: prune clocks beyond this many entries.
@@ -205,9 +218,14 @@ class LocalReplica:
     def coordinate_write_record(
         self, key: bytes, payload: Payload, context: VClock | None
     ) -> tuple[Version, bytes]:
-        """Create a new version of ``key`` as its coordinator and store it; return it and its
-        one-version record (what replication sends: the stored record itself when the write
-        left only the new version, the common case).
+        """Create a new version of ``key`` as its coordinator and store it; return it and the
+        record now stored (what replication sends: the whole sibling set, so a replica that
+        gets this version also gets every sibling this one does not supersede).
+
+        The new dot moves this actor's counter past everything stored for the key. A
+        ``context`` holding a higher counter of this actor than anything stored means this
+        replica lost history (a restored backup, lost data): it must not hand out those
+        counters again, so it moves to a new actor epoch first (Riak's KV679).
 
         Args:
             key: the key.
@@ -220,24 +238,35 @@ class LocalReplica:
         """
         partition = self.partition(key)
         stored = self._load(partition, key)
-        blind_overwrite = context is None and len(stored) <= 1
         if context is None:
-            context = stored[0].clock if len(stored) == 1 else context_of(stored)
+            context = context_of(stored)
+        counter = seen_counter(stored, self.actor)
+        if context.counter(self.actor) > counter:
+            self._new_epoch(key, context.counter(self.actor), counter)
+            counter = 0
         timestamp = self._timestamp()
-        clock, pruned = next_clock(context, stored, self.actor, timestamp, self.clock_max_entries)
+        version, pruned = new_version(
+            payload, context, (self.actor, counter + 1), timestamp, self.clock_max_entries
+        )
         if pruned:
             self.stats.kai_clock_prunes += pruned
-        version = Version(
-            clock, timestamp, self.actor, payload.flags, payload.expiry, payload.value
+        record = self._store(partition, key, stored, merge(stored, (version,)))
+        return version, record
+
+    def _new_epoch(self, key: bytes, seen: int, stored: int) -> None:
+        old = self.actor
+        self.actor = os.urandom(ACTOR_ID_SIZE)
+        self.engine.put_meta(ACTOR_META, self.actor)
+        self.stats.kai_actor_epochs += 1
+        logger.warning(
+            "a write of %r carries counter %d of actor %s, which stores only up to %d: "
+            "this replica lost history; new actor epoch %s",
+            key,
+            seen,
+            old.hex(),
+            stored,
+            self.actor.hex(),
         )
-        # The common set: the new clock descends the only stored version (or there is none),
-        # so the write rule's result is just the new version.
-        fast = blind_overwrite and not pruned
-        updated = (version,) if fast else apply_write(stored, version)
-        # Our counter is past every stored one, so no stored version can dominate the new one.
-        assert updated is not None
-        record = self._store(partition, key, stored, updated)
-        return version, record if len(updated) == 1 else encode_siblings((version,))
 
     def apply(self, key: bytes, incoming: SiblingSet, record: bytes | None = None) -> bool:
         """Merge versions coordinated elsewhere (replication, read repair). Returns True if stored.
@@ -251,11 +280,7 @@ class LocalReplica:
         """
         partition = self.partition(key)
         stored = self._load(partition, key)
-        merged = stored
-        for version in incoming:
-            updated = apply_write(merged, version)
-            if updated is not None:
-                merged = updated
+        merged = merge(stored, incoming)
         if merged == stored:
             return False
         self._store(partition, key, stored, merged, record if merged == incoming else None)

@@ -296,7 +296,7 @@ def test_a_client_without_the_secret_can_do_nothing(cluster: list[KaiProcess]) -
 
     calls: list[tuple[str, tuple[object, ...]]] = [
         ("replica_read", ([b"guarded"],)),
-        ("coordinate_put", (b"guarded", 0, 0, b"forged", None)),
+        ("coordinate_put", (b"guarded", 0, 0, b"forged")),
         ("gossip", ({"members": [], "flush_times": []},)),
         ("join", ("127.0.0.1:1",)),
     ]
