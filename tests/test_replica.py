@@ -3,6 +3,7 @@ decoded sets with their records."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, strategies as st
 
 from kai.core.stats import NodeStats
@@ -218,3 +219,26 @@ def test_coordinate_write_record_is_the_stored_sibling_set(stored: SiblingSet, b
     assert record is stored_record
     assert decode_siblings(record) == siblings
     assert version in siblings
+
+
+@pytest.mark.parametrize("coordinators", [1, 2])
+def test_writers_with_stale_contexts_leave_one_sibling_each(coordinators: int) -> None:
+    # riak_test#383's scenario: two clients write in turn, each in the context of its own
+    # last write (never the other's). Plain vector clocks piled up siblings; with dots each
+    # write supersedes exactly its writer's previous one.
+    replicas = [make_replica(), make_replica()]
+    replicas[1].actor = b"actor-b"
+    contexts = [VClock(), VClock()]
+    for round_ in range(20):
+        for client in (0, 1):
+            coordinator = replicas[client % coordinators]
+            written = coordinator.coordinate_write(
+                b"k", Payload(0, 0, b"%d-%d" % (client, round_)), contexts[client]
+            )
+            contexts[client] = context_of((written,))
+            replicas[0].apply(b"k", replicas[1].read(b"k"))
+            replicas[1].apply(b"k", replicas[0].read(b"k"))
+            assert len(replicas[0].read(b"k")) <= 2
+    final = replicas[0].read(b"k")
+    assert final == replicas[1].read(b"k")
+    assert sorted(version.value for version in final) == [b"0-19", b"1-19"]
