@@ -36,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
     "members": ("the cluster's members and their status", "kai-admin members", "members"),
     "ring": ("ring parameters and partitions per node", "kai-admin ring", "ring"),
     "locate": (
-        "where KEY lives: partition, preference list, each replica's versions and clocks",
+        "where KEY lives: partition, preference list, each replica's versions (dot and context)",
         "kai-admin locate user:42",
         "locate",
     ),
@@ -138,11 +138,14 @@ def _render_text(command: str, result: Any) -> str:
                 lines.append(f"  {replica['node']}: -")
                 continue
             for version in replica["versions"]:
-                clock = ",".join(
-                    f"{actor}:{counter}" for actor, counter in sorted(version["clock"].items())
+                actor, counter = version["dot"]
+                context = ",".join(
+                    f"{seen}:{upto}" for seen, upto in sorted(version["context"].items())
                 )
                 kind = "tombstone" if version["tombstone"] else f"{version['bytes']} bytes"
-                lines.append(f"  {replica['node']}: clock [{clock}] {kind}")
+                lines.append(
+                    f"  {replica['node']}: dot {actor}:{counter} context [{context}] {kind}"
+                )
         return "\n".join(lines)
     if isinstance(result, dict):
         return "\n".join(f"{key} {_flat(value)}" for key, value in result.items())

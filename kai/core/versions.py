@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import attrs
 import msgpack
@@ -46,9 +47,9 @@ class Payload:
     value: bytes | None = None
 
 
-@attrs.frozen(slots=True)
-class Version:
-    """One version of a key's value.
+class Version(NamedTuple):
+    """One version of a key's value (immutable; a named tuple, because a write builds one and
+    a read of a record decodes every sibling: it is the cheapest immutable record to make).
 
     Attributes:
         dot: the write that created it: its coordinator's actor id and counter.
@@ -127,19 +128,33 @@ def merge(left: SiblingSet, right: SiblingSet) -> SiblingSet:
         return left
     if not left:
         return right
-    by_dot: dict[Dot, Version] = {}
-    for version in (*left, *right):
-        seen = by_dot.get(version.dot)
-        if seen is None or seen._tie_key() < version._tie_key():
-            by_dot[version.dot] = version
-    candidates = by_dot.values()
-    kept = [
-        version
-        for version in candidates
-        if not any(other.context.covers(version.dot) for other in candidates)
-    ]
-    kept.sort(key=_dot_of)
-    return tuple(kept)
+    union = (*left, *right)
+    contexts = [version.context for version in union]
+    kept = []
+    for version in union:
+        dot = version.dot
+        for context in contexts:
+            if context.covers(dot):
+                break
+        else:
+            kept.append(version)
+    if len(kept) > 1:
+        kept.sort(key=_dot_of)
+        kept = _one_per_dot(kept)
+    merged = tuple(kept)
+    return right if merged == right else merged
+
+
+def _one_per_dot(versions: list[Version]) -> list[Version]:
+    """``versions`` (in dot order) with one version per dot: the greatest by tie key."""
+    unique = [versions[0]]
+    for version in versions[1:]:
+        last = unique[-1]
+        if version.dot != last.dot:
+            unique.append(version)
+        elif last._tie_key() < version._tie_key():
+            unique[-1] = version
+    return unique
 
 
 def _dot_of(version: Version) -> Dot:
@@ -151,10 +166,11 @@ def context_of(siblings: Iterable[Version]) -> VClock:
 
     A write made with it supersedes exactly the versions read (and what they superseded).
     """
-    context = VClock()
+    context: VClock | None = None
     for version in siblings:
-        context = context.merge(version.context).including(version.dot, version.timestamp)
-    return context
+        seen = version.context.including(version.dot, version.timestamp)
+        context = seen if context is None else context.merge(seen)
+    return VClock() if context is None else context
 
 
 def cas_unique(key: bytes, context: VClock) -> int:

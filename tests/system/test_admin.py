@@ -77,7 +77,8 @@ def test_locate_shows_the_clock_of_a_written_key(kai_server: Server) -> None:
     (replica,) = located["replicas"]
     assert replica["holds"] is True
     (version,) = replica["versions"]
-    assert list(version["clock"].values()) == [2]
+    assert version["dot"][1] == 2  # the second write of this actor
+    assert list(version["context"].values()) == [1]  # it superseded the first
     assert version["bytes"] == 6
     missing = json.loads(admin(kai_server, "--json", "locate", "never-written").stdout)
     assert missing["replicas"][0]["holds"] is False

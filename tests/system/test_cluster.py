@@ -141,9 +141,9 @@ def test_writes_through_one_node_are_read_through_every_node(cluster: list[KaiPr
         assert located.returncode == 0, located.stderr
         replicas = json.loads(located.stdout)["replicas"]
         assert len(replicas) == 3
-        clocks = [replica["versions"][0]["clock"] for replica in replicas]
+        dots = [replica["versions"][0]["dot"] for replica in replicas]
         assert all(replica["holds"] for replica in replicas)
-        assert clocks[0] == clocks[1] == clocks[2]
+        assert dots[0] == dots[1] == dots[2]
 
 
 def test_killing_a_node_loses_no_acknowledged_write(cluster: list[KaiProcess]) -> None:
@@ -210,12 +210,12 @@ def test_killing_a_node_loses_no_acknowledged_write(cluster: list[KaiProcess]) -
     def repaired(key: str) -> bool:
         located = admin(revived, "--json", "locate", key)
         replicas = json.loads(located.stdout)["replicas"]
-        clocks = [
-            json.dumps(replica["versions"][0]["clock"], sort_keys=True)
+        versions = [
+            json.dumps(replica["versions"], sort_keys=True)
             for replica in replicas
             if replica["holds"]
         ]
-        return len(clocks) == 3 and len(set(clocks)) == 1
+        return len(versions) == 3 and len(set(versions)) == 1
 
     for key in latest_keys[-5:]:
         wait_for(lambda key=key: repaired(key), timeout=20, what=f"read repair of {key}")  # type: ignore[misc]
