@@ -166,7 +166,7 @@ class Coordinator:
         decided = self._reads.read(round_)
         if decided is not None:
             return Pending(_results_when_decided(keys, round_, decided))
-        return _results(keys, round_)
+        return round_.merged if unique is keys else _results(keys, round_)
 
     def put(self, key: bytes, payload: Payload) -> Step[Version]:
         """Write ``payload`` as a new version of ``key`` with W acks, superseding every

@@ -128,8 +128,10 @@ class QuorumReader:
             if not 1 <= len(records) <= len(indices):
                 raise RpcBadRequest(f"replica_read answered {len(records)} of {len(indices)} keys")
             sibling_sets: list[SiblingSet] = []
+            reads = round_.reads
             for index, record in zip(indices, records, strict=False):
-                mine = round_.local_records.get(index)
+                key_read = reads[index]
+                mine = None if key_read is None else key_read.local
                 if record is None:
                     sibling_sets.append(())
                 elif mine is not None and record == mine[0]:

@@ -72,6 +72,29 @@ class Tally:
 LocalRead = Callable[[bytes], tuple[SiblingSet, bytes | None]]
 
 
+class KeyRead(Tally):
+    """One key of a read round that waits for other replicas: its replies towards R and what
+    each replica that answered holds.
+
+    A key whose every replica answered as the round was made (the coordinator's own replica
+    was its only one) needs none: it is met, and one answer is never stale.
+    """
+
+    __slots__ = ("answers", "local")
+
+    def __init__(self, required: int, replicas: int) -> None:
+        self.required = required
+        self.outstanding = replicas
+        self.replies = 0
+        self.timed_out = False
+        #: What each replica that answered holds.
+        self.answers: dict[NodeId, SiblingSet] = {}
+        #: The coordinator's own record of the key as stored and its sibling set, if it
+        #: holds one: a peer that answers the same bytes holds the same versions, so its
+        #: answer needs no decoding.
+        self.local: tuple[bytes, SiblingSet] | None = None
+
+
 class ReadRound:
     """One quorum read of one or more keys: every replica's answer, merged per key.
 
@@ -88,17 +111,7 @@ class ReadRound:
         read_local: reads a key from ``local_node``'s replica.
     """
 
-    __slots__ = (
-        "_answered",
-        "answers",
-        "batches",
-        "keys",
-        "local_records",
-        "lost_index",
-        "merged",
-        "tallies",
-        "unmet",
-    )
+    __slots__ = ("_answered", "batches", "keys", "lost_index", "merged", "reads", "unmet")
 
     def __init__(
         self,
@@ -109,45 +122,42 @@ class ReadRound:
         read_local: LocalRead | None = None,
     ) -> None:
         self.keys = keys
-        #: For each key, the replies towards its quorum.
-        self.tallies: list[Tally] = []
-        #: For each key, what each replica that answered holds.
-        self.answers: list[dict[NodeId, SiblingSet]] = []
         #: For each key, the merge of every answer so far.
         self.merged: list[SiblingSet] = []
+        #: For each key, its quorum and answers; None for a key every replica answered.
+        self.reads: list[KeyRead | None] = []
         #: For each replica to ask, the indices of the keys it is asked for, in order.
         self.batches: dict[NodeId, list[int]] = {}
-        #: The local replica's record of each key it holds, by key index: a peer that answers
-        #: the same bytes holds the same versions, so its answer needs no decoding.
-        self.local_records: dict[int, tuple[bytes, SiblingSet]] = {}
         self.lost_index: int | None = None
         # How many keys of its batch each replica has answered (answers come in order);
         # -1 once it failed.
         self._answered: dict[NodeId, int] = {}
         if read_local is None:
             local_node = None
-        tallies, answers, merged, batches = self.tallies, self.answers, self.merged, self.batches
+        merged, reads, batches = self.merged, self.reads, self.batches
         unmet = 0
-        for index in range(len(keys)):
-            nodes = replicas[index]
+        for index, nodes in enumerate(replicas):
             count = len(nodes)
-            tally = Tally(r if r < count else count, count)
-            tallies.append(tally)
             if local_node is not None and local_node in nodes:
                 assert read_local is not None
                 siblings, record = read_local(keys[index])
-                tally.replies, tally.outstanding = 1, count - 1  # its reply
-                answers.append({local_node: siblings})
                 merged.append(siblings)
-                if record is not None:
-                    self.local_records[index] = (record, siblings)
                 if count == 1:
-                    continue  # its one replica answered: met, and nobody to ask
+                    reads.append(None)  # its one replica answered: met, and nobody to ask
+                    continue
+                read = KeyRead(r if r < count else count, count - 1)
+                read.replies = 1  # the local replica's answer
+                read.answers[local_node] = siblings
+                if record is not None:
+                    read.local = (record, siblings)
+                if read.required > 1:
+                    unmet += 1
             else:
-                answers.append({})
+                read = KeyRead(r if r < count else count, count)
                 merged.append(())
-            if tally.replies < tally.required:
-                unmet += 1
+                if read.required > 0:
+                    unmet += 1
+            reads.append(read)
             for node in nodes:
                 if node != local_node:
                     batch = batches.get(node)
@@ -190,17 +200,18 @@ class ReadRound:
         if len(sibling_sets) > len(indices):
             raise ValueError(f"{node} answered {len(sibling_sets)} keys, not {len(indices)}")
         self._answered[node] = self._answered.get(node, 0) + len(sibling_sets)
-        answers, merged, tallies = self.answers, self.merged, self.tallies
+        merged, reads = self.merged, self.reads
         for index, siblings in zip(indices, sibling_sets, strict=False):
-            answers[index][node] = siblings
+            read = reads[index]
+            assert read is not None  # a key in a batch waits for its replicas
+            read.answers[node] = siblings
             current = merged[index]
             if not current:
                 merged[index] = siblings  # a stored sibling set is already canonical
             elif siblings and siblings != current:  # equal replicas are the common case
                 merged[index] = merge(current, siblings)
-            tally = tallies[index]
-            tally.reply()
-            if tally.replies == tally.required:
+            read.reply()
+            if read.replies == read.required:
                 self.unmet -= 1
         return len(indices) - len(sibling_sets)
 
@@ -210,12 +221,14 @@ class ReadRound:
         if self._answered.get(node, 0) < 0:
             return
         self._answered[node] = -1  # failed: nothing it says later counts
+        reads = self.reads
         for index in self.batches.get(node, ()):
-            if node in self.answers[index]:
+            read = reads[index]
+            assert read is not None
+            if node in read.answers:
                 continue
-            tally = self.tallies[index]
-            tally.fail(timed_out=timed_out)
-            if tally.lost and self.lost_index is None:
+            read.fail(timed_out=timed_out)
+            if read.lost and self.lost_index is None:
                 self.lost_index = index
 
     @property
@@ -228,11 +241,14 @@ class ReadRound:
         if self.lost_index is None and not self.unmet:
             return None
         if self.lost_index is not None:
-            return self.tallies[self.lost_index].error(f"read of {self.keys[self.lost_index]!r}")
-        for index, tally in enumerate(self.tallies):
-            if not tally.met:
-                return tally.error(f"read of {self.keys[index]!r}")
-        return None
+            index = self.lost_index
+        else:
+            index = next(
+                index for index, read in enumerate(self.reads) if read is not None and not read.met
+            )
+        read = self.reads[index]
+        assert read is not None
+        return read.error(f"read of {self.keys[index]!r}")
 
     def stale_replicas(self) -> Iterator[tuple[int, NodeId]]:
         """``(key index, replica)`` for every replica that answered with less than the merge.
@@ -240,10 +256,10 @@ class ReadRound:
         A replica that answered not-found for a key others hold is stale too; replicas that
         did not answer are not listed (what they hold is unknown).
         """
-        for index, answers in enumerate(self.answers):
+        for index, read in enumerate(self.reads):
             merged = self.merged[index]
-            if not merged:
+            if read is None or not merged:
                 continue
-            for node, siblings in answers.items():
+            for node, siblings in read.answers.items():
                 if siblings != merged:
                     yield index, node
