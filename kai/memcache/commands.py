@@ -123,12 +123,9 @@ class CommandExecutor:
 
     def _dispatch(self, request: protocol.Request | protocol.Invalid) -> Step[bytes]:
         # The commonest requests first, by exact type: cheaper than a match on every request.
-        kind = type(request)
-        if kind is protocol.Get:
-            assert isinstance(request, protocol.Get)
+        if type(request) is protocol.Get:
             return self._get(request.keys, request.with_cas)
-        if kind is protocol.Store:
-            assert isinstance(request, protocol.Store)
+        if type(request) is protocol.Store:
             return self._store(request)
         match request:
             case protocol.Delete(key=key, noreply=noreply):
@@ -187,16 +184,17 @@ class CommandExecutor:
         all_siblings = self.all_siblings
         stats = self.stats
         parts: list[bytes] = []
-        append, encode_value = parts.append, protocol.encode_value
         hits = 0
-        for key, siblings in zip(keys, results, strict=True):
+        for index, key in enumerate(keys):  # cheaper than a zip(strict=True) of two
+            siblings = results[index]
             if len(siblings) == 1 and not all_siblings:  # the common case: one version
                 version = siblings[0]
                 if version.is_live(now, flushed_before):
                     hits += 1
-                    assert version.value is not None
+                    value = version.value
+                    assert value is not None
                     cas = cas_unique(key, context_of(siblings)) if with_cas else None
-                    append(encode_value(key, version.flags, version.value, cas))
+                    parts.append(protocol.encode_value(key, version.flags, value, cas))
                     continue
                 shown = []
             else:
@@ -210,10 +208,11 @@ class CommandExecutor:
             cas = cas_unique(key, context_of(siblings)) if with_cas else None
             for version in shown:
                 assert version.value is not None
-                append(encode_value(key, version.flags, version.value, cas))
-        stats.cmd_get += len(keys)
+                parts.append(protocol.encode_value(key, version.flags, version.value, cas))
+        count = len(keys)
+        stats.cmd_get += count
         stats.get_hits += hits
-        stats.get_misses += len(keys) - hits
+        stats.get_misses += count - hits
         parts.append(protocol.END)
         stats.get_latency.record(time.perf_counter() - started)
         return b"".join(parts)
