@@ -13,7 +13,6 @@ from kai.core.versions import (
     context_of,
     merge,
     new_version,
-    seen_counter,
 )
 
 ACTORS = [b"actor-a", b"actor-b", b"actor-c", b"actor-d"]
@@ -98,7 +97,7 @@ def histories(draw: st.DrawFn, replicas: int = 3, max_steps: int = 10) -> Histor
             read = states[here]
         actor = ACTORS[here]
         context = context_of(read)
-        counter = max(seen_counter(states[here], actor), context.counter(actor)) + 1
+        counter = max(context_of(states[here]).counter(actor), context.counter(actor)) + 1
         payload = Payload(0, 0, None if draw(st.booleans()) and step % 4 == 3 else b"%d" % step)
         timestamp = 1000 + step
         version, _ = new_version(payload, context, (actor, counter), timestamp, 100)

@@ -19,7 +19,6 @@ from kai.core.versions import (
     encode_siblings,
     merge,
     new_version,
-    seen_counter,
     visible,
 )
 
@@ -144,11 +143,10 @@ def test_concurrent_writes_become_siblings_and_a_context_write_resolves_them() -
     assert merge(siblings, (resolved,)) == (resolved,)
 
 
-def test_seen_counter_counts_dots_and_contexts() -> None:
-    stored = (_version("a", 5, b"x"), _version("b", 2, b"y", a=7))
-    assert seen_counter(stored, b"a") == 7
-    assert seen_counter(stored, b"b") == 2
-    assert seen_counter(stored, b"c") == 0
+def test_the_context_of_a_read_holds_every_dot_and_context_read() -> None:
+    stored = (_version("a", 5, b"x", c=1), _version("b", 2, b"y", a=7))
+    assert context_of(stored).counters() == {b"a": 7, b"b": 2, b"c": 1}
+    assert context_of(()) == VClock()
 
 
 def test_new_version_prunes_the_oldest_context_entries() -> None:

@@ -23,7 +23,6 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
-import attrs
 import msgpack
 
 from kai.core.vclock import Dot, Entry, VClock
@@ -38,8 +37,7 @@ VECTOR_CLOCK_FORMAT = 1
 RELATIVE_EXPTIME_LIMIT = 60 * 60 * 24 * 30
 
 
-@attrs.frozen(slots=True)
-class Payload:
+class Payload(NamedTuple):
     """What a client write carries: flags, absolute expiry, and the value (None = delete)."""
 
     flags: int = 0
@@ -129,15 +127,13 @@ def merge(left: SiblingSet, right: SiblingSet) -> SiblingSet:
     if not left:
         return right
     union = (*left, *right)
-    contexts = [version.context for version in union]
-    kept = []
+    # Some context covers a dot exactly when the join of them all does: one pass builds it.
+    seen: dict[bytes, int] = {}
     for version in union:
-        dot = version.dot
-        for context in contexts:
-            if context.covers(dot):
-                break
-        else:
-            kept.append(version)
+        for actor, counter, _ in version.context.entries:
+            if counter > seen.get(actor, 0):
+                seen[actor] = counter
+    kept = [version for version in union if seen.get(version.dot[0], 0) < version.dot[1]]
     if len(kept) > 1:
         kept.sort(key=_dot_of)
         kept = _one_per_dot(kept)
@@ -211,19 +207,6 @@ def visible(
     if latest is None or not latest.is_live(now, flushed_before):
         return []
     return [latest]
-
-
-def seen_counter(stored: Iterable[Version], actor: bytes) -> int:
-    """The highest counter of ``actor`` that ``stored`` holds or has seen (0 for none)."""
-    counter = 0
-    for version in stored:
-        dot_actor, dot_counter = version.dot
-        if dot_actor == actor and dot_counter > counter:
-            counter = dot_counter
-        seen = version.context.counter(actor)
-        if seen > counter:
-            counter = seen
-    return counter
 
 
 def new_version(

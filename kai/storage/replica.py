@@ -30,7 +30,6 @@ from kai.core.versions import (
     merge,
     new_version,
     newest,
-    seen_counter,
 )
 
 logger = logging.getLogger(__name__)
@@ -238,9 +237,10 @@ class LocalReplica:
         """
         partition = self.partition(key)
         stored = self._load(partition, key)
+        known = context_of(stored)  # every version this replica holds or has seen
         if context is None:
-            context = context_of(stored)
-        counter = seen_counter(stored, self.actor)
+            context = known
+        counter = known.counter(self.actor)
         if context.counter(self.actor) > counter:
             self._new_epoch(key, context.counter(self.actor), counter)
             counter = 0
