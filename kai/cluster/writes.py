@@ -136,9 +136,10 @@ class QuorumWriter:
             QuorumTimeout: W acks did not arrive within ``request_timeout``.
             TooManySiblings: the write would leave too many siblings.
         """
-        primaries, w = self._primaries(key)
+        ring, quorum = self.placement()
+        primaries = ring.primaries_of(key, quorum.n)
         if self.self_node in primaries:
-            return self._write_here(key, payload, primaries, w)
+            return self._write_here(key, payload, primaries, quorum.w)
         params = (key, payload.flags, payload.expiry, payload.value)
         return Pending(self._forward(key, "coordinate_put", params, primaries, _version_from))
 

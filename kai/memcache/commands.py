@@ -235,7 +235,9 @@ class CommandExecutor:
         if request.command == "set":
             reply = b"" if request.noreply else protocol.STORED
             written = self.coordinator.put(request.key, payload)
-            return then(written, lambda _version: self._stored(started, reply))
+            if isinstance(written, Pending):
+                return then(written, lambda _version: self._stored(started, reply))
+            return self._stored(started, reply)
         applied = self._update(
             request.key,
             cast(Command, request.command),
