@@ -1,4 +1,5 @@
-"""Latency histograms report percentiles within their bucket resolution."""
+"""Latency histograms report percentiles within their bucket resolution; the stats report
+carries node counts that a reader keeping only a value's first word can use."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import random
 
 import pytest
 
+from kai.core.memcache.report import NodeInfo, StatsReport
 from kai.core.stats import LatencyHistogram, NodeStats
 
 
@@ -41,3 +43,60 @@ def test_reset_clears_counters_but_not_gauges() -> None:
     assert stats.cmd_get == 0
     assert stats.get_latency.total == 0
     assert stats.curr_connections == 3
+
+
+def _report(members: list[str], down: str) -> StatsReport:
+    info = NodeInfo(
+        node="127.0.0.1:11011",
+        quorum="3,2,2",
+        buckets=1024,
+        virtual_nodes=128,
+        store="memory",
+        max_connections=1024,
+        max_item_size=1024,
+        settings={},
+        started_at=0.0,
+    )
+    return StatsReport(
+        NodeStats(),
+        info,
+        members=lambda: members,
+        extra_stats=lambda: [("kai_down_nodes", down), ("kai_cache_hits", 0)],
+        wall_clock=lambda: 5.0,
+    )
+
+
+def _first_words(reply: bytes) -> dict[str, str]:
+    """``stats`` as pymemcache's ``stats()`` and ``memcstat`` read it: a value's first word."""
+    lines = reply.decode().split("\r\n")
+    assert lines[-2:] == ["END", ""]
+    return {line.split(" ")[1]: line.split(" ")[2] for line in lines[:-2]}
+
+
+@pytest.mark.parametrize(
+    ("members", "down", "curr_count", "down_count"),
+    [
+        (["127.0.0.1:11011"], "-", "1", "0"),
+        (["127.0.0.1:11011", "127.0.0.1:11012", "127.0.0.1:11013"], "127.0.0.1:11013", "3", "1"),
+        (
+            ["127.0.0.1:11011", "127.0.0.1:11012", "127.0.0.1:11013"],
+            "127.0.0.1:11012 127.0.0.1:11013",
+            "3",
+            "2",
+        ),
+    ],
+)
+def test_node_lists_come_with_counts_a_first_word_reader_can_use(
+    members: list[str], down: str, curr_count: str, down_count: str
+) -> None:
+    report = _report(members, down)
+    fields = dict(report.general())
+    assert fields["kai_curr_nodes"] == " ".join(members)  # kept as Kai always had it
+    assert fields["kai_down_nodes"] == down
+    assert fields["kai_curr_nodes_count"] == int(curr_count)
+    assert fields["kai_down_nodes_count"] == int(down_count)
+    seen = _first_words(report.reply(()))
+    assert seen["kai_curr_nodes_count"] == curr_count
+    assert seen["kai_down_nodes_count"] == down_count
+    names = [name for name, _ in report.general()]
+    assert names.index("kai_down_nodes_count") == names.index("kai_down_nodes") + 1

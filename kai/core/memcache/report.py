@@ -17,6 +17,11 @@ from kai import __version__
 from kai.core.memcache import replies
 from kai.core.stats import NodeStats
 
+#: Fields from other parts of the node that list nodes, space-separated ("-" for none); each
+#: gets a ``<name>_count`` field after it, because pymemcache's ``stats()`` and ``memcstat``
+#: keep only the first word of a value.
+COUNTED_NODE_LISTS = frozenset({"kai_down_nodes"})
+
 #: The memcached version we answer with; libmemcached and memccapable need major.minor >= 1.6.
 MEMCACHED_VERSION = f"1.6.21-kai-{__version__}"
 VERSION_REPLY = f"VERSION {MEMCACHED_VERSION}\r\n".encode()
@@ -43,9 +48,10 @@ class StatsReport:
     Args:
         stats: the node's counters (``stats reset`` clears them).
         info: static node facts.
-        members: the cluster's members, for ``kai_curr_nodes``.
+        members: the cluster's members, for ``kai_curr_nodes`` and ``kai_curr_nodes_count``.
         item_counts: returns (items, bytes) for ``curr_items`` / ``bytes``.
-        extra_stats: more fields from other parts of the node (storage, cache).
+        extra_stats: more fields from other parts of the node (storage, cache); a node list
+            named in :data:`COUNTED_NODE_LISTS` is followed by its count.
         wall_clock: unix time in seconds.
     """
 
@@ -85,6 +91,7 @@ class StatsReport:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         stats = self.stats
         items, item_bytes = self.item_counts()
+        members = self.members()
         fields: list[tuple[str, object]] = [
             ("pid", os.getpid()),
             ("uptime", int(now - self.info.started_at)),
@@ -110,10 +117,14 @@ class StatsReport:
             ("kai_buckets", self.info.buckets),
             ("kai_virtual_nodes", self.info.virtual_nodes),
             ("kai_store", self.info.store),
-            ("kai_curr_nodes", " ".join(self.members())),
+            ("kai_curr_nodes", " ".join(members)),
+            ("kai_curr_nodes_count", len(members)),
         ]
         fields += stats.latency_fields()
-        fields += self.extra_stats()
+        for name, value in self.extra_stats():
+            fields.append((name, value))
+            if name in COUNTED_NODE_LISTS:
+                fields.append((f"{name}_count", _count_nodes(value)))
         return fields
 
     def settings(self) -> list[tuple[str, object]]:
@@ -133,3 +144,8 @@ class StatsReport:
                 value = "yes" if value else "no"
             fields.append((f"kai_{name}", value))
         return fields
+
+
+def _count_nodes(node_list: object) -> int:
+    """How many nodes a space-separated list names; ``-`` (or nothing) names none."""
+    return sum(1 for node in str(node_list).split() if node != "-")
