@@ -6,8 +6,10 @@ the secret file.
 
 Examples:
     kai-admin status
-    kai-admin --node 127.0.0.1:11012 --json stats
+    kai-admin --node 127.0.0.1:11012 stats --json
     kai-admin locate user:42
+
+Exit status: see :data:`EXIT_CODES` (also printed at the end of ``--help``).
 """
 
 from __future__ import annotations
@@ -18,17 +20,45 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import trio
 
+from kai import __version__
 from kai.core.config import Address
-from kai.core.errors import KaiError, RpcError
+from kai.core.errors import (
+    ConfigError,
+    KaiError,
+    RpcAuthenticationError,
+    RpcError,
+    RpcMethodNotFound,
+)
+from kai.core.memcache.requests import KEY_MAX_LENGTH, is_valid_key
 from kai.rpc.client import RpcClient
 from kai.rpc.secret import load_secret
 
 #: Seconds a single admin call may take, connection included.
 CALL_TIMEOUT = 10.0
+
+#: The command succeeded.
+EXIT_OK: Final = 0
+#: The node answered with an error: the operation failed there.
+EXIT_FAILED: Final = 1
+#: The command line is wrong (argparse's own status for usage errors).
+EXIT_USAGE: Final = 2
+#: The node could not be reached or authenticated (also: no usable secret file here).
+EXIT_UNREACHABLE: Final = 3
+#: The command is not available in this version (of kai-admin, or of the node asked).
+EXIT_NOT_AVAILABLE: Final = 4
+
+#: Exit status -> what it means; scripts depend on these numbers, so never renumber them.
+EXIT_CODES: Final = {
+    EXIT_OK: "success",
+    EXIT_FAILED: "the node answered with an error (the operation failed)",
+    EXIT_USAGE: "usage error (bad flags, address or key)",
+    EXIT_UNREACHABLE: "cannot reach or authenticate to the node (or no usable secret file)",
+    EXIT_NOT_AVAILABLE: "not available in this version",
+}
 
 # name -> (help, example, rpc method); commands whose method is None are not available yet.
 COMMANDS: dict[str, tuple[str, str, str | None]] = {
@@ -36,7 +66,8 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
     "members": ("the cluster's members and their status", "kai-admin members", "members"),
     "ring": ("ring parameters and partitions per node", "kai-admin ring", "ring"),
     "locate": (
-        "where KEY lives: partition, preference list, each replica's versions (dot and context)",
+        "where KEY lives: partition, preference list (the N primaries), fallbacks, each "
+        "primary's versions (dot and context)",
         "kai-admin locate user:42",
         "locate",
     ),
@@ -59,36 +90,61 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``kai-admin`` command line."""
-    parser = argparse.ArgumentParser(
-        prog="kai-admin",
-        description="Inspect and manage Kai nodes over their authenticated RPC port.",
-        epilog="examples:\n  kai-admin status\n  kai-admin --json stats\n  kai-admin locate key1\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def _exit_status_epilog() -> str:
+    return "exit status:\n" + "".join(
+        f"  {code}  {meaning}\n" for code, meaning in EXIT_CODES.items()
     )
+
+
+def _common_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """--node, --secret-file and --json, accepted before and after the subcommand.
+
+    The subcommands' copies default to SUPPRESS, so an option given before the
+    subcommand is not overwritten by the subcommand's default.
+    """
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
     parser.add_argument(
         "--node",
-        default="127.0.0.1:11011",
+        default=default("127.0.0.1:11011"),
         metavar="HOST:PORT",
         help="RPC address (127.0.0.1:11011)",
     )
     parser.add_argument(
         "--secret-file",
         type=Path,
-        default=None,
+        default=default(None),
         metavar="FILE",
         help="cluster secret ($KAI_SECRET_FILE, else ./kai-data/cluster.secret)",
     )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument(
+        "--json", action="store_true", default=default(False), help="print JSON instead of text"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kai-admin`` command line."""
+    parser = argparse.ArgumentParser(
+        prog="kai-admin",
+        description="Inspect and manage Kai nodes over their authenticated RPC port.",
+        epilog="examples:\n  kai-admin status\n  kai-admin stats --json\n"
+        "  kai-admin --node 127.0.0.1:11012 locate key1\n\n" + _exit_status_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"kai-admin {__version__}")
+    _common_options(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, example, _method) in COMMANDS.items():
         sub = commands.add_parser(
             name,
             help=help_text,
             description=f"{help_text}.\n\nexample:\n  {example}",
+            epilog=_exit_status_epilog(),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        _common_options(sub, defaults=False)
         if name == "locate":
             sub.add_argument("key", help="the key, as a memcached client would send it")
         elif name == "join":
@@ -131,9 +187,14 @@ def _render_text(command: str, result: Any) -> str:
         lines = [
             f"key {result['key']}",
             f"partition {result['partition']}",
-            f"preference list {' '.join(result['preference_list'])} (N={result['n']})",
+            f"preference list (N={result['n']}): {' '.join(result['preference_list'])}",
         ]
+        if result.get("fallbacks"):
+            lines.append(f"fallbacks: {' '.join(result['fallbacks'])}")
         for replica in result["replicas"]:
+            if "error" in replica:
+                lines.append(f"  {replica['node']}: unknown ({replica['error']})")
+                continue
             if not replica["holds"]:
                 lines.append(f"  {replica['node']}: -")
                 continue
@@ -160,39 +221,72 @@ def _flat(value: Any) -> str:
     return str(value)
 
 
+def _fail(status: int, text: str) -> int:
+    """Print ``text`` as one ``kai-admin: ...`` line on stderr; return ``status``."""
+    sys.stderr.write(f"kai-admin: {' '.join(text.split())}\n")
+    return status
+
+
 def main(argv: Sequence[str] | None = None, *, out: Callable[[str], object] | None = None) -> int:
-    """Entry point of ``kai-admin``; returns the exit status."""
+    """Entry point of ``kai-admin``; returns the exit status (see :data:`EXIT_CODES`)."""
     write = out if out is not None else (lambda text: sys.stdout.write(text + "\n"))
     args = build_parser().parse_args(argv)
     _help, _example, method = COMMANDS[args.command]
     if method is None:
-        sys.stderr.write(
-            f"kai-admin {args.command}: not available in this version: moving a node's data "
-            "off the ring (leave, remove) comes with ownership transfer\n"
+        return _fail(
+            EXIT_NOT_AVAILABLE,
+            f"{args.command}: not available in this version: moving a node's data off the ring "
+            "(leave, remove) comes with ownership transfer",
         )
-        return 2
     try:
         address = Address.parse(args.node, name="--node")
-        secret = load_secret(_secret_path(args))
-        params: tuple[object, ...] = ()
-        if args.command == "locate":
-            params = (args.key.encode(),)
-        elif args.command == "join":
-            params = (args.seed,)
+    except ConfigError as error:
+        return _fail(EXIT_USAGE, str(error))
+    params: tuple[object, ...] = ()
+    if args.command == "locate":
+        key = os.fsencode(args.key)
+        if not is_valid_key(key):
+            return _fail(
+                EXIT_USAGE,
+                f"locate: {args.key[:60]!r} is not a key a memcached client can send: a key is "
+                f"1 to {KEY_MAX_LENGTH} bytes with no space or control character",
+            )
+        params = (key,)
+    elif args.command == "join":
+        params = (args.seed,)
+    secret_path = _secret_path(args)
+    try:
+        secret = load_secret(secret_path)
         result = trio.run(call_node, address, secret, method, *params)
+    except ConfigError as error:  # no usable secret file: we cannot authenticate
+        return _fail(EXIT_UNREACHABLE, str(error))
     except trio.TooSlowError:
-        sys.stderr.write(f"kai-admin: {args.node} did not answer within {CALL_TIMEOUT:g}s\n")
-        return 1
-    except (KaiError, RpcError) as error:
-        sys.stderr.write(f"kai-admin: {args.node}: {error}\n")
-        return 1
+        return _fail(EXIT_UNREACHABLE, f"{args.node} did not answer within {CALL_TIMEOUT:g}s")
+    except RpcAuthenticationError:
+        return _fail(
+            EXIT_UNREACHABLE,
+            f"authentication failed: {args.node} does not share the cluster secret in "
+            f"{secret_path} (copy the secret file from a node of the cluster, or point "
+            "--secret-file at it)",
+        )
+    except RpcMethodNotFound:
+        return _fail(
+            EXIT_NOT_AVAILABLE,
+            f"{args.command}: not available on {args.node} (it runs an older version of Kai)",
+        )
+    except RpcError as error:
+        if error.unreachable:
+            return _fail(EXIT_UNREACHABLE, f"cannot reach {args.node}: {error}")
+        return _fail(EXIT_FAILED, f"{args.node} answered {args.command} with an error: {error}")
+    except KaiError as error:
+        return _fail(EXIT_FAILED, f"{args.command} failed: {error}")
     result = _jsonable(result)
     write(
         json.dumps(result, indent=2, sort_keys=True)
         if args.json
         else _render_text(args.command, result)
     )
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

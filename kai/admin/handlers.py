@@ -5,13 +5,15 @@ Reads the node's state and asks replicas over the transport; never changes data.
 
 from __future__ import annotations
 
+import re
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
 
 from kai import __version__
 from kai.core.errors import RpcBadRequest, RpcError
+from kai.core.memcache.requests import is_valid_key
 from kai.core.pending import waits
 from kai.core.ring import NodeId
 from kai.core.versions import SiblingSet, decode_siblings
@@ -23,6 +25,16 @@ if TYPE_CHECKING:
 
 #: Seconds ``locate`` waits for each replica.
 LOCATE_TIMEOUT = 5.0
+
+# A stats value that memcached's text protocol carries as a formatted number ("0.012000").
+_NUMBER: Final = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+
+
+def _as_number(value: object) -> object:
+    """``value`` as an int or a float if it is a number written as text, else unchanged."""
+    if isinstance(value, str) and (match := _NUMBER.fullmatch(value)):
+        return float(value) if match.group(1) else int(value)
+    return value
 
 
 def _describe(siblings: SiblingSet) -> list[dict[str, object]]:
@@ -82,9 +94,9 @@ class AdminHandlers:
         }
 
     def stats(self) -> dict[str, object]:
-        """The memcached-style ``stats`` fields."""
+        """The memcached-style ``stats`` fields; the numbers among them as numbers."""
         assert self.node.executor is not None
-        return dict(self.node.executor.report.general())
+        return {name: _as_number(value) for name, value in self.node.executor.report.general()}
 
     def members(self) -> list[dict[str, object]]:
         """Every member in the gossiped view, with its status and local reachability."""
@@ -119,14 +131,16 @@ class AdminHandlers:
 
     @waits
     async def locate(self, key: object) -> dict[str, object]:
-        """Where ``key`` lives, and what each of its N replicas holds."""
-        if not isinstance(key, bytes) or not key:
-            raise RpcBadRequest("locate takes the key as non-empty bytes")
+        """Where ``key`` lives: its N primaries (the preference list), the fallbacks after
+        them, and what each primary holds."""
+        if not isinstance(key, bytes) or not is_valid_key(key):
+            raise RpcBadRequest("locate takes a key a memcached client could send, as bytes")
         cluster = self.cluster
         ring = cluster.ring()
         partition = ring.partition_for_key(key)
         n = self.node.config.quorum.capped(len(ring.nodes)).n
-        primaries = ring.primaries(partition, n)
+        every_member = ring.preference_list(partition)
+        primaries, fallbacks = every_member[:n], every_member[n:]
         replicas: list[dict[str, object]] = [{} for _ in primaries]
 
         async def ask(index: int, node: NodeId) -> None:
@@ -154,7 +168,8 @@ class AdminHandlers:
         return {
             "key": key,
             "partition": partition,
-            "preference_list": [str(node) for node in ring.preference_list(partition)],
+            "preference_list": [str(node) for node in primaries],
+            "fallbacks": [str(node) for node in fallbacks],
             "n": n,
             "replicas": replicas,
         }
