@@ -25,7 +25,6 @@ from kai.core.errors import (
 )
 from kai.core.memcache.requests import KEY_MAX_LENGTH
 from kai.core.updates import COMMANDS, Applied, Outcome, Update
-from kai.core.vclock import VClock
 from kai.core.versions import SiblingSet, Version, decode_siblings, encode_siblings
 
 UINT32_MAX = 2**32 - 1
@@ -89,45 +88,50 @@ def _check_version(version: Version) -> None:
     # decode_siblings trusts its input (it reads this node's own storage); a peer's record is
     # checked field by field before anything is stored. The fields are typed as what they
     # should be, so look at them as plain objects.
-    entries: object = version.context.entries
-    if not isinstance(entries, tuple) or not all(_is_entry(entry) for entry in entries):
-        raise RpcBadRequest("malformed context in record")
-    try:
-        context = VClock(entries)
-    except ValueError as exc:
-        raise RpcBadRequest(f"bad context in record: {exc}") from exc
     dot: object = version.dot
     timestamp: object = version.timestamp
     flags: object = version.flags
     expiry: object = version.expiry
     value: object = version.value
     if not (
-        isinstance(dot, tuple)
+        type(dot) is tuple
         and len(dot) == 2
-        and isinstance(dot[0], bytes)
+        and type(dot[0]) is bytes
         and dot[0]
-        and is_int(dot[1])
+        and type(dot[1]) is int
         and dot[1] >= 1
-        and is_int(timestamp)
+        and type(timestamp) is int
         and timestamp >= 0
-        and is_int(flags)
+        and type(flags) is int
         and 0 <= flags <= UINT32_MAX
-        and is_int(expiry)
-        and (value is None or isinstance(value, bytes))
+        and type(expiry) is int
+        and (value is None or type(value) is bytes)
     ):
         raise RpcBadRequest("malformed version in record")
-    if context.covers(version.dot):
-        raise RpcBadRequest("a version's context covers its own dot")
+    _check_context(version.context.entries, dot)
 
 
-def _is_entry(entry: object) -> bool:
-    return (
-        isinstance(entry, tuple)
-        and len(entry) == 3
-        and isinstance(entry[0], bytes)
-        and is_int(entry[1])
-        and is_int(entry[2])
-    )
+def _check_context(entries: object, dot: tuple[bytes, int]) -> None:
+    """A context as :class:`VClock` requires it (sorted distinct actors, counters >= 1,
+    timestamps >= 0), which does not cover its version's own ``dot``; one pass."""
+    if type(entries) is not tuple:
+        raise RpcBadRequest("malformed context in record")
+    previous = b""
+    for entry in entries:
+        if not (
+            type(entry) is tuple
+            and len(entry) == 3
+            and type(entry[0]) is bytes
+            and type(entry[1]) is int
+            and type(entry[2]) is int
+        ):
+            raise RpcBadRequest("malformed context in record")
+        actor, counter, timestamp = entry
+        if actor <= previous or counter < 1 or timestamp < 0:
+            raise RpcBadRequest(f"bad context entry {entry!r} in record")
+        if actor == dot[0] and counter >= dot[1]:
+            raise RpcBadRequest("a version's context covers its own dot")
+        previous = actor
 
 
 def is_int(value: object) -> TypeGuard[int]:
