@@ -14,7 +14,12 @@ import pytest
 import trio
 import trio.testing
 
-from kai.core.errors import RpcBadRequest, RpcConnectionError, RpcProtocolError
+from kai.core.errors import (
+    RpcAuthenticationError,
+    RpcBadRequest,
+    RpcConnectionError,
+    RpcProtocolError,
+)
 from kai.core.ring import NodeId
 from kai.membership.detector import FailureDetector
 from kai.testing.network import FakeNetwork, Faults
@@ -158,3 +163,65 @@ async def test_up_again_is_logged_with_the_time_down(
         f"{A} is down",
         f"{A} is up again after 2.5 s down",
     ]
+
+
+class SteppedClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_peer_with_another_secret_is_an_error_naming_it_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = SteppedClock()
+    detector = FailureDetector(clock=clock)
+    refused = RpcAuthenticationError(
+        "server rejected this node: authentication failed: the cluster secrets differ"
+    )
+    with caplog.at_level(logging.INFO, logger="kai.membership.detector"):
+        for _ in range(120):  # gossip and probes, twice a second for a minute
+            detector.record_error(A, refused)
+            clock.now += 0.5
+        detector.record_error(A, refused)
+    assert not detector.is_up(A)
+    errors = [record for record in caplog.records if record.levelno == logging.ERROR]
+    assert [record.getMessage() for record in errors] == [
+        f"cannot authenticate to {A}: {refused}; this node does not hold that cluster's"
+        " secret: copy the cluster's secret file to this node and restart it",
+        f"cannot authenticate to {A}: {refused}; this node does not hold that cluster's"
+        " secret: copy the cluster's secret file to this node and restart it"
+        " (119 more like this in the last 60 s were not logged)",
+    ]
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert [record.getMessage() for record in warnings] == [f"{A} is down: {refused}"]
+
+
+def test_a_flapping_peer_is_rate_limited_and_its_last_state_logged_later(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = SteppedClock()
+    detector = FailureDetector(clock=clock)
+    with caplog.at_level(logging.WARNING, logger="kai.membership.detector"):
+        for _ in range(5):  # down and up every half second
+            detector.record_failure(A)
+            clock.now += 0.5
+            detector.record_success(A)
+            clock.now += 0.5
+        detector.record_failure(A)
+        detector.log_held_back_changes()  # too early: nothing new
+        assert [record.getMessage() for record in caplog.records] == [
+            f"{A} is down",
+            f"{A} is up again after 0.5 s down",
+        ]
+        clock.now = 10.0
+        detector.log_held_back_changes()
+        detector.log_held_back_changes()  # once only
+    assert [record.getMessage() for record in caplog.records][2:] == [
+        f"{A} is down (5 more like this in the last 10 s were not logged)"
+    ]
+    assert {record.levelname for record in caplog.records} == {"WARNING"}

@@ -8,20 +8,31 @@ pinged by :meth:`FailureDetector.probe_down_nodes` so they are noticed when they
 
 This view is local and never gossiped. It must never change the membership view or the
 ring: a down node stays a member (Kai evicted a node after one failed ping; DESIGN §8).
+
+Peers going down or up are WARNINGs, rate-limited per peer and direction so a flapping peer
+cannot flood the log; a peer that refuses our cluster secret is an ERROR naming it, at most
+once per peer per minute (DESIGN §11).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Final
 
 import trio
 
-from kai.core.errors import RpcError
+from kai.core.errors import RpcAuthenticationError, RpcError
 from kai.core.ring import NodeId
+from kai.logs import RateLimitedLog
 from kai.rpc.transport import Transport
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between two "is down" (or two "is up") lines about one peer.
+PEER_LOG_INTERVAL: Final = 10.0
+#: Seconds between two authentication errors about one peer.
+AUTH_LOG_INTERVAL: Final = 60.0
 
 
 class FailureDetector:
@@ -37,6 +48,14 @@ class FailureDetector:
         #: Per known node: whether it is up, and when that last changed.
         self._states: dict[NodeId, tuple[bool, float]] = {}
         self._transitions = 0
+        #: Keyed by (node, is up): the changes of state.
+        self._changes: RateLimitedLog[tuple[NodeId, bool]] = RateLimitedLog(
+            logger, logging.WARNING, PEER_LOG_INTERVAL, clock=clock
+        )
+        #: Keyed by node: peers that do not share our secret.
+        self._refusals: RateLimitedLog[NodeId] = RateLimitedLog(
+            logger, logging.ERROR, AUTH_LOG_INTERVAL, clock=clock
+        )
 
     def is_up(self, node: NodeId) -> bool:
         """Whether ``node`` is believed reachable; nodes never called are up."""
@@ -54,7 +73,15 @@ class FailureDetector:
     def record_error(self, node: NodeId, error: RpcError) -> None:
         """Note that a call to ``node`` failed with ``error``: down if it did not reach the
         peer, up if the peer answered with it."""
-        self._record(node, up=not error.unreachable)
+        if isinstance(error, RpcAuthenticationError):
+            self._refusals.log(
+                node,
+                "cannot authenticate to %s: %s; this node does not hold that cluster's secret:"
+                " copy the cluster's secret file to this node and restart it",
+                node,
+                error,
+            )
+        self._record(node, up=not error.unreachable, cause=error if error.unreachable else None)
 
     def down_nodes(self) -> list[NodeId]:
         """The nodes currently believed down, sorted."""
@@ -78,6 +105,7 @@ class FailureDetector:
             timeout: Seconds to wait for all pings; nodes that have not answered by then
                 stay down. The call returns after at most ``timeout`` seconds.
         """
+        self.log_held_back_changes()
         down = self.down_nodes()
         if not down:
             return
@@ -95,14 +123,22 @@ class FailureDetector:
         else:
             self.record_success(node)
 
-    def _record(self, node: NodeId, *, up: bool) -> None:
+    def log_held_back_changes(self) -> None:
+        """Log the current state of every peer whose last change was not logged (flapping),
+        once its rate limit allows; called by every probe, so the log ends up right."""
+        for key in self._changes.due():
+            node, up = key
+            if self.is_up(node) == up:
+                self._changes.log(key, "%s is %s", node, "up" if up else "down")
+
+    def _record(self, node: NodeId, *, up: bool, cause: RpcError | None = None) -> None:
         # Called for every answer a peer gives: the common case (no change) reads no clock.
         state = self._states.get(node)
         if state is None:
             self._states[node] = (up, self._clock())
             if not up:
                 self._transitions += 1
-                logger.info("%s is down", node)
+                self._log_down(node, cause)
             return
         was_up, since = state
         if was_up == up:
@@ -111,6 +147,12 @@ class FailureDetector:
         self._states[node] = (up, now)
         self._transitions += 1
         if up:
-            logger.info("%s is up again after %.1f s down", node, now - since)
+            self._changes.log((node, True), "%s is up again after %.1f s down", node, now - since)
         else:
-            logger.info("%s is down", node)
+            self._log_down(node, cause)
+
+    def _log_down(self, node: NodeId, cause: RpcError | None) -> None:
+        if cause is None:
+            self._changes.log((node, False), "%s is down", node)
+        else:
+            self._changes.log((node, False), "%s is down: %s", node, cause)

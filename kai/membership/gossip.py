@@ -24,6 +24,7 @@ import trio
 from kai.core.errors import RpcBadRequest, RpcConnectionError, RpcError
 from kai.core.membership import MembershipView, Status
 from kai.core.ring import NodeId
+from kai.logs import iso_time_us
 from kai.membership.detector import FailureDetector
 from kai.rpc.transport import Transport
 
@@ -274,5 +275,6 @@ def _log_changes(old: MembershipView, new: MembershipView) -> None:
                 before.status,
                 member.version,
             )
-    if new.flush_times != old.flush_times:
-        logger.info("cluster-wide flush times are now %s", list(new.flush_times))
+    added = sorted(set(new.flush_times) - set(old.flush_times))
+    if added:
+        logger.info("cluster-wide flush_all at %s", ", ".join(map(iso_time_us, added)))

@@ -32,6 +32,7 @@ from kai.core.versions import (
     context_of,
     visible,
 )
+from kai.logs import log_quorum_failure
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class CommandExecutor:
     ) -> bytes:
         if isinstance(error, CoordinatorError):
             self.stats.kai_quorum_failures += 1
+            log_quorum_failure(error, error.reply_text)
             reply = protocol.server_error(error.reply_text)
         else:
             reply = _TOO_MANY_SIBLINGS

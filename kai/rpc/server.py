@@ -36,6 +36,7 @@ from kai.core.rpc.protocol import (
     Response,
     RpcConnection,
 )
+from kai.logs import RateLimitedLog
 from kai.rpc.sockets import MAX_BACKLOG, SocketIO, from_stream, send_all
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,15 @@ MAX_CONCURRENT_REQUESTS_PER_CONNECTION: Final = 256
 SEND_THRESHOLD: Final = 256 * 1024
 #: Default deadline for a new connection to complete authentication, in seconds.
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 5.0
+#: Seconds between two handshake failures logged for one peer host (the rest are counted).
+HANDSHAKE_LOG_INTERVAL: Final = 60.0
+
+#: Peers that failed authentication (ERROR) or broke the handshake (WARNING), keyed by host:
+#: a peer reconnects from a new port every time.
+_refused_peers: RateLimitedLog[str] = RateLimitedLog(logger, logging.ERROR, HANDSHAKE_LOG_INTERVAL)
+_garbled_peers: RateLimitedLog[str] = RateLimitedLog(
+    logger, logging.WARNING, HANDSHAKE_LOG_INTERVAL
+)
 
 
 async def serve_rpc(
@@ -168,33 +178,53 @@ async def handle_rpc_connection(
         io.close()
 
 
+def _peer_address(sock: socket.socket) -> tuple[str, str]:
+    """The peer's host and ``host:port``, for the log (``?`` if the socket cannot say)."""
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return "?", "?"
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return str(peer[0]), f"{peer[0]}:{peer[1]}"
+    return str(peer), str(peer)
+
+
 async def _authenticate(io: SocketIO, secret: bytes, handshake_timeout: float) -> bytes | None:
     """Run the server side of the handshake; the bytes after it, or None to hang up."""
     handshake = ServerHandshake(secret, os.urandom(NONCE_SIZE))
+    host, peer = _peer_address(io.sock)
     with trio.move_on_after(handshake_timeout):
         try:
             await send_all(io.sock, handshake.hello())
             while not handshake.authenticated:
                 data = await io.receive()
                 if not data:
-                    logger.info("RPC peer closed the connection during the handshake")
+                    logger.info("RPC peer %s closed the connection during the handshake", peer)
                     return None
                 reply = handshake.receive_data(data)
                 if reply:
                     await send_all(io.sock, reply)
         except RpcAuthenticationError as exc:
-            logger.warning("RPC peer failed authentication: %s", exc)
+            _refused_peers.log(
+                host,
+                "RPC peer %s failed authentication: %s; it does not hold this cluster's secret"
+                " (copy this node's secret file to it, or check what connects from there)",
+                peer,
+                exc,
+            )
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await send_all(io.sock, REJECTION)
             return None
         except RpcProtocolError as exc:
-            logger.warning("RPC peer sent an invalid handshake: %s", exc)
+            _garbled_peers.log(host, "RPC peer %s sent an invalid handshake: %s", peer, exc)
             return None
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            logger.info("RPC connection lost during the handshake: %s", exc)
+            logger.info("RPC connection from %s lost during the handshake: %s", peer, exc)
             return None
         return handshake.trailing_data()
-    logger.warning("RPC peer did not authenticate within %s s", handshake_timeout)
+    _garbled_peers.log(
+        host, "RPC peer %s did not authenticate within %s s", peer, handshake_timeout
+    )
     return None
 
 

@@ -261,7 +261,12 @@ class ClientHandshake:
                 outgoing += msgpack.packb([_AUTH, PROTOCOL_VERSION, self._client_nonce, proof])
                 continue
             if message[0] == _REJECT:
-                raise RpcAuthenticationError(f"server rejected this node: {message[1:]!r:.120}")
+                reason = message[1] if len(message) == 2 and isinstance(message[1], str) else ""
+                raise RpcAuthenticationError(
+                    f"server rejected this node: {reason:.120}"
+                    if reason
+                    else f"server rejected this node: {message[1:]!r:.120}"
+                )
             _expect(message, _WELCOME, 2)
             proof = _expect_bytes(message[1], PROOF_SIZE, "the server proof")
             expected = server_proof(self._secret, self._server_nonce, self._client_nonce)
