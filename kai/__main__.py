@@ -21,8 +21,9 @@ from typing import Final
 import trio
 
 from kai import __version__
-from kai.core.config import LOG_LEVELS, Config, config_from_mapping, load_config_file
-from kai.core.errors import KaiError
+from kai.core.config import LOG_FORMATS, LOG_LEVELS, Config, config_from_mapping, load_config_file
+from kai.core.errors import ConfigError, KaiError
+from kai.logs import log_handler
 from kai.node import Node
 
 logger = logging.getLogger("kai")
@@ -72,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="logging level (info)")
     parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="text lines, or one JSON object per line for log collectors (text)",
+    )
+    parser.add_argument(
         "--max-connections", type=int, metavar="N", help="memcached client connections (1024)"
     )
     parser.add_argument(
@@ -87,7 +93,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """The config file (if any) with the flags applied on top."""
     config = load_config_file(args.config) if args.config is not None else Config()
     flags: dict[str, object] = {}
-    for name in ("data_dir", "listen", "rpc", "quorum", "secret_file", "log_level", "store"):
+    for name in (
+        "data_dir",
+        "listen",
+        "rpc",
+        "quorum",
+        "secret_file",
+        "log_level",
+        "log_format",
+        "store",
+    ):
         value = getattr(args, name)
         if value is not None:
             flags[name] = value
@@ -110,9 +125,9 @@ def raise_file_limit(wanted: int) -> None:
 
 
 async def run(config: Config) -> None:
-    """Run a node until SIGTERM or SIGINT, then shut it down cleanly."""
+    """Run a node until SIGTERM or SIGINT, then shut it down cleanly; SIGHUP is logged only."""
     node = Node(config)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_shut_down_on_signal, signals, node)
             try:
@@ -123,6 +138,14 @@ async def run(config: Config) -> None:
 
 async def _shut_down_on_signal(signals: AsyncIterator[int], node: Node) -> None:
     async for signum in signals:
+        if signum == signal.SIGHUP:
+            # As memcached: a hang-up does not stop the server. Kai has no log file to reopen
+            # (it logs to stderr) and reads its configuration only at start.
+            logger.warning(
+                "received SIGHUP: ignored, still serving (nothing to reload: settings are"
+                " read at start, so restart the node to change them)"
+            )
+            continue
         logger.info("received %s", signal.Signals(signum).name)
         node.shut_down()
 
@@ -136,6 +159,14 @@ def _kai_errors(error: BaseException) -> list[KaiError]:
         if all(found):
             return [item for items in found for item in items]
     return []
+
+
+def _report_config_error(config: Config, error: ConfigError) -> None:
+    """One line on stderr, ``kai: ...`` as for a bad flag, or a JSON log line in JSON mode."""
+    if config.log_format == "json":
+        logger.error("%s", error)
+    else:
+        sys.stderr.write(f"kai: {error}\n")
 
 
 #: Collection thresholds while serving: CPython's (700, 10) for the young generations, but a
@@ -170,10 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"kai: {error}\n")
         return 2
     logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        level=config.log_level.upper(), handlers=[log_handler(config.log_format, sys.stderr)]
     )
+    if config.log_format == "json":
+        logging.captureWarnings(True)  # a stray warning must not break the one-object lines
     raise_file_limit(config.max_connections + 256)
     tune_garbage_collector()
     try:
@@ -182,6 +213,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         errors = _kai_errors(error)
         if not errors:
             raise
+        mistakes = [item for item in errors if isinstance(item, ConfigError)]
+        if len(mistakes) == len(errors):
+            # An operator mistake found at start (a port in use, a missing secret): one line
+            # and status 2, as for a bad flag.
+            for mistake in mistakes:
+                _report_config_error(config, mistake)
+            return 2
         for item in errors:
             logger.error("%s", item)
         return 1

@@ -7,8 +7,11 @@ bytes or touches LevelDB directly.
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import time
+from pathlib import Path
 
 import attrs
 import trio
@@ -16,14 +19,15 @@ import trio
 from kai import __version__
 from kai.admin.handlers import AdminHandlers
 from kai.cluster.wiring import Cluster
-from kai.core.config import Config
+from kai.core.config import Address, Config
+from kai.core.errors import ConfigError
 from kai.core.memcache.report import NodeInfo
 from kai.core.ring import NodeId
 from kai.core.stats import NodeStats
 from kai.core.storage import StorageEngine
 from kai.memcache.commands import CommandExecutor
 from kai.memcache.server import MemcacheServer
-from kai.rpc.secret import load_or_create_secret
+from kai.rpc.secret import load_node_secret
 from kai.rpc.server import Handler, serve_rpc
 from kai.rpc.transport import RpcTransport
 from kai.storage import open_engine
@@ -64,10 +68,22 @@ class Node:
     async def run(
         self, *, task_status: trio.TaskStatus[NodeAddresses] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Run the node until :meth:`shut_down` is called or the task is cancelled."""
+        """Run the node until :meth:`shut_down` is called or the task is cancelled.
+
+        Raises:
+            ConfigError: before anything is opened, an operator mistake, in one line naming
+                the path or address: the data directory cannot be made, the secret file is
+                missing where it must not be created (a node joining seeds) or its
+                directory is, or a listener's address cannot be bound.
+        """
         config = self.config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
-        secret = load_or_create_secret(config.secret_path)
+        # Operator mistakes are found before anything is opened or logged, and each is one
+        # ConfigError line (kai exits with status 2).
+        _make_data_dir(config.data_dir)
+        seeds = [str(seed) for seed in config.seeds if seed != config.rpc]
+        secret = load_node_secret(config.secret_path, seeds=seeds)
+        _check_can_listen(config.rpc, "rpc")
+        _check_can_listen(config.listen, "listen")
         engine = open_engine(config.store, config.data_dir, sync=config.sync_writes)
         try:
             await self._run_with(engine, secret, task_status)
@@ -107,9 +123,12 @@ class Node:
         handlers: dict[str, Handler] = {}
         async with trio.open_nursery() as services:
             # The RPC address is the node's identity: bind it first (port 0 picks one).
-            rpc_listeners = await services.start(
-                serve_rpc, config.rpc.host, config.rpc.port, secret, handlers
-            )
+            try:
+                rpc_listeners = await services.start(
+                    serve_rpc, config.rpc.host, config.rpc.port, secret, handlers
+                )
+            except OSError as exc:
+                raise _listen_error(config.rpc, "rpc", exc) from exc
             rpc_address = rpc_listeners[0].socket.getsockname()[:2]
             self_node = NodeId(rpc_address[0], rpc_address[1])
             self.name = str(self_node)
@@ -129,7 +148,12 @@ class Node:
             self._server = server
             await services.start(cluster.membership.run)
             async with trio.open_nursery() as front:
-                addresses = await front.start(server.serve, config.listen.host, config.listen.port)
+                try:
+                    addresses = await front.start(
+                        server.serve, config.listen.host, config.listen.port
+                    )
+                except OSError as exc:
+                    raise _listen_error(config.listen, "listen", exc) from exc
                 memcache_address = addresses[0]
                 logger.info(
                     "kai %s serving memcached on %s:%s, rpc on %s (store %s, actor %s)",
@@ -175,3 +199,51 @@ class Node:
             ],
             all_siblings=config.siblings == "all",
         )
+
+
+def _make_data_dir(path: Path) -> None:
+    """Create the data directory if needed; a ConfigError naming it if that is impossible."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(
+            f"data directory {path} exists but is not a directory; set another data_dir"
+            " (--data-dir)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create data directory {path}: {exc.strerror}") from exc
+
+
+def _check_can_listen(address: Address, setting: str) -> None:
+    """Fail early, before LevelDB is opened and items counted, if ``address`` cannot be bound.
+
+    Binds and closes a socket for every address the host resolves to (never listening, so
+    nothing can connect). The real bind later may still fail if another process takes the
+    port meanwhile; :func:`_listen_error` words that failure the same way.
+    """
+    if address.port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _name, sockaddr in infos:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(sockaddr)
+    except OSError as exc:  # socket.gaierror included
+        raise _listen_error(address, setting, exc) from exc
+
+
+def _listen_error(address: Address, setting: str, error: OSError) -> ConfigError:
+    """What the operator is told when ``address`` (the ``setting`` option) cannot be bound."""
+    reason = error.strerror or str(error)
+    if error.errno == errno.EADDRINUSE:
+        reason += " (is another kai or memcached running there?)"
+    elif error.errno == errno.EADDRNOTAVAIL:
+        reason += " (no interface of this host has that address)"
+    elif error.errno == errno.EACCES:
+        reason += " (ports below 1024 need privileges)"
+    return ConfigError(f"cannot listen on {address} ({setting}, --{setting}): {reason}")

@@ -29,6 +29,7 @@ def test_every_kai_flag_has_help() -> None:
         "--quorum",
         "--secret-file",
         "--log-level",
+        "--log-format",
     ):
         assert flag in text
     assert "examples:" in text

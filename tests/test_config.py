@@ -77,6 +77,7 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         ({"store": "ets"}, "store: must be one of leveldb, memory"),
         ({"sync_writes": "yes"}, "sync_writes: expected true or false"),
         ({"siblings": "some"}, "siblings: must be one of newest, all"),
+        ({"log_format": "xml"}, "log_format: must be one of text, json"),
     ],
 )
 def test_bad_settings_name_the_key(settings: dict[str, object], message: str) -> None:
@@ -98,3 +99,25 @@ def test_quorum_warning_and_capping() -> None:
     assert Config().warnings() == []
     assert Quorum(3, 2, 2).capped(1) == Quorum(1, 1, 1)
     assert Quorum(3, 2, 2).capped(5) == Quorum(3, 2, 2)
+
+
+def test_log_format_from_the_file_and_the_flag(tmp_path: Path) -> None:
+    assert Config().log_format == "text"
+    path = tmp_path / "kai.toml"
+    path.write_text('log_format = "json"\n')
+    assert load_config_file(path).log_format == "json"
+    args = build_parser().parse_args(["--config", str(path), "--log-format", "text"])
+    config = config_from_args(args)
+    assert config.log_format == "text"
+    assert config.to_dict()["log_format"] == "text"
+
+
+def test_every_setting_is_in_the_readme_configuration_table() -> None:
+    from kai.core.config import _SETTINGS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    documented = {row.split("`")[1] for row in rows}
+    fields = {field for field, _parse in _SETTINGS.values()}
+    assert fields <= documented

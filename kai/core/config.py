@@ -20,6 +20,7 @@ from kai.core.errors import ConfigError
 StoreKind = Literal["leveldb", "memory"]
 SiblingView = Literal["newest", "all"]
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
 
 
 @attrs.frozen(slots=True)
@@ -93,6 +94,7 @@ class Config:
     quorum: Quorum = Quorum(3, 2, 2)
     secret_file: Path | None = None
     log_level: str = "info"
+    log_format: str = "text"
     buckets: int = 1024
     virtual_nodes: int = 128
     store: StoreKind = "leveldb"
@@ -112,6 +114,8 @@ class Config:
         _check_ipv4(self.rpc.host, "rpc")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log_format: must be one of {', '.join(LOG_FORMATS)}")
         if self.buckets < 1 or self.buckets & (self.buckets - 1):
             raise ConfigError(f"buckets: must be a power of two, got {self.buckets}")
         if self.buckets > 2**16:
@@ -153,6 +157,7 @@ class Config:
             "quorum": str(self.quorum),
             "secret_file": str(self.secret_path),
             "log_level": self.log_level,
+            "log_format": self.log_format,
             "buckets": self.buckets,
             "virtual_nodes": self.virtual_nodes,
             "store": self.store,
@@ -263,6 +268,7 @@ _SETTINGS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "quorum": ("quorum", _quorum),
     "secret_file": ("secret_file", _path),
     "log_level": ("log_level", _choice(*LOG_LEVELS)),
+    "log_format": ("log_format", _choice(*LOG_FORMATS)),
     "buckets": ("buckets", _buckets),
     "number_of_buckets": ("buckets", _buckets),
     "virtual_nodes": ("virtual_nodes", _integer),

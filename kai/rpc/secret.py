@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -82,6 +83,36 @@ def load_or_create_secret(path: Path) -> bytes:
         except OSError as exc:
             raise ConfigError(f"cannot create cluster secret file {path}: {exc}") from exc
     return load_secret(path)
+
+
+def load_node_secret(path: Path, *, seeds: Sequence[str] = ()) -> bytes:
+    """The cluster secret a starting node uses: loaded, or created by a node that founds a cluster.
+
+    A node given ``seeds`` (other than itself) joins a cluster that already has a secret; one
+    of its own would only make every member refuse it while it answers writes the cluster
+    never sees, so a missing file is then an error saying what to copy where. The file's
+    directory must exist: the node creates its data directory (the default place) first,
+    and a ``secret_file`` in a directory that does not exist is a mistake to report, not a
+    directory to create.
+
+    Raises:
+        ConfigError: as for :func:`load_or_create_secret`; or the directory is missing, or
+            the file is missing and the node joins ``seeds``. One line naming the path.
+    """
+    directory = path.parent
+    if not directory.is_dir():
+        problem = "is not a directory" if directory.exists() else "does not exist"
+        raise ConfigError(
+            f"cluster secret file {path}: its directory {directory} {problem}; create it or"
+            " set another secret_file (--secret-file)"
+        )
+    if seeds and not path.exists():
+        raise ConfigError(
+            f"cluster secret file {path} does not exist and this node joins the cluster of"
+            f" {seeds[0]}: copy that cluster's secret file (cluster.secret in a member's data"
+            f" directory) to {path}, chmod 600 it, and start again"
+        )
+    return load_or_create_secret(path)
 
 
 def _create_secret(path: Path) -> None:
