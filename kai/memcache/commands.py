@@ -238,7 +238,7 @@ class CommandExecutor:
             reply = b"" if request.noreply else protocol.STORED
             written = self.coordinator.put(request.key, payload)
             if isinstance(written, Pending):
-                return then(written, lambda _version: self._stored(started, reply))
+                return Pending(self._stored_when_written(started, reply, written))
             return self._stored(started, reply)
         applied = self._update(
             request.key,
@@ -249,6 +249,12 @@ class CommandExecutor:
             cas=request.cas_unique or 0,
         )
         return then(applied, lambda done: self._stored(started, self._store_reply(request, done)))
+
+    async def _stored_when_written(
+        self, started: float, reply: bytes, written: Pending[Version]
+    ) -> bytes:
+        await written
+        return self._stored(started, reply)
 
     def _stored(self, started: float, reply: bytes) -> bytes:
         self.stats.set_latency.record(time.perf_counter() - started)
