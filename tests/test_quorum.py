@@ -154,3 +154,42 @@ def test_read_round_matches_the_model(
                 got = "ValueError"
             assert got == model.record_reply(node, event)
         assert observe(round_) == expect(model)
+
+
+@given(
+    replicas=st.lists(
+        st.lists(st.sampled_from(NODES), min_size=1, max_size=3, unique=True).map(tuple),
+        min_size=1,
+        max_size=len(KEYS),
+    ),
+    r=st.integers(min_value=1, max_value=4),
+    stored=st.lists(sibling_sets, min_size=len(KEYS), max_size=len(KEYS)),
+    steps=events,
+)
+def test_a_local_replica_read_as_the_round_is_made_counts_as_its_first_answer(
+    replicas: list[tuple[NodeId, ...]],
+    r: int,
+    stored: list[SiblingSet],
+    steps: list[tuple[NodeId, list[tuple[Version, ...]] | str]],
+) -> None:
+    keys = KEYS[: len(replicas)]
+    local = NODES[0]
+    held = dict(zip(KEYS, stored, strict=True))
+    round_ = ReadRound(keys, replicas, r, local, lambda key: (held[key], None))
+    asked = ReadRound(keys, replicas, r)
+    asked.record_reply(
+        local, [held[key] for key, nodes in zip(keys, replicas, strict=True) if local in nodes]
+    )
+    assert observe(round_) == observe(asked)
+    for node, event in steps:
+        outcomes: list[object] = []
+        for each in (round_, asked):
+            if isinstance(event, str):
+                each.record_failure(node, timed_out=event == "timeout")
+                continue
+            try:
+                outcomes.append(each.record_reply(node, event))
+            except ValueError:
+                outcomes.append("ValueError")
+        assert len(set(outcomes)) <= 1
+        assert observe(round_) == observe(asked)
