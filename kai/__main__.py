@@ -4,6 +4,7 @@ Examples:
     kai                                   # one node: memcached on 127.0.0.1:11211, data in ./kai-data
     kai --config kai.toml --log-level debug
     kai --listen 127.0.0.1:11212 --rpc 127.0.0.1:11012 --data-dir ./n2 --seed 127.0.0.1:11011
+    kai --metrics 127.0.0.1:9150          # and Prometheus metrics at http://127.0.0.1:9150/metrics
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  kai --config kai.toml\n"
             "  kai --listen 127.0.0.1:11212 --rpc 127.0.0.1:11012 --data-dir n2 "
             "--seed 127.0.0.1:11011\n"
+            "  kai --metrics 127.0.0.1:9150\n"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -85,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("leveldb", "memory"),
         help="storage engine (leveldb; memory is volatile)",
     )
+    parser.add_argument(
+        "--metrics",
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics over HTTP at /metrics (off; a bare port is 127.0.0.1)",
+    )
     parser.add_argument("--version", action="version", version=f"kai {__version__}")
     return parser
 
@@ -102,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "log_level",
         "log_format",
         "store",
+        "metrics",
     ):
         value = getattr(args, name)
         if value is not None:

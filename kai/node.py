@@ -27,6 +27,7 @@ from kai.core.stats import NodeStats
 from kai.core.storage import StorageEngine
 from kai.memcache.commands import CommandExecutor
 from kai.memcache.server import MemcacheServer
+from kai.metrics import StatsCollector, metrics_registry, serve_metrics
 from kai.rpc.secret import load_node_secret
 from kai.rpc.server import Handler, serve_rpc
 from kai.rpc.transport import RpcTransport
@@ -45,6 +46,8 @@ class NodeAddresses:
 
     memcache: tuple[str, int]
     rpc: tuple[str, int]
+    #: The Prometheus listener, if ``metrics`` is set.
+    metrics: tuple[str, int] | None = None
 
 
 class Node:
@@ -84,6 +87,8 @@ class Node:
         secret = load_node_secret(config.secret_path, seeds=seeds)
         _check_can_listen(config.rpc, "rpc")
         _check_can_listen(config.listen, "listen")
+        if config.metrics is not None:
+            _check_can_listen(config.metrics, "metrics")
         engine = open_engine(config.store, config.data_dir, sync=config.sync_writes)
         try:
             await self._run_with(engine, secret, task_status)
@@ -147,6 +152,7 @@ class Node:
             )
             self._server = server
             await services.start(cluster.membership.run)
+            metrics_address = await self._start_metrics(services, cluster, executor)
             async with trio.open_nursery() as front:
                 try:
                     addresses = await front.start(
@@ -163,12 +169,50 @@ class Node:
                     engine.name,
                     actor.hex(),
                 )
-                task_status.started(NodeAddresses(memcache_address, rpc_address))
+                task_status.started(NodeAddresses(memcache_address, rpc_address, metrics_address))
                 await self._shutdown.wait()
                 logger.info("shutting down: closing listeners, finishing in-flight requests")
                 server.shut_down()
                 front.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
             services.cancel_scope.cancel()
+
+    async def _start_metrics(
+        self, services: trio.Nursery, cluster: Cluster, executor: CommandExecutor
+    ) -> tuple[str, int] | None:
+        """Start the Prometheus listener if ``metrics`` is set; where it listens."""
+        address = self.config.metrics
+        if address is None:
+            return None
+        detector = cluster.detector
+
+        def fields() -> list[tuple[str, object]]:
+            return [
+                *executor.report.general(),
+                ("kai_peer_transitions", detector.transitions()),
+            ]
+
+        def peers() -> dict[str, bool]:
+            # Members never called yet count as up, as the detector says of them.
+            states = dict.fromkeys(cluster.coordinator.members(), True)
+            states.update((str(node), up) for node, up in detector.statuses().items())
+            states.pop(self.name, None)
+            return states
+
+        collector = StatsCollector(
+            fields,
+            latencies=lambda: {"get": self.stats.get_latency, "set": self.stats.set_latency},
+            peers=peers,
+        )
+        try:
+            listeners = await services.start(
+                serve_metrics, address.host, address.port, metrics_registry(collector)
+            )
+        except OSError as exc:
+            raise _listen_error(address, "metrics", exc) from exc
+        host, port = listeners[0].socket.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        logger.info("serving Prometheus metrics on http://%s:%s/metrics", shown, port)
+        return host, port
 
     def _executor(self, cluster: Cluster, engine: StorageEngine) -> CommandExecutor:
         config = self.config

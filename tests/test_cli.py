@@ -30,6 +30,7 @@ def test_every_kai_flag_has_help() -> None:
         "--secret-file",
         "--log-level",
         "--log-format",
+        "--metrics",
     ):
         assert flag in text
     assert "examples:" in text

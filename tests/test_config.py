@@ -78,6 +78,9 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         ({"sync_writes": "yes"}, "sync_writes: expected true or false"),
         ({"siblings": "some"}, "siblings: must be one of newest, all"),
         ({"log_format": "xml"}, "log_format: must be one of text, json"),
+        ({"metrics": "9150:x"}, "metrics: expected HOST:PORT"),
+        ({"metrics": 70000}, "metrics: port 70000 is out of range"),
+        ({"metrics": True}, "metrics: expected a string"),
     ],
 )
 def test_bad_settings_name_the_key(settings: dict[str, object], message: str) -> None:
@@ -110,6 +113,20 @@ def test_log_format_from_the_file_and_the_flag(tmp_path: Path) -> None:
     config = config_from_args(args)
     assert config.log_format == "text"
     assert config.to_dict()["log_format"] == "text"
+
+
+def test_metrics_are_off_unless_asked_and_a_bare_port_is_loopback(tmp_path: Path) -> None:
+    assert Config().metrics is None
+    assert Config().to_dict()["metrics"] == "off"
+    path = tmp_path / "kai.toml"
+    path.write_text("metrics = 9150\n")
+    assert load_config_file(path).metrics == Address("127.0.0.1", 9150)
+    assert config_from_mapping({"metrics": "9151"}).metrics == Address("127.0.0.1", 9151)
+    args = build_parser().parse_args(["--config", str(path), "--metrics", "0.0.0.0:9152"])
+    config = config_from_args(args)
+    assert config.metrics == Address("0.0.0.0", 9152)
+    assert config.to_dict()["metrics"] == "0.0.0.0:9152"
+    assert config_from_mapping({"metrics": "[::1]:9153"}).metrics == Address("::1", 9153)
 
 
 def test_every_setting_is_in_the_readme_configuration_table() -> None:

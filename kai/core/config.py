@@ -109,6 +109,8 @@ class Config:
     clock_max_entries: int = 10
     siblings_warning_threshold: int = 25
     siblings_maximum: int = 100
+    #: The Prometheus metrics HTTP listener; None (the default) serves none.
+    metrics: Address | None = None
 
     def __attrs_post_init__(self) -> None:
         _check_ipv4(self.rpc.host, "rpc")
@@ -172,6 +174,7 @@ class Config:
             "clock_max_entries": self.clock_max_entries,
             "siblings_warning_threshold": self.siblings_warning_threshold,
             "siblings_maximum": self.siblings_maximum,
+            "metrics": str(self.metrics) if self.metrics is not None else "off",
         }
 
 
@@ -211,6 +214,16 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 def _address(name: str, value: object) -> Address:
     return Address.parse(_want(str, name, value), name=name)
+
+
+def _metrics(name: str, value: object) -> Address:
+    # A bare port listens on loopback: metrics are not for the world unless asked (DESIGN §11).
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    text: str = _want(str, name, value)
+    if text.isdigit():
+        text = f"127.0.0.1:{text}"
+    return Address.parse(text, name=name)
 
 
 def _quorum(name: str, value: object) -> Quorum:
@@ -285,6 +298,7 @@ _SETTINGS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "clock_max_entries": ("clock_max_entries", _integer),
     "siblings_warning_threshold": ("siblings_warning_threshold", _integer),
     "siblings_maximum": ("siblings_maximum", _integer),
+    "metrics": ("metrics", _metrics),
 }
 # Kai's names that set one part of a compound setting.
 _PARTS = ("memcache_port", "rpc_port", "hostname", "n", "r", "w")
