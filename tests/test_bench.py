@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from bench import _memtier, _results, cluster, plot, single_node, wakeup
+from bench import _memtier, _results, cluster, instructions, plot, single_node, wakeup
 from bench._common import (
     GET,
     SET,
@@ -40,6 +40,7 @@ from bench._common import (
     plan_workers,
     server_of,
 )
+from bench._servers import memcache_stats
 from kai.testing.process import KaiProcess
 from tests.system.conftest import require_binaries
 
@@ -606,3 +607,19 @@ def test_plot_draws_the_committed_results(tmp_path: Path) -> None:
     assert {"single_node.png", "cluster_scaling.png", "latency_node.png"} <= set(drawn), (
         completed.stdout + completed.stderr
     )
+
+
+# --- bench.instructions: the driver and the count parser, without valgrind ------------------
+
+
+def test_instructions_driver_preloads_and_sends_each_kind(tmp_path: Path) -> None:
+    with KaiProcess(tmp_path / "node") as node:
+        instructions.drive(node.port, 50, "set")
+        instructions.drive(node.port, 50, "get")
+        stats = memcache_stats(node.port)
+    assert int(stats["cmd_set"]) == 2 * instructions.KEYS + 50
+    assert int(stats["get_hits"]) == 50
+    sample = b"==1== Events    : Ir\n==1== Collected : 1234567\n"
+    found = instructions._COLLECTED.search(sample)
+    assert found is not None
+    assert found.group(1) == b"1234567"
