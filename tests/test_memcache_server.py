@@ -8,6 +8,7 @@ counted twice, and a connection whose handling fails ends alone.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -49,6 +50,41 @@ async def read_until(stream: trio.SocketStream, ending: bytes, count: int = 1) -
             raise EOFError(f"connection closed after {len(received)} bytes")
         received += chunk
     return bytes(received)
+
+
+@pytest.mark.parametrize("when", ["before the accept", "on an idle connection"])
+@pytest.mark.parametrize(
+    ("requests", "replies"),
+    [
+        pytest.param(b"version\r\n", VERSION_REPLY, id="answered at once"),
+        pytest.param(
+            b"set n 0 0 1\r\n1\r\nincr n 2\r\nget n\r\n",
+            b"STORED\r\n3\r\nVALUE n 0 1\r\n3\r\nEND\r\n",
+            id="answered by the connection's task",
+        ),
+    ],
+)
+async def test_a_client_that_half_closes_with_its_requests_gets_its_replies_and_a_close(
+    when: str, requests: bytes, replies: bytes
+) -> None:
+    """The requests and the end of file in one announcement: the last receive is short, and
+    only the poller's word says the end of file is behind it."""
+    async with serving() as (server, port):
+        sock = socket.create_connection(("127.0.0.1", port))  # the kernel completes it
+        sock.setblocking(False)
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        async with stream:
+            if when == "on an idle connection":
+                await stream.send_all(b"version\r\n")
+                assert await read_until(stream, b"\r\n") == VERSION_REPLY  # watched now
+            # With no checkpoint in between, the server sees both at its next look.
+            sock.sendall(requests)
+            sock.shutdown(socket.SHUT_WR)
+            received = b""
+            while chunk := await stream.receive_some(1 << 20):
+                received += chunk
+        assert received == replies
+        assert server.stats.curr_connections == 0
 
 
 async def test_answers_made_without_and_after_waiting_come_back_in_request_order() -> None:

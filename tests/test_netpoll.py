@@ -79,6 +79,47 @@ async def test_input_is_announced_and_input_before_the_watch_counts_as_new() -> 
             watch.close()
 
 
+@pytest.mark.parametrize("ending", ["shutdown", "close"])
+async def test_an_end_of_file_that_comes_with_data_is_announced_as_a_hang_up(ending: str) -> None:
+    """Data and the end of file behind it, announced once: a callback that stops at a short
+    receive (as the memcached listener does) learns from ``on_hang_up`` to read on."""
+    calls: list[str] = []
+    async with running() as poller:
+        with socket_pair() as (ours, theirs):
+            watch = poller.watch(
+                ours, lambda: calls.append("readable"), lambda: calls.append("hang-up")
+            )
+            theirs.send(b"x")
+            await settle()
+            assert calls == ["readable"]
+            assert ours.recv(100) == b"x"
+            theirs.send(b"y")
+            if ending == "shutdown":
+                theirs.shutdown(socket.SHUT_WR)
+            else:
+                theirs.close()
+            await settle()
+            await settle()
+            assert calls == ["readable", "hang-up"]  # one announcement for both
+            assert ours.recv(100) == b"y"  # a short receive, with the end of file behind it
+            assert ours.recv(100) == b""
+            watch.close()
+
+
+async def test_without_on_hang_up_a_hang_up_is_announced_to_on_readable() -> None:
+    received = bytearray()
+    eof = trio.Event()
+    async with running() as poller:
+        with socket_pair() as (ours, theirs):
+            watch = poller.watch(ours, reader(ours, received, eof))
+            theirs.send(b"last")
+            theirs.shutdown(socket.SHUT_WR)
+            with trio.fail_after(1):
+                await eof.wait()
+            assert received == b"last"
+            watch.close()
+
+
 async def test_a_closed_watch_hears_nothing_more() -> None:
     calls: list[int] = []
     async with running() as poller:

@@ -10,10 +10,15 @@ became readable together cost one trio wait between them, and a request costs no
 
 Edge-triggered means a callback hears only of *new* input: whatever it leaves unread when it
 returns is not announced again. So a callback must read until the socket has nothing more
-(a short receive or ``BlockingIOError``), or make sure something else will. trio's own epoll
-is one-shot on purpose, so that a closed and reused descriptor cannot deliver a stale event;
-here a watch is closed before its socket, and a descriptor reused by the kernel after all
-replaces the watch that it left behind.
+(a short receive or ``BlockingIOError``), or make sure something else will. But a short
+receive does not show an end of file that arrived with the data (a client that sends its
+requests and shuts down its side at once): that end of file was announced with the data, and
+will not be again. So a watch is told which announcements carry one (``on_hang_up``), and
+must then receive until the socket says end of file or fails.
+
+trio's own epoll is one-shot on purpose, so that a closed and reused descriptor cannot
+deliver a stale event; here a watch is closed before its socket, and a descriptor reused by
+the kernel after all replaces the watch that it left behind.
 
 Needs Linux's epoll; on any other system :class:`ReadPoller` raises ``OSError`` at creation.
 """
@@ -38,21 +43,33 @@ _EPOLL = getattr(select, "epoll", None)
 _EVENTS = (
     getattr(select, "EPOLLIN", 0) | getattr(select, "EPOLLRDHUP", 0) | getattr(select, "EPOLLET", 0)
 )
+#: The peer shut down its side, or the connection hung up or failed: nothing after the input
+#: already there will be announced.
+_HUNG_UP = (
+    getattr(select, "EPOLLRDHUP", 0)
+    | getattr(select, "EPOLLHUP", 0)
+    | getattr(select, "EPOLLERR", 0)
+)
 
 
 class Watch:
-    """One watched socket: its callback runs whenever new input (or end of file, or an error)
+    """One watched socket: its callbacks run whenever new input (or end of file, or an error)
     arrives, until :meth:`close`."""
 
-    __slots__ = ("_fd", "_poller", "_sock", "on_readable")
+    __slots__ = ("_fd", "_poller", "_sock", "on_hang_up", "on_readable")
 
     def __init__(
-        self, poller: ReadPoller, sock: socket.socket, on_readable: Callable[[], None]
+        self,
+        poller: ReadPoller,
+        sock: socket.socket,
+        on_readable: Callable[[], None],
+        on_hang_up: Callable[[], None],
     ) -> None:
         self._poller = poller
         self._sock = sock
         self._fd = sock.fileno()
         self.on_readable = on_readable
+        self.on_hang_up = on_hang_up
 
     def close(self) -> None:
         """Stop watching (call it before closing the socket); idempotent."""
@@ -72,10 +89,21 @@ class ReadPoller:
         self._epoll = _EPOLL()
         self._watches: dict[int, Watch] = {}
 
-    def watch(self, sock: socket.socket, on_readable: Callable[[], None]) -> Watch:
+    def watch(
+        self,
+        sock: socket.socket,
+        on_readable: Callable[[], None],
+        on_hang_up: Callable[[], None] | None = None,
+    ) -> Watch:
         """Call ``on_readable`` whenever new input arrives on ``sock`` (a connected,
         non-blocking socket), from :meth:`run`'s task. Input that is already there when the
         watch starts counts as new.
+
+        ``on_hang_up`` (``on_readable`` if not given) is called instead when the peer has
+        shut down its side or the connection has hung up or failed, whether or not input
+        came with it: nothing more may be announced after it, so the callback must receive
+        until end of file or an error, short receives included. A callback that always
+        reads until ``BlockingIOError`` or end of file needs no ``on_hang_up``.
 
         Raises:
             OSError: the kernel refused the registration (out of memory, or past
@@ -90,7 +118,9 @@ class ReadPoller:
             # it dropped the registration): that watch is over.
             self._forget(stale)
         self._epoll.register(fd, _EVENTS)
-        watch = self._watches[fd] = Watch(self, sock, on_readable)
+        watch = self._watches[fd] = Watch(
+            self, sock, on_readable, on_hang_up if on_hang_up is not None else on_readable
+        )
         return watch
 
     def __len__(self) -> int:
@@ -101,6 +131,7 @@ class ReadPoller:
         cancelled. A callback must not raise (an exception ends this task)."""
         epoll = self._epoll
         watches = self._watches
+        hung_up = _HUNG_UP
         try:
             while True:
                 await trio.lowlevel.wait_readable(epoll.fileno())
@@ -112,10 +143,13 @@ class ReadPoller:
                     events = epoll.poll(0, MAX_EVENTS)
                     if not events:
                         break
-                    for fd, _events in events:
+                    for fd, mask in events:
                         watch = watches.get(fd)
                         if watch is not None:
-                            watch.on_readable()
+                            if mask & hung_up:
+                                watch.on_hang_up()
+                            else:
+                                watch.on_readable()
         finally:
             watches.clear()
             epoll.close()

@@ -15,6 +15,12 @@ no task switch. A pending step is awaited in a task of the listener's own (one p
 stretch of a connection, not per request), which then goes on with the same ``_serve``. While
 that task runs, announcements for its connection are left to it, so requests stay in order.
 
+``_serve`` stops for input after a receive that took less than it asked for: any later input
+will be announced. An end of file that arrived with the data will not (a client that sends
+its requests and shuts down its side at once, as ``nc -q1`` does): the poller says which
+announcements carry one, and such a connection is served on until the end of file is read,
+so it gets its replies and a close.
+
 Each connection is its own failure domain: an exception from its request handling, in
 whichever task, closes that connection (logged with its traceback) and nothing else.
 Sockets are plain non-blocking stdlib sockets: a request whose bytes are already there costs
@@ -65,6 +71,7 @@ class _Connection:
         "busy",
         "closed",
         "drained",
+        "hung_up",
         "parser",
         "replies",
         "replies_size",
@@ -88,6 +95,9 @@ class _Connection:
         #: A task is serving this connection (awaiting a pending step); it serves whatever
         #: input arrives meanwhile.
         self.busy = False
+        #: The peer shut down its side or the connection failed (the poller said so): no
+        #: input will be announced any more, so serving stops only at the end of file.
+        self.hung_up = False
         self.closed = False
 
 
@@ -221,7 +231,9 @@ class MemcacheServer:
         assert self._poller is not None
         try:
             # Input that is already there is announced at once.
-            connection.watch = self._poller.watch(sock, partial(self._on_readable, connection))
+            connection.watch = self._poller.watch(
+                sock, partial(self._on_readable, connection), partial(self._on_hang_up, connection)
+            )
         except OSError as error:
             stats.rejected_connections += 1
             logger.warning("cannot watch a new connection (%s); closing it", error)
@@ -242,6 +254,17 @@ class MemcacheServer:
         except Exception as error:  # noqa: BLE001 - this connection's failure only
             self._fail(connection, error)
             return
+        if step is not None:
+            self._go_on(connection, step)
+
+    def _on_hang_up(self, connection: _Connection) -> None:
+        """The peer shut down its side or the connection failed, maybe with new input (the
+        poller's callback in place of :meth:`_on_readable`): serve until the end of file."""
+        connection.hung_up = True
+        if connection.busy:
+            connection.drained = False  # its task must look, and reads on to the end
+            return
+        step = self._serve_guarded(connection)
         if step is not None:
             self._go_on(connection, step)
 
@@ -273,8 +296,16 @@ class MemcacheServer:
             connection.busy = False
 
     def _serve_guarded(self, connection: _Connection) -> Pending[None] | None:
+        """:meth:`_serve`, and again for as long as it stops for input that a hung-up
+        connection will never announce."""
         try:
-            return self._serve(connection)
+            step = self._serve(connection)
+            # Each pass receives at least once, and a hung-up socket ends in end of file or
+            # an error, which close the connection (or hand back the step that will).
+            while step is None and connection.hung_up and not connection.closed:
+                connection.drained = False
+                step = self._serve(connection)
+            return step
         except Exception as error:  # noqa: BLE001 - this connection's failure only
             self._fail(connection, error)
             return None
@@ -308,6 +339,9 @@ class MemcacheServer:
                     data = connection.sock.recv(RECEIVE_SIZE)
                 except BlockingIOError:
                     connection.drained = True
+                    # A hung-up socket says end of file, never this; should it all the same,
+                    # waiting for an announcement beats spinning in _serve_guarded.
+                    connection.hung_up = False
                     return None
                 connection.drained = len(data) < RECEIVE_SIZE
                 self.stats.bytes_read += len(data)
