@@ -460,3 +460,81 @@ def test_a_node_of_one_answers_as_memcached_does(steps: list[tuple[bytes, int]])
             nursery.cancel_scope.cancel()
 
     trio.run(run)
+
+
+# --- item 4: key dump, item counts after flush_all, admin commands ---------------------------
+
+
+async def test_cachedump_lists_this_nodes_live_keys(h: Harness) -> None:
+    await h.send(b"set alpha 0 0 3\r\nabc\r\n")
+    await h.send(b"set beta 0 100 5\r\nhello\r\n")
+    await h.send(b"set gone 0 0 1\r\nx\r\n")
+    await h.send(b"delete gone\r\n")
+    await h.send(b"set brief 0 -1 1\r\nx\r\n")  # already expired
+    reply = await h.send(b"stats cachedump 1 0\r\n")
+    lines = reply.split(b"\r\n")
+    assert lines[-2:] == [b"END", b""]
+    assert sorted(lines[:-2]) == [
+        b"ITEM alpha [3 b; 0 s]",
+        b"ITEM beta [5 b; %d s]" % (int(h.clock.now) + 100),
+    ]
+    one = await h.send(b"stats cachedump 1 1\r\n")
+    assert one.count(b"ITEM ") == 1
+    assert one.endswith(b"\r\nEND\r\n")
+    # memcdump asks every class 0..63: only class 1 holds Kai's items.
+    assert await h.send(b"stats cachedump 0 0\r\n") == b"END\r\n"
+    assert await h.send(b"stats cachedump 63 0\r\n") == b"END\r\n"
+    assert await h.send(b"stats cachedump 64 0\r\n") == b"CLIENT_ERROR Illegal slab id\r\n"
+    assert await h.send(b"stats cachedump 1\r\n") == b"CLIENT_ERROR bad command line\r\n"
+    assert await h.send(b"stats cachedump x 0\r\n") == b"CLIENT_ERROR bad command line format\r\n"
+    assert await h.send(b"stats cachedump 1 -1\r\n") == (
+        b"CLIENT_ERROR bad command line format\r\n"
+    )
+    assert await h.send(b"flush_all\r\n") == b"OK\r\n"
+    assert await h.send(b"stats cachedump 1 0\r\n") == b"END\r\n"
+
+
+async def test_cachedump_scans_past_a_chunk(h: Harness) -> None:
+    count = CommandExecutor.CACHEDUMP_CHUNK * 3
+    for index in range(count):
+        await h.send(b"set k%d 0 0 1\r\nx\r\n" % index)
+    reply = await h.send(b"stats cachedump 1 0\r\n")
+    assert reply.count(b"ITEM ") == count
+
+
+async def test_item_counts_drop_when_a_flush_takes_effect(h: Harness) -> None:
+    await h.send(b"set a 0 0 3\r\nabc\r\n")
+    await h.send(b"set b 0 0 2\r\nxy\r\n")
+    assert (h.replica.items, h.replica.item_bytes) == (2, 5)
+    assert await h.send(b"flush_all\r\n") == b"OK\r\n"
+    assert (h.replica.items, h.replica.item_bytes) == (0, 0)
+    # Overwriting a flushed key counts it once; deleting a flushed one does not go below zero.
+    await h.send(b"set a 0 0 1\r\nz\r\n")
+    await h.send(b"delete b\r\n")
+    assert (h.replica.items, h.replica.item_bytes) == (1, 1)
+    # A delayed flush changes nothing until its time, then drops what it covers.
+    assert await h.send(b"flush_all 10\r\n") == b"OK\r\n"
+    await h.send(b"set c 0 0 4\r\nabcd\r\n")
+    assert (h.replica.items, h.replica.item_bytes) == (2, 5)
+    h.clock.now += 10
+    assert (h.replica.items, h.replica.item_bytes) == (0, 0)
+    h.clock.now += 1
+    await h.send(b"set d 0 0 2\r\nde\r\n")
+    await h.send(b"set a 0 0 2\r\nab\r\n")
+    assert (h.replica.items, h.replica.item_bytes) == (2, 4)
+    # A restart's recount agrees with the running counts.
+    h.replica.count_items()
+    assert (h.replica.items, h.replica.item_bytes) == (2, 4)
+    stats = await h.send(b"stats\r\n")
+    assert b"STAT curr_items 2\r\n" in stats
+    assert b"STAT bytes 4\r\n" in stats
+
+
+async def test_slabs_automove_shutdown_and_stats_sizes(h: Harness) -> None:
+    assert await h.send(b"slabs automove 1\r\n") == b"OK\r\n"
+    assert await h.send(b"slabs automove 1 noreply\r\n") == b""
+    assert await h.send(b"slabs automove invalid\r\n") == (
+        b"CLIENT_ERROR bad command line format\r\n"
+    )
+    assert await h.send(b"shutdown\r\n") == b"ERROR: shutdown not enabled\r\n"
+    assert await h.send(b"stats sizes\r\n") == b"STAT sizes_status disabled\r\nEND\r\n"

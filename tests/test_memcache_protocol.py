@@ -41,6 +41,7 @@ from kai.core.memcache.protocol import (
     MemcacheParser,
     Quit,
     Request,
+    SlabsAutomove,
     Stats,
     Store,
     Touch,
@@ -62,7 +63,8 @@ BAD_DELTA = Invalid(b"CLIENT_ERROR invalid numeric delta argument\r\n")
 UNKNOWN = Invalid(b"ERROR\r\n")
 SILENT = Invalid(b"")
 LINE_TOO_LONG = Invalid(b"CLIENT_ERROR line too long\r\n", close=True)
-HTTP_CLOSE = Invalid(b"ERROR\r\n", close=True)
+HTTP_CLOSE = Invalid(b"", close=True)  # memcached hangs up without a byte
+SHUTDOWN_DISABLED = Invalid(b"ERROR: shutdown not enabled\r\n")
 BINARY = Invalid(b"CLIENT_ERROR binary protocol is not supported\r\n", close=True)
 
 PIPELINED = b"version\r\n"
@@ -262,6 +264,29 @@ CASES = [
     case(b"verbosity foo bar my\r\n", UNKNOWN),
     case(b"verbosity noreply\r\n", SILENT),
     case(b"verbosity abc\r\n", BAD_FORMAT),
+    case(b"verbosity invalid\r\n", BAD_FORMAT),
+    case(b"verbosity invalid noreply\r\n", SILENT),
+    case(b"verbosity 1 2\r\n", Verbosity(1)),
+    case(b"verbosity -1\r\n", BAD_FORMAT),
+    # slabs: only automove, accepted and ignored (memcached 1.6.18's replies)
+    case(b"slabs automove 0\r\n", SlabsAutomove(0)),
+    case(b"slabs automove 2\r\n", SlabsAutomove(2)),
+    case(b"slabs automove 1 noreply\r\n", SlabsAutomove(1, noreply=True)),
+    case(b"slabs automove 1 2 3\r\n", SlabsAutomove(1)),
+    case(b"slabs automove ratio 0.5\r\n", SlabsAutomove(None)),
+    case(b"slabs automove ratio x\r\n", BAD_FORMAT),
+    case(b"slabs automove invalid\r\n", BAD_FORMAT),
+    case(b"slabs automove -1\r\n", BAD_FORMAT),
+    case(b"slabs automove invalid noreply\r\n", SILENT),
+    case(b"slabs automove 3\r\n", UNKNOWN),
+    case(b"slabs automove 3 noreply\r\n", SILENT),
+    case(b"slabs automove\r\n", UNKNOWN),
+    case(b"slabs\r\n", UNKNOWN),
+    case(b"slabs reassign 1 2\r\n", UNKNOWN),
+    # shutdown: refused as by memcached without -A, whatever follows
+    case(b"shutdown\r\n", SHUTDOWN_DISABLED),
+    case(b"shutdown graceful\r\n", SHUTDOWN_DISABLED),
+    case(b"shutdown noreply\r\n", SHUTDOWN_DISABLED),
     case(b"quit\r\n", Quit()),
     case(b"quit foo bar\r\n", Quit()),
     case(b"get k\r\nquit\r\nget never\r\n", Get((b"k",)), Quit()),
@@ -274,6 +299,7 @@ CASES = [
     case(b"mg k v\r\n", UNKNOWN),
     case(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", HTTP_CLOSE),
     case(b"DELETE HTTP/1.1\r\n", HTTP_CLOSE),
+    case(b"version\r\nPOST /x HTTP/1.1\r\nversion\r\n", Version(), HTTP_CLOSE),
     case(b"get / HTTP/1.0\r\n", Get((b"/", b"HTTP/1.0"))),
     case(b"\x80\x00\x00\x05\x00\x00\x00\x00", BINARY),
     case(b"get k\r\n\x80\r\n", Get((b"k",)), UNKNOWN),
@@ -514,6 +540,7 @@ def test_sentinels_are_their_own_type() -> None:
         lambda: FlushAll(2**31),
         lambda: Stats((b"a b",)),
         lambda: Verbosity(-1),
+        lambda: SlabsAutomove(3),
         lambda: Invalid(b"ERROR"),
     ],
 )
@@ -565,6 +592,8 @@ FRAGMENTS = [
     b"incr k ",
     b"flush_all ",
     b"verbosity ",
+    b"slabs automove ",
+    b"shutdown",
     b"stats",
     b"quit",
     b"HTTP/1.1",

@@ -7,7 +7,12 @@ import random
 
 import pytest
 
-from kai.core.memcache.report import NodeInfo, StatsReport
+from kai.core.memcache.report import (
+    NodeInfo,
+    StatsReport,
+    encode_cachedump_item,
+    parse_cachedump,
+)
 from kai.core.stats import LatencyHistogram, NodeStats
 
 
@@ -100,3 +105,13 @@ def test_node_lists_come_with_counts_a_first_word_reader_can_use(
     assert seen["kai_down_nodes_count"] == down_count
     names = [name for name, _ in report.general()]
     assert names.index("kai_down_nodes_count") == names.index("kai_down_nodes") + 1
+
+
+def test_parse_cachedump_follows_memcached() -> None:
+    assert parse_cachedump((b"cachedump", b"1", b"0")) == (1, 0)
+    assert parse_cachedump((b"cachedump", b"63", b"5", b"ignored")) == (63, 5)
+    assert parse_cachedump((b"cachedump", b"1")) == b"CLIENT_ERROR bad command line\r\n"
+    for args in ((b"cachedump", b"-1", b"0"), (b"cachedump", b"1", b"x")):
+        assert parse_cachedump(args) == b"CLIENT_ERROR bad command line format\r\n"
+    assert parse_cachedump((b"cachedump", b"64", b"0")) == b"CLIENT_ERROR Illegal slab id\r\n"
+    assert encode_cachedump_item(b"k", 3, 0) == b"ITEM k [3 b; 0 s]\r\n"

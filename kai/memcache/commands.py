@@ -16,10 +16,20 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import cast
 
+import trio
+
 from kai.cluster.coordinator import Coordinator
 from kai.core.errors import CoordinatorError, TooManySiblings
 from kai.core.memcache import protocol
-from kai.core.memcache.report import VERSION_REPLY, NodeInfo, StatsReport
+from kai.core.memcache.report import (
+    CACHEDUMP_CLASS,
+    CACHEDUMP_MAX_BYTES,
+    VERSION_REPLY,
+    NodeInfo,
+    StatsReport,
+    encode_cachedump_item,
+    parse_cachedump,
+)
 from kai.core.pending import Pending, Step, resolve, then
 from kai.core.stats import NodeStats
 from kai.core.updates import Applied, Command, Outcome, Update
@@ -30,6 +40,8 @@ from kai.core.versions import (
     absolute_expiry,
     cas_unique,
     context_of,
+    decode_siblings,
+    newest,
     visible,
 )
 from kai.logs import log_quorum_failure
@@ -148,10 +160,12 @@ class CommandExecutor:
             case protocol.FlushAll(delay=delay, noreply=noreply):
                 return self._flush_all(delay, noreply)
             case protocol.Stats(args=args):
+                if args[:1] == (b"cachedump",):
+                    return self._cachedump(args)
                 return self.report.reply(args)
             case protocol.Version():
                 return VERSION_REPLY
-            case protocol.Verbosity(noreply=noreply):
+            case protocol.Verbosity(noreply=noreply) | protocol.SlabsAutomove(noreply=noreply):
                 return _quiet(noreply, protocol.OK)
             case protocol.Invalid(reply=reply):
                 return reply
@@ -365,6 +379,57 @@ class CommandExecutor:
         at = absolute_expiry(delay, now) if delay > 0 else now
         reply = _quiet(noreply, protocol.OK)
         return then(self.coordinator.flush_all(int(at * 1_000_000)), lambda _: reply)
+
+    # --- stats cachedump -----------------------------------------------------------------------
+
+    #: Records read from storage between two checkpoints of a cachedump scan.
+    CACHEDUMP_CHUNK = 256
+
+    def _cachedump(self, args: tuple[bytes, ...]) -> Step[bytes]:
+        """``stats cachedump <class> <limit>``: this node's live keys (what memcdump lists).
+
+        Kai has one item class, 1; every other class is empty. Only this node's replicas are
+        listed (a node holds the keys of its partitions, not the cluster's), in storage order,
+        up to ``limit`` items (0 = all) and memcached's 2 MiB reply limit.
+        """
+        parsed = parse_cachedump(args)
+        if isinstance(parsed, bytes):
+            return parsed
+        item_class, limit = parsed
+        if item_class != CACHEDUMP_CLASS:
+            return protocol.END
+        return Pending(self._cachedump_scan(limit))
+
+    async def _cachedump_scan(self, limit: int) -> bytes:
+        replica = self.coordinator.replica
+        lines: list[bytes] = []
+        size = len(protocol.END)
+        for partition in range(replica.buckets):
+            start_after: bytes | None = None
+            while True:
+                # A long scan: chunked, with a checkpoint per chunk, so it never stalls the loop.
+                chunk = replica.engine.scan(
+                    partition, start_after=start_after, limit=self.CACHEDUMP_CHUNK
+                )
+                now = self.wall_clock()
+                flushed_before = self.coordinator.flushed_before(now)
+                for key, record in chunk:
+                    latest = newest(decode_siblings(record))
+                    if latest is None or not latest.is_live(now, flushed_before):
+                        continue
+                    assert latest.value is not None
+                    line = encode_cachedump_item(key, len(latest.value), latest.expiry)
+                    size += len(line)
+                    if size > CACHEDUMP_MAX_BYTES:
+                        return b"".join(lines) + protocol.END
+                    lines.append(line)
+                    if len(lines) == limit:
+                        return b"".join(lines) + protocol.END
+                await trio.lowlevel.checkpoint()
+                if len(chunk) < self.CACHEDUMP_CHUNK:
+                    break
+                start_after = chunk[-1][0]
+        return b"".join(lines) + protocol.END
 
 
 def _quiet(noreply: bool, reply: bytes) -> bytes:

@@ -169,10 +169,15 @@ class LocalReplica:
         self.siblings_maximum = siblings_maximum
         self.wall_clock = wall_clock
         self.cache = SiblingCache(cache_bytes)
-        self.items = 0
-        self.item_bytes = 0
+        self._items = 0
+        self._item_bytes = 0
         self._last_timestamp = 0
         self._flush_times = self._load_flush_times()
+        # The flush cutoff the item counts were made under (versions at or before it are not
+        # counted), and the next flush time after it that will reset them (None: none pending).
+        self._counted_after = 0
+        self._next_flush: int | None = None
+        self._plan_count_reset()
 
     # --- reads --------------------------------------------------------------------------------
 
@@ -313,10 +318,16 @@ class LocalReplica:
         return record
 
     def _count(self, siblings: SiblingSet, sign: int) -> None:
+        if self._next_flush is not None:
+            self._apply_flushes()
         latest = newest(siblings)
         if latest is not None and latest.value is not None:
-            self.items += sign
-            self.item_bytes += sign * len(latest.value)
+            if latest.timestamp <= self._counted_after:
+                return  # flushed: it was not counted
+            # Never below zero: a version counted before a flush it outlived (stamped after
+            # the flush time elsewhere, see docs/decisions.md) was dropped from the count.
+            self._items = max(0, self._items + sign)
+            self._item_bytes = max(0, self._item_bytes + sign * len(latest.value))
 
     def _timestamp(self) -> int:
         # Microseconds, strictly increasing on this node even if the wall clock steps back, so
@@ -327,15 +338,47 @@ class LocalReplica:
 
     # --- item accounting ----------------------------------------------------------------------
 
+    @property
+    def items(self) -> int:
+        """Keys whose newest version holds a value written after the last flush_all in effect
+        (memcached's ``curr_items``; expired items count until they are overwritten)."""
+        if self._next_flush is not None:
+            self._apply_flushes()
+        return self._items
+
+    @property
+    def item_bytes(self) -> int:
+        """The value bytes of the keys :attr:`items` counts (memcached's ``bytes``)."""
+        if self._next_flush is not None:
+            self._apply_flushes()
+        return self._item_bytes
+
     def count_items(self) -> None:
         """Recount ``items`` and ``item_bytes`` with a full scan (run in a thread at start)."""
+        cutoff = self.flushed_before(self.wall_clock())
         items = item_bytes = 0
         for _partition, _key, record in self.engine.scan_all():
             latest = newest(decode_siblings(record))
-            if latest is not None and latest.value is not None:
+            if latest is not None and latest.value is not None and latest.timestamp > cutoff:
                 items += 1
                 item_bytes += len(latest.value)
-        self.items, self.item_bytes = items, item_bytes
+        self._items, self._item_bytes = items, item_bytes
+        self._counted_after = cutoff
+        self._plan_count_reset()
+
+    def _apply_flushes(self) -> None:
+        """Reset the counts once a flush_all newer than the one they were made under is in
+        effect: every version counted so far was written at or before it (this node's own
+        writes are stamped on its clock, and the flush is in effect by that clock)."""
+        cutoff = self.flushed_before(self.wall_clock())
+        if cutoff > self._counted_after:
+            self._counted_after = cutoff
+            self._items = self._item_bytes = 0
+            self._plan_count_reset()
+
+    def _plan_count_reset(self) -> None:
+        later = [t for t in self._flush_times if t > self._counted_after]
+        self._next_flush = min(later) if later else None
 
     # --- flush_all ----------------------------------------------------------------------------
 
@@ -369,6 +412,7 @@ class LocalReplica:
             # Writes that follow an immediate flush must survive it, even within the same
             # microsecond: move this node's write timestamps past the flush time.
             self._last_timestamp = max(self._last_timestamp, at)
+        self._plan_count_reset()
 
     @property
     def flush_times(self) -> tuple[int, ...]:

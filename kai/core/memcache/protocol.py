@@ -62,6 +62,7 @@ from kai.core.memcache.requests import (
     Invalid,
     Quit,
     Request,
+    SlabsAutomove,
     Stats,
     Store,
     Touch,
@@ -97,6 +98,7 @@ __all__ = [
     "MemcacheParser",
     "Quit",
     "Request",
+    "SlabsAutomove",
     "Stats",
     "Store",
     "Touch",
@@ -124,6 +126,10 @@ _BAD_EXPTIME: Final = b"CLIENT_ERROR invalid exptime argument\r\n"
 _BAD_DELTA: Final = b"CLIENT_ERROR invalid numeric delta argument\r\n"
 _LINE_TOO_LONG: Final = b"CLIENT_ERROR line too long\r\n"
 _BINARY_PROTOCOL: Final = b"CLIENT_ERROR binary protocol is not supported\r\n"
+# memcached's answer to ``shutdown`` unless it was started with -A (Kai never is).
+_SHUTDOWN_DISABLED: Final = b"ERROR: shutdown not enabled\r\n"
+# ``slabs automove`` levels memcached knows (0 off, 1 background, 2 aggressive).
+_SLABS_AUTOMOVE_MAX: Final = 2
 
 # Lines starting like this may be as long as max_get_line_length (multi-gets are unbounded).
 _RETRIEVAL_PREFIXES: Final = (b"get ", b"gets ", b"gat ", b"gats ")
@@ -186,6 +192,14 @@ def _parse_int32(token: bytes) -> int | None:
         return None
     value = int(token)
     return value if INT32_MIN <= value <= INT32_MAX else None
+
+
+def _parse_ratio(token: bytes) -> float | None:
+    """Parse a non-negative decimal fraction such as ``0.8`` (digits and one dot), else None."""
+    whole, _, fraction = token.partition(b".")
+    if len(token) > _MAX_NUMBER_TOKEN_LENGTH or not (whole + fraction).isdigit():
+        return None
+    return float(token)
 
 
 # --- Parser ---------------------------------------------------------------------------------
@@ -354,9 +368,9 @@ class MemcacheParser:
                 return _UNKNOWN_COMMAND
         parse = _COMMAND_PARSERS.get(tokens[0])
         if parse is None:
-            # memcached hangs up on what looks like an HTTP request line.
+            # memcached hangs up on what looks like an HTTP request line, without a reply.
             if tokens[-1].startswith(b"HTTP/"):
-                return self._close_with(ERROR)
+                return self._close_with(b"")
             return _UNKNOWN_COMMAND
         return parse(self, tokens)
 
@@ -517,6 +531,27 @@ class MemcacheParser:
             return _silenced(Invalid(_BAD_FORMAT), noreply)
         return Verbosity(level, noreply)
 
+    def _parse_slabs(self, tokens: list[bytes]) -> Event:
+        # memcached 1.6.18: only "slabs automove <0|1|2|ratio N>" and "slabs reassign" exist;
+        # Kai has no slabs, so it takes the automove setting (and ignores it) and nothing else.
+        if len(tokens) < 3 or tokens[1] != b"automove":
+            return _UNKNOWN_COMMAND
+        noreply = tokens[-1] == b"noreply"
+        if tokens[2] == b"ratio":
+            if len(tokens) < 4 or _parse_ratio(tokens[3]) is None:
+                return _silenced(Invalid(_BAD_FORMAT), noreply)
+            return SlabsAutomove(None, noreply)
+        level = _parse_unsigned(tokens[2], UINT32_MAX)
+        if level is None:
+            return _silenced(Invalid(_BAD_FORMAT), noreply)
+        if level > _SLABS_AUTOMOVE_MAX:
+            return _silenced(_UNKNOWN_COMMAND, noreply)
+        return SlabsAutomove(level, noreply)
+
+    def _parse_shutdown(self, tokens: list[bytes]) -> Event:
+        # As memcached without -A: a client cannot stop the node (signals and kai-admin do).
+        return Invalid(_SHUTDOWN_DISABLED)
+
     def _parse_quit(self, tokens: list[bytes]) -> Event:
         self._close()
         return _QUIT
@@ -543,5 +578,7 @@ _COMMAND_PARSERS: Final[dict[bytes, Callable[[MemcacheParser, list[bytes]], _Out
     b"stats": MemcacheParser._parse_stats,
     b"version": MemcacheParser._parse_version,
     b"verbosity": MemcacheParser._parse_verbosity,
+    b"slabs": MemcacheParser._parse_slabs,
+    b"shutdown": MemcacheParser._parse_shutdown,
     b"quit": MemcacheParser._parse_quit,
 }

@@ -81,7 +81,11 @@ class StatsReport:
         if args == (b"reset",):
             self.stats.reset()
             return replies.RESET
-        if args[0] in (b"items", b"slabs", b"sizes", b"conns"):
+        if args == (b"sizes",):
+            # memcached 1.6 answers this unless started with -o track_sizes; Kai has no sizes
+            # histogram to enable.
+            return replies.encode_stats([("sizes_status", "disabled")])
+        if args[0] in (b"items", b"slabs", b"conns"):
             return replies.END  # Kai has no slabs; an empty listing is what clients accept
         return replies.ERROR
 
@@ -144,6 +148,41 @@ class StatsReport:
                 value = "yes" if value else "no"
             fields.append((f"kai_{name}", value))
         return fields
+
+
+#: The one "slab class" of ``stats cachedump``: Kai's items are not sorted into classes.
+CACHEDUMP_CLASS = 1
+#: memcached's slab class ids are below this (MAX_NUMBER_OF_SLAB_CLASSES).
+CACHEDUMP_CLASSES = 64
+#: memcached stops a cachedump reply at 2 MiB; Kai stops at the same size.
+CACHEDUMP_MAX_BYTES = 2 * 1024 * 1024
+
+_CACHEDUMP_USAGE = replies.client_error("bad command line")
+_CACHEDUMP_BAD_NUMBER = replies.client_error("bad command line format")
+_CACHEDUMP_BAD_CLASS = replies.client_error("Illegal slab id")
+
+
+def parse_cachedump(args: tuple[bytes, ...]) -> tuple[int, int] | bytes:
+    """``stats cachedump <class> <limit>``: the (class, limit) to dump, or the error reply.
+
+    As memcached 1.6.18: fewer than two numbers is ``bad command line``, a number that is
+    not a plain unsigned decimal ``bad command line format``, a class of 64 or more
+    ``Illegal slab id``; tokens after the limit are ignored; a limit of 0 means no limit.
+    """
+    if len(args) < 3 or args[0] != b"cachedump":
+        return _CACHEDUMP_USAGE
+    numbers = [int(token) if token.isdigit() and len(token) <= 10 else None for token in args[1:3]]
+    item_class, limit = numbers
+    if item_class is None or limit is None or limit > 2**32 - 1:
+        return _CACHEDUMP_BAD_NUMBER
+    if item_class >= CACHEDUMP_CLASSES:
+        return _CACHEDUMP_BAD_CLASS
+    return item_class, limit
+
+
+def encode_cachedump_item(key: bytes, size: int, expiry: int) -> bytes:
+    """One line of a cachedump: ``ITEM <key> [<bytes> b; <unix expiry, 0 = never> s]``."""
+    return b"ITEM %b [%d b; %d s]\r\n" % (key, size, expiry)
 
 
 def _count_nodes(node_list: object) -> int:

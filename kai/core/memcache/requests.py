@@ -212,6 +212,21 @@ class Verbosity:
 
 
 @attrs.frozen(slots=True)
+class SlabsAutomove:
+    """``slabs automove <0|1|2> [noreply]`` or ``slabs automove ratio <r>`` (``level`` None).
+
+    Accepted and ignored, as :class:`Verbosity` is: Kai has no slabs to move.
+    """
+
+    level: int | None
+    noreply: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.level is not None and not 0 <= self.level <= 2:
+            raise ValueError(f"slabs automove level {self.level} is not 0, 1 or 2")
+
+
+@attrs.frozen(slots=True)
 class Quit:
     """``quit``: close the connection without a reply."""
 
@@ -246,6 +261,7 @@ Request: TypeAlias = (
     | Stats
     | Version
     | Verbosity
+    | SlabsAutomove
     | Quit
 )
 #: Everything :meth:`MemcacheParser.next_event` returns apart from the sentinels.
