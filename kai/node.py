@@ -151,7 +151,7 @@ class Node:
                 max_item_size=config.max_item_size,
             )
             self._server = server
-            await services.start(cluster.membership.run)
+            await services.start(cluster.run)
             metrics_address = await self._start_metrics(services, cluster, executor)
             async with trio.open_nursery() as front:
                 try:

@@ -96,6 +96,15 @@ class Cluster:
         )
         self._on_view_change(self.membership.view)
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run this node's cluster services (gossip, then the healing loops) until cancelled.
+
+        Start it with ``await nursery.start(cluster.run)``: it is started once gossip is.
+        """
+        async with trio.open_nursery() as services:
+            await services.start(self.membership.run)
+            task_status.started()
+
     def ring(self) -> Ring:
         """The current ring (rebuilt whenever the members change)."""
         return self._ring

@@ -105,6 +105,17 @@ class Config:
     request_timeout: int = 5000
     membership_interval: int = 1000
     sync_interval: int = 1000
+    #: Whether anti-entropy exchanges run (every ``sync_interval``).
+    anti_entropy: bool = True
+    #: Whether fallbacks stand in for primaries that are down (Dynamo's sloppy quorum).
+    sloppy_quorum: bool = True
+    #: How often (ms) hints are offered to owners that are up, besides when one comes back.
+    handoff_interval: int = 5000
+    #: The most transfers (hint handoffs, partition streams) running at once on this node.
+    transfer_limit: int = 2
+    #: How long (ms) a tombstone, expired or flushed version is kept before it may be reaped;
+    #: also the longest outage a node may have before it must be wiped and rejoined.
+    tombstone_grace: int = 86_400_000
     siblings: SiblingView = "newest"
     clock_max_entries: int = 10
     siblings_warning_threshold: int = 25
@@ -129,6 +140,9 @@ class Config:
         _check_range("request_timeout", self.request_timeout, 1, 3_600_000)
         _check_range("membership_interval", self.membership_interval, 10, 3_600_000)
         _check_range("sync_interval", self.sync_interval, 10, 3_600_000)
+        _check_range("handoff_interval", self.handoff_interval, 10, 3_600_000)
+        _check_range("transfer_limit", self.transfer_limit, 1, 64)
+        _check_range("tombstone_grace", self.tombstone_grace, 1000, 365 * 86_400_000)
         _check_range("clock_max_entries", self.clock_max_entries, 1, 1000)
         _check_range("siblings_maximum", self.siblings_maximum, 1, 10_000)
         _check_range(
@@ -170,6 +184,11 @@ class Config:
             "request_timeout": self.request_timeout,
             "membership_interval": self.membership_interval,
             "sync_interval": self.sync_interval,
+            "anti_entropy": self.anti_entropy,
+            "sloppy_quorum": self.sloppy_quorum,
+            "handoff_interval": self.handoff_interval,
+            "transfer_limit": self.transfer_limit,
+            "tombstone_grace": self.tombstone_grace,
             "siblings": self.siblings,
             "clock_max_entries": self.clock_max_entries,
             "siblings_warning_threshold": self.siblings_warning_threshold,
@@ -294,6 +313,11 @@ _SETTINGS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "request_timeout": ("request_timeout", _integer),
     "membership_interval": ("membership_interval", _integer),
     "sync_interval": ("sync_interval", _integer),
+    "anti_entropy": ("anti_entropy", _boolean),
+    "sloppy_quorum": ("sloppy_quorum", _boolean),
+    "handoff_interval": ("handoff_interval", _integer),
+    "transfer_limit": ("transfer_limit", _integer),
+    "tombstone_grace": ("tombstone_grace", _integer),
     "siblings": ("siblings", _choice("newest", "all")),
     "clock_max_entries": ("clock_max_entries", _integer),
     "siblings_warning_threshold": ("siblings_warning_threshold", _integer),

@@ -39,6 +39,10 @@ ACTOR_META = "actor_id"
 #: Bytes in an actor id.
 ACTOR_ID_SIZE = 8
 
+#: Told of every change to a stored record: ``(partition, key, old record, new record)``, each
+#: None when absent (anti-entropy keeps its hash trees current with it).
+OnChange = Callable[[int, bytes, bytes | None, bytes | None], None]
+
 #: Metadata name of the pending and past flush_all times.
 FLUSH_META = "flush_times"
 #: How many flush_all times are remembered (older ones are superseded by later ones).
@@ -106,6 +110,12 @@ class SiblingCache:
         self.hits += 1
         return entry[0], entry[1]
 
+    def peek_record(self, key: bytes) -> bytes | None:
+        """The cached record of ``key`` (None when not cached or absent); not counted as a
+        hit or a miss."""
+        entry = self._entries.get(key)
+        return None if entry is None else entry[1]
+
     def put(self, key: bytes, siblings: SiblingSet, record: bytes | None) -> None:
         """Cache (or replace) ``key``'s sibling set and its record, evicting old entries to
         fit. ``record`` must decode to ``siblings`` (None when the set is empty)."""
@@ -169,6 +179,9 @@ class LocalReplica:
         self.siblings_maximum = siblings_maximum
         self.wall_clock = wall_clock
         self.cache = SiblingCache(cache_bytes)
+        #: Told of every stored record that changes (see :data:`OnChange`); set once, by
+        #: whatever keeps a summary of the data (anti-entropy's hash trees).
+        self.on_change: OnChange | None = None
         self._items = 0
         self._item_bytes = 0
         self._last_timestamp = 0
@@ -310,12 +323,24 @@ class LocalReplica:
             logger.warning("key %r has %d siblings", key, len(new))
         if record is None:
             record = encode_siblings(new)
+        on_change = self.on_change
+        if on_change is not None:
+            on_change(partition, key, self._stored_record(partition, key, old), record)
         self.engine.put(partition, key, record)
         self.cache.put(key, new, record)
         self._count(old, -1)
         self._count(new, +1)
         self.stats.total_items += 1
         return record
+
+    def _stored_record(self, partition: int, key: bytes, stored: SiblingSet) -> bytes | None:
+        """The record now stored for ``key`` (``stored`` is what it decodes to)."""
+        if not stored:
+            return None
+        cached = self.cache.peek_record(key)
+        if cached is not None:
+            return cached
+        return self.engine.get(partition, key)
 
     def _count(self, siblings: SiblingSet, sign: int) -> None:
         if self._next_flush is not None:

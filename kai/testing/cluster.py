@@ -153,7 +153,7 @@ class InProcessCluster:
                         )
                         for all_siblings in (False, True)
                     )
-                    await background.start(cluster.membership.run)
+                    await background.start(cluster.run)
                     task_status.started(
                         HarnessNode(node_id, engine, cluster, newest_view, all_view, scope)
                     )
