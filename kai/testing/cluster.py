@@ -11,7 +11,7 @@ happens in virtual time. Never opens sockets.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 import attrs
@@ -73,8 +73,12 @@ class InProcessCluster:
         faults: Faults | None = None,
         request_timeout_ms: int = 1000,
         membership_interval_ms: int = 200,
+        settings: Mapping[str, object] | None = None,
     ) -> AsyncIterator[InProcessCluster]:
-        """Start ``size`` nodes, wait until every one sees them all, and stop them after."""
+        """Start ``size`` nodes, wait until every one sees them all, and stop them after.
+
+        ``settings`` overrides any other :class:`~kai.core.config.Config` field (by name).
+        """
         config = Config(
             quorum=quorum if quorum is not None else Quorum(3, 2, 2),
             request_timeout=request_timeout_ms,
@@ -82,6 +86,8 @@ class InProcessCluster:
             store="memory",
             cache_size=0,
         )
+        if settings:
+            config = attrs.evolve(config, **settings)
         async with (
             FakeNetwork.running(random.Random(seed), faults) as network,
             trio.open_nursery() as nursery,
