@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import attrs
 import trio
@@ -73,7 +74,7 @@ class InProcessCluster:
         faults: Faults | None = None,
         request_timeout_ms: int = 1000,
         membership_interval_ms: int = 200,
-        settings: Mapping[str, object] | None = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[InProcessCluster]:
         """Start ``size`` nodes, wait until every one sees them all, and stop them after.
 
