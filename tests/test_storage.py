@@ -223,6 +223,16 @@ def test_hints(engine: StorageEngine) -> None:
     assert engine.hints("a:1", limit=0) == []
     assert engine.hints("a:11") == [(5, b"k", b"for a:11")]
     assert engine.hints("b") == [(MAX_PARTITION, b"\xff", b"last")]
+    assert engine.hints("a:1", start_after=(9, b"a")) == [(9, b"b", b"9b")]
+    assert engine.hints("a:1", start_after=(3, b"gone")) == [
+        (9, b"a", b"9a again"),
+        (9, b"b", b"9b"),
+    ]
+    assert engine.hints("a:1", start_after=(9, b"b")) == []
+    assert engine.hints("a:", start_after=(0, b"x")) == []  # never runs into "a:1"
+    assert engine.get_hint("a:1", 9, b"a") == b"9a again"
+    assert engine.get_hint("a:1", 9, b"c") is None
+    assert engine.get_hint("nobody:1", 9, b"a") is None
     assert engine.count() == 0
     engine.delete_hint("a:1", 2, b"z")
     engine.delete_hint("a:1", 2, b"z")

@@ -239,14 +239,32 @@ class StorageEngine(abc.ABC):
         check_bytes("record", record)
         self._put_hint(target, partition, key, record)
 
-    def hints(self, target: str, *, limit: int | None = None) -> list[tuple[int, bytes, bytes]]:
-        """Up to ``limit`` hints for ``target`` as ``(partition, key, record)``, in that order."""
+    def hints(
+        self,
+        target: str,
+        *,
+        start_after: tuple[int, bytes] | None = None,
+        limit: int | None = None,
+    ) -> list[tuple[int, bytes, bytes]]:
+        """Up to ``limit`` hints for ``target`` as ``(partition, key, record)``, in that order,
+        starting after ``(partition, key)`` ``start_after`` if given."""
         self._check_open()
         check_name("hint target", target, MAX_TARGET_BYTES)
         check_limit(limit)
+        if start_after is not None:
+            check_partition(start_after[0])
+            check_key(start_after[1])
         if limit == 0:
             return []
-        return self._hints(target, limit)
+        return self._hints(target, start_after, limit)
+
+    def get_hint(self, target: str, partition: int, key: bytes) -> bytes | None:
+        """The hint kept for ``target`` under ``(partition, key)``, or None."""
+        self._check_open()
+        check_name("hint target", target, MAX_TARGET_BYTES)
+        check_partition(partition)
+        check_key(key)
+        return self._get_hint(target, partition, key)
 
     def delete_hint(self, target: str, partition: int, key: bytes) -> None:
         """Forget the hint for ``(target, partition, key)``; nothing happens if it is absent."""
@@ -341,7 +359,12 @@ class StorageEngine(abc.ABC):
     def _put_hint(self, target: str, partition: int, key: bytes, record: bytes) -> None: ...
 
     @abc.abstractmethod
-    def _hints(self, target: str, limit: int | None) -> list[tuple[int, bytes, bytes]]: ...
+    def _hints(
+        self, target: str, start_after: tuple[int, bytes] | None, limit: int | None
+    ) -> list[tuple[int, bytes, bytes]]: ...
+
+    @abc.abstractmethod
+    def _get_hint(self, target: str, partition: int, key: bytes) -> bytes | None: ...
 
     @abc.abstractmethod
     def _delete_hint(self, target: str, partition: int, key: bytes) -> None: ...

@@ -308,17 +308,35 @@ class LevelDBEngine(StorageEngine):
         except plyvel.Error as exc:
             self._failure("write", exc)
 
-    def _hints(self, target: str, limit: int | None) -> list[tuple[int, bytes, bytes]]:
+    def _hints(
+        self, target: str, start_after: tuple[int, bytes] | None, limit: int | None
+    ) -> list[tuple[int, bytes, bytes]]:
         prefix = _target_prefix(target)
         skip = len(prefix)
+        after = b""
+        if start_after is not None:
+            after = prefix + start_after[0].to_bytes(4, "big") + start_after[1]
         try:
-            with self._db.iterator(prefix=prefix) as iterator:
+            if start_after is None:
+                iterator = self._db.iterator(prefix=prefix)
+            else:
+                iterator = self._db.iterator(start=after, stop=_prefix_end(prefix))
+            with iterator:
+                entries = (entry for entry in iterator if entry[0] != after)
                 return [
                     (int.from_bytes(db_key[skip : skip + 4], "big"), db_key[skip + 4 :], record)
-                    for db_key, record in itertools.islice(iterator, limit)
+                    for db_key, record in itertools.islice(entries, limit)
                 ]
         except plyvel.Error as exc:
             self._failure("scan", exc)
+
+    def _get_hint(self, target: str, partition: int, key: bytes) -> bytes | None:
+        db_key = _target_prefix(target) + partition.to_bytes(4, "big") + key
+        try:
+            value: bytes | None = self._db.get(db_key)
+        except plyvel.Error as exc:
+            self._failure("read", exc)
+        return value
 
     def _delete_hint(self, target: str, partition: int, key: bytes) -> None:
         db_key = _target_prefix(target) + partition.to_bytes(4, "big") + key

@@ -132,11 +132,20 @@ class MemoryEngine(StorageEngine):
             table = self._hint_tables[target] = _SortedTable()
         table.put((partition, key), record)
 
-    def _hints(self, target: str, limit: int | None) -> list[tuple[int, bytes, bytes]]:
+    def _hints(
+        self, target: str, start_after: tuple[int, bytes] | None, limit: int | None
+    ) -> list[tuple[int, bytes, bytes]]:
         table = self._hint_tables.get(target)
         if table is None:
             return []
-        return [(partition, key, record) for (partition, key), record in table.after(None, limit)]
+        return [
+            (partition, key, record)
+            for (partition, key), record in table.after(start_after, limit)
+        ]
+
+    def _get_hint(self, target: str, partition: int, key: bytes) -> bytes | None:
+        table = self._hint_tables.get(target)
+        return None if table is None else table.values.get((partition, key))
 
     def _delete_hint(self, target: str, partition: int, key: bytes) -> None:
         table = self._hint_tables.get(target)
