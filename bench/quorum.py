@@ -21,6 +21,7 @@ from typing import NoReturn
 import trio
 
 from kai.cluster.coordinator import Coordinator
+from kai.cluster.hints import HintStore
 from kai.cluster.replica_rpc import ReplicaRpcHandlers
 from kai.core.config import Quorum
 from kai.core.pending import Step, resolve
@@ -75,7 +76,13 @@ async def measure(ops: int, value_size: int) -> dict[str, float]:
     }
     peers = InProcessPeers(
         {
-            node: ReplicaRpcHandlers(replicas[node], _no_forwarding, _no_forwarding).handlers()
+            node: ReplicaRpcHandlers(
+                replicas[node],
+                _no_forwarding,
+                _no_forwarding,
+                self_node=node,
+                hints=HintStore(replicas[node].engine, buckets=BUCKETS),
+            ).handlers()
             for node in NODES
         }
     )

@@ -239,7 +239,7 @@ class Node:
                 ("kai_cache_hits", replica.cache.hits),
                 ("kai_cache_misses", replica.cache.misses),
                 ("kai_down_nodes", " ".join(map(str, cluster.detector.down_nodes())) or "-"),
-                *cluster.coordinator.statistics(),
+                *cluster.statistics(),
             ],
             all_siblings=config.siblings == "all",
         )

@@ -26,6 +26,7 @@ import trio.testing
 
 from kai.cluster import reads as reads_module
 from kai.cluster.coordinator import Coordinator
+from kai.cluster.hints import HintStore
 from kai.cluster.replica_rpc import READ_REPLY_BUDGET, ReplicaRpcHandlers
 from kai.core.config import Quorum
 from kai.core.errors import (
@@ -45,6 +46,7 @@ from kai.core.versions import (
     Version,
     cas_unique,
     context_of,
+    decode_siblings,
     encode_siblings,
 )
 from kai.core.wire import siblings_from_wire
@@ -74,6 +76,7 @@ class Cluster:
         down: set[NodeId] | None = None,
         siblings_maximum: int = 100,
         read_reply_budget: int = READ_REPLY_BUDGET,
+        sloppy: bool = True,
     ) -> None:
         self.network = network
         self.nodes = [NodeId("127.0.0.1", 11011 + index) for index in range(size)]
@@ -105,6 +108,8 @@ class Cluster:
                 on_flush=self._flush_recorder(node),
                 background=background,
                 read_reply_budget=read_reply_budget,
+                down=self.down,
+                sloppy=sloppy,
             )
             self.coordinators[node] = coordinator
             network.register(node, coordinator.handlers())
@@ -238,7 +243,7 @@ async def test_a_forwarded_write_reports_the_primarys_quorum_failure(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     key = b"lonely primary"
-    async with cluster_of(4) as cluster:
+    async with cluster_of(4, sloppy=False) as cluster:
         first, second, third = cluster.primaries(key)
         outsider = cluster.others(key)[0]
         # The other replicas refuse the primary's calls: it knows at once W cannot be met.
@@ -250,6 +255,80 @@ async def test_a_forwarded_write_reports_the_primarys_quorum_failure(
         assert trio.current_time() == 0
     # The primary stored it (the Dynamo contract: a failed write may have landed).
     assert values(cluster.stored(first, key)) == {b"v"}
+
+
+async def test_fallbacks_stand_in_for_unreachable_primaries_and_keep_hints_for_them(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    key = b"lonely primary"
+    async with cluster_of(5) as cluster:
+        first, second, third = cluster.primaries(key)
+        cluster.crash(second)
+        cluster.crash(third)
+        written = await cluster[first].put(key, Payload(0, 0, b"v"))
+        fallbacks = [cluster.coordinators[node] for node in cluster.others(key)]
+    assert values((written,)) == {b"v"}
+    # Each fallback keeps the write for one of the primaries, and not as its own data.
+    kept = sorted(owner for fallback in fallbacks for owner in fallback.hints.owners())
+    assert kept == sorted([second, third])
+    for fallback in fallbacks:
+        assert fallback.replica.read(key) == ()
+        assert len(fallback.hints.owners()) == 1
+        assert fallback.hints.records_for(key) == [encode_siblings(cluster.stored(first, key))]
+    assert cluster.coordinators[first].hints.pending == 0
+
+
+async def test_a_primary_known_to_be_down_is_not_called_and_a_fallback_takes_its_write(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    key = b"known down"
+    async with cluster_of(4) as cluster:
+        first, second, third = cluster.primaries(key)
+        (fallback,) = cluster.others(key)
+        cluster.crash(third)
+        cluster.down.add(third)
+        await cluster[first].put(key, Payload(0, 0, b"v"))
+        assert {target for _, target in cluster.network.attempts("replica_apply")} == {second}
+        assert [target for _, target in cluster.network.attempts("hint_apply")] == [fallback]
+        # A read asks the fallback in the down primary's place, and it answers with the hint.
+        cluster.crash(second)
+        cluster.down.add(second)
+        read = await cluster[first].get(key)
+    assert values(read.siblings) == {b"v"}
+    assert cluster.coordinators[fallback].hints.owners() == [third]
+    assert cluster.stored(fallback, key) == ()  # read repair never writes into a fallback
+
+
+async def test_without_sloppy_quorum_only_primaries_count(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    key = b"strict"
+    async with cluster_of(5, sloppy=False) as cluster:
+        first, second, third = cluster.primaries(key)
+        cluster.crash(second)
+        cluster.crash(third)
+        with pytest.raises(QuorumUnavailable):
+            await cluster[first].put(key, Payload(0, 0, b"v"))
+    assert cluster.network.attempts("hint_apply") == []
+    # The coordinator keeps the write for both, to hand it off when they are back.
+    assert sorted(cluster.coordinators[first].hints.owners()) == sorted([second, third])
+
+
+async def test_a_primary_no_fallback_could_replace_gets_a_hint_from_the_coordinator(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    key = b"three nodes"
+    async with cluster_of(3) as cluster:
+        first, second, third = cluster.primaries(key)
+        cluster.crash(third)
+        await cluster[first].put(key, Payload(0, 0, b"v1"))
+        await cluster[first].put(key, Payload(0, 0, b"v2"))
+        hints = cluster.coordinators[first].hints
+        assert hints.owners() == [third]
+        assert hints.pending_for(third)[0] == 1  # one hint per key, merged
+        (record,) = hints.records_for(key)
+    assert decode_siblings(record) == cluster.stored(first, key)
+    assert values(cluster.stored(first, key)) == {b"v2"}
 
 
 async def test_a_primary_coordinates_a_forwarded_write_even_when_rings_disagree(
@@ -440,7 +519,7 @@ async def test_hung_and_down_replicas_do_not_delay_a_read_past_the_first_r_repli
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     key = b"k"
-    async with cluster_of(5) as cluster:
+    async with cluster_of(5, sloppy=False) as cluster:  # no fallback answers for ``third``
         first, second, third = cluster.primaries(key)
         reader = cluster.others(key)[0]
         await cluster[first].put(key, Payload(0, 0, b"v"))
@@ -499,8 +578,17 @@ def _no_forwarded_writes(*args: object) -> NoReturn:
     raise AssertionError("these tests forward no write")
 
 
-def _handlers(replica: LocalReplica, **kwargs: int) -> ReplicaRpcHandlers:
-    return ReplicaRpcHandlers(replica, _no_forwarded_writes, _no_forwarded_writes, **kwargs)
+def _handlers(
+    replica: LocalReplica, *, read_reply_budget: int = READ_REPLY_BUDGET
+) -> ReplicaRpcHandlers:
+    return ReplicaRpcHandlers(
+        replica,
+        _no_forwarded_writes,
+        _no_forwarded_writes,
+        self_node=NodeId("127.0.0.1", 1),
+        hints=HintStore(replica.engine, buckets=replica.buckets),
+        read_reply_budget=read_reply_budget,
+    )
 
 
 def test_replica_read_stops_at_its_budget_but_always_answers_one_key() -> None:

@@ -22,11 +22,12 @@ once the quorum is in; run a task outside the nurseries it was given.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import trio
 
 from kai.cluster.fanout import PeerCaller
+from kai.cluster.hints import HintStore
 from kai.cluster.reads import QuorumReader
 from kai.cluster.replica_rpc import READ_REPLY_BUDGET, ReplicaRpcHandlers
 from kai.cluster.writes import QuorumWriter
@@ -86,11 +87,19 @@ class Coordinator:
         request_timeout: float = 5.0,
         on_flush: Callable[[int], None] = lambda at: None,
         read_reply_budget: int = READ_REPLY_BUDGET,
+        hints: HintStore | None = None,
+        down: Collection[NodeId] = frozenset(),
+        sloppy: bool = True,
     ) -> None:
         self.self_node = self_node
         self.replica = replica
         self.ring = ring
         self.quorum = quorum
+        self.hints = (
+            hints if hints is not None else HintStore(replica.engine, buckets=replica.buckets)
+        )
+        self.down = down
+        self.sloppy = sloppy
         self._capped: dict[int, Quorum] = {}
         self._placed: tuple[Ring, Quorum] | None = None
         #: The flush cutoff (microseconds) in effect at a unix time: the local replica's, as
@@ -104,6 +113,7 @@ class Coordinator:
             replica=replica,
             peers=self._peers,
             request_timeout=request_timeout,
+            is_primary=self._is_primary,
         )
         self._writes = QuorumWriter(
             self_node=self_node,
@@ -114,11 +124,16 @@ class Coordinator:
             is_up=is_up,
             request_timeout=request_timeout,
             on_flush=on_flush,
+            hints=self.hints,
+            down=down,
+            sloppy=sloppy,
         )
         self._rpc = ReplicaRpcHandlers(
             replica,
             self._writes.coordinate,
             self._writes.coordinate_update,
+            self_node=self_node,
+            hints=self.hints,
             read_reply_budget=read_reply_budget,
         )
 
@@ -136,6 +151,12 @@ class Coordinator:
             ("kai_replica_timeouts", self._peers.timeouts),
             ("kai_replica_errors", self._peers.errors),
         ]
+
+    @property
+    def peers(self) -> PeerCaller:
+        """How this node calls its peers (deadlines, failure-detector feedback, counters):
+        the one way for every other service of the node to call them too."""
+        return self._peers
 
     def members(self) -> list[str]:
         """The ring's members as ``host:rpc_port``, sorted."""
@@ -162,6 +183,10 @@ class Coordinator:
             replicas = [primaries_of(unique[0], n)]
         else:
             replicas = [primaries_of(key, n) for key in unique]
+        if self.down and self.sloppy:
+            replicas = [
+                self._standing_in(ring, key, of) for key, of in zip(unique, replicas, strict=True)
+            ]
         round_ = ReadRound(unique, replicas, quorum.r, self.self_node, self.replica.read_record)
         decided = self._reads.read(round_)
         if decided is not None:
@@ -193,6 +218,27 @@ class Coordinator:
         return self._writes.flush_all(at)
 
     # --- plumbing -----------------------------------------------------------------------------
+
+    def _standing_in(
+        self, ring: Ring, key: bytes, primaries: tuple[NodeId, ...]
+    ) -> tuple[NodeId, ...]:
+        """``primaries`` with each one that is down replaced by the next fallback that is
+        not (sloppy quorum: a fallback answers with the hints it keeps)."""
+        down = self.down
+        if not any(node in down for node in primaries):
+            return primaries
+        preference = ring.preference_list(ring.partition_for_key(key))
+        fallbacks = (node for node in preference[len(primaries) :] if node not in down)
+        replicas = []
+        for node in primaries:
+            if node in down:
+                node = next(fallbacks, node)  # none left: ask the primary anyway
+            replicas.append(node)
+        return tuple(replicas)
+
+    def _is_primary(self, key: bytes, node: NodeId) -> bool:
+        ring, quorum = self._placement()
+        return node in ring.primaries_of(key, quorum.n)
 
     def _placement(self) -> tuple[Ring, Quorum]:
         """The current ring, and the quorum capped at its member count."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from functools import partial
 
 import trio
@@ -51,6 +52,8 @@ class QuorumReader:
         peers: how to call the other replicas (with deadlines and failure-detector feedback).
         request_timeout: seconds a read waits for its quorum; also bounds the collection of
             late replies and each read repair round.
+        is_primary: whether a node is a primary of a key now; read repair skips the others
+            (fallbacks standing in for a primary keep hints, not the key's data).
     """
 
     def __init__(
@@ -60,8 +63,10 @@ class QuorumReader:
         replica: LocalReplica,
         peers: PeerCaller,
         request_timeout: float,
+        is_primary: Callable[[bytes, NodeId], bool] = lambda key, node: True,
     ) -> None:
         self.self_node = self_node
+        self.is_primary = is_primary
         self.replica = replica
         self.request_timeout = request_timeout
         self._peers = peers
@@ -162,6 +167,8 @@ class QuorumReader:
         records: dict[int, bytes] = {}
         for index, node in round_.stale_replicas():
             key, merged = round_.keys[index], round_.merged[index]
+            if not self.is_primary(key, node):
+                continue  # a fallback standing in: handoff, not repair, brings it the key
             if node == self.self_node:
                 self._repair_locally(key, merged)
                 continue

@@ -33,15 +33,24 @@ from collections.abc import Callable, Sequence
 
 import trio
 
+from kai.cluster.hints import HintStore
 from kai.core.errors import (
     KaiError,
     RpcBadRequest,
     TooManySiblings,
 )
 from kai.core.pending import Pending, Step
+from kai.core.ring import NodeId
 from kai.core.rpc.protocol import MAX_MESSAGE_SIZE
 from kai.core.updates import Applied, Update
-from kai.core.versions import Payload, Version, encode_siblings
+from kai.core.versions import (
+    Payload,
+    SiblingSet,
+    Version,
+    decode_siblings,
+    encode_siblings,
+    merge,
+)
 from kai.core.wire import (
     UINT32_MAX,
     UINT64_MAX,
@@ -83,6 +92,8 @@ class ReplicaRpcHandlers:
         coordinate_write: coordinates a forwarded ``set`` on this node (never forwards again).
         coordinate_update: carries out a forwarded conditional write on this node (never
             forwards again).
+        self_node: this node's ring identity.
+        hints: the hints this node keeps (as a fallback, it answers reads with them).
         read_reply_budget: bytes of records one ``replica_read`` answer carries at most.
     """
 
@@ -92,11 +103,15 @@ class ReplicaRpcHandlers:
         coordinate_write: CoordinateWrite,
         coordinate_update: CoordinateUpdate,
         *,
+        self_node: NodeId,
+        hints: HintStore,
         read_reply_budget: int = READ_REPLY_BUDGET,
     ) -> None:
         self.replica = replica
         self._coordinate_write = coordinate_write
         self._coordinate_update = coordinate_update
+        self.self_node = self_node
+        self.hints = hints
         self.read_reply_budget = read_reply_budget
 
     def handlers(self) -> dict[str, Handler]:
@@ -104,6 +119,7 @@ class ReplicaRpcHandlers:
         return {
             "replica_read": self.replica_read,
             "replica_apply": self.replica_apply,
+            "hint_apply": self.hint_apply,
             "coordinate_put": self.coordinate_put,
             "coordinate_update": self.coordinate_update,
             "flush": self.flush,
@@ -133,8 +149,11 @@ class ReplicaRpcHandlers:
         record always goes in); the answer's size in bytes so far."""
         read_record = self.replica.read_record
         budget = self.read_reply_budget
+        hints = self.hints
         for key in keys:
             _siblings, record = read_record(key)
+            if record is None and hints.pending:
+                record = _merged(hints.records_for(key))
             if record is None:
                 records.append(None)
                 continue
@@ -168,6 +187,30 @@ class ReplicaRpcHandlers:
             return self.replica.apply(checked_key, siblings, record)
         except TooManySiblings as exc:
             raise RpcBadRequest(str(exc)) from exc
+
+    def hint_apply(self, owner: object, key: object, record: object) -> bool:
+        """Keep a write for ``owner`` (``"host:port"``), a primary of ``key`` that is down:
+        this node stands in for it (sloppy quorum) and hands the hint off later. A write
+        meant for this node itself (rings briefly disagree) is merged into its replica.
+
+        Raises:
+            RpcBadRequest: bad parameters, or the merge would leave too many siblings.
+        """
+        if not isinstance(owner, str):
+            raise RpcBadRequest("owner must be a node address 'host:port'")
+        try:
+            owner_node = NodeId.parse(owner)
+        except ValueError as exc:
+            raise RpcBadRequest(str(exc)) from exc
+        checked_key = key_from_wire(key)
+        siblings = siblings_from_wire(record)
+        assert isinstance(record, bytes)  # siblings_from_wire checked it
+        if owner_node == self.self_node:
+            return self.replica_apply(checked_key, record)
+        if len(siblings) > self.replica.siblings_maximum:
+            raise RpcBadRequest(f"a hint of {len(siblings)} siblings is too many")
+        self.hints.add(owner_node, checked_key, record)
+        return True
 
     def coordinate_put(
         self, key: object, flags: object, expiry: object, value: object
@@ -219,6 +262,16 @@ class ReplicaRpcHandlers:
         if not is_int(at) or not 0 <= at <= UINT64_MAX:
             raise RpcBadRequest("flush time must be a non-negative integer (microseconds)")
         self.replica.flush(at)
+
+
+def _merged(records: list[bytes]) -> bytes | None:
+    """One record holding every version of ``records`` (None when there are none)."""
+    if len(records) < 2:
+        return records[0] if records else None
+    merged: SiblingSet = ()
+    for record in records:
+        merged = merge(merged, decode_siblings(record))
+    return encode_siblings(merged)
 
 
 async def _finish_put(written: Pending[Version]) -> bytes:

@@ -15,6 +15,8 @@ import msgpack
 import trio
 
 from kai.cluster.coordinator import Coordinator
+from kai.cluster.hints import HintedHandoff, HintStore
+from kai.cluster.transfers import Transfers
 from kai.core.config import Config
 from kai.core.membership import MembershipView
 from kai.core.ring import NodeId, Ring
@@ -93,6 +95,26 @@ class Cluster:
             request_timeout=config.request_timeout / 1000,
             on_flush=self.membership.add_flush,
             background=background,
+            hints=HintStore(engine, buckets=config.buckets),
+            down=self.detector.down,
+            sloppy=config.sloppy_quorum,
+        )
+        self.transfers = Transfers(
+            self_node=self_node,
+            replica=replica,
+            engine=engine,
+            peers=self.coordinator.peers,
+            limit=config.transfer_limit,
+            rate=config.transfer_rate,
+            request_timeout=config.request_timeout / 1000,
+        )
+        self.handoff = HintedHandoff(
+            self.coordinator.hints,
+            self.transfers,
+            is_up=self.detector.is_up,
+            transitions=self.detector.transitions,
+            members=lambda: self._ring.nodes,
+            interval=config.handoff_interval / 1000,
         )
         self._on_view_change(self.membership.view)
 
@@ -103,6 +125,8 @@ class Cluster:
         """
         async with trio.open_nursery() as services:
             await services.start(self.membership.run)
+            await services.start(self.transfers.run)
+            await services.start(self.handoff.run)
             task_status.started()
 
     def ring(self) -> Ring:
@@ -123,6 +147,17 @@ class Cluster:
                 self.replica.flush(at)
 
     def handlers(self) -> dict[str, Handler]:
-        """The peer-to-peer RPC methods: replication and gossip."""
+        """The peer-to-peer RPC methods: replication, transfers and gossip."""
+        return {
+            **self.coordinator.handlers(),
+            **self.transfers.handlers(),
+            "gossip": self.membership.handle_gossip,
+        }
 
-        return {**self.coordinator.handlers(), "gossip": self.membership.handle_gossip}
+    def statistics(self) -> list[tuple[str, object]]:
+        """The cluster services' counters, for memcached ``stats``."""
+        return [
+            *self.coordinator.statistics(),
+            *self.handoff.statistics(),
+            *self.transfers.statistics(),
+        ]

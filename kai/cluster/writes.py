@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from functools import partial
 from typing import TypeVar
 
 import trio
 
-from kai.cluster.fanout import FanOut, PeerCaller
+from kai.cluster.fanout import Answer, Call, FanOut, PeerCaller
+from kai.cluster.hints import HintStore
 from kai.core.config import Quorum
 from kai.core.errors import QuorumTimeout, QuorumUnavailable, RpcBadRequest, RpcConnectionError
 from kai.core.pending import Pending, Step, resolve
@@ -99,6 +100,9 @@ class QuorumWriter:
         is_up: the failure detector's opinion (forwarding tries nodes it calls down last).
         request_timeout: seconds a write, forward or flush waits for its answers.
         on_flush: told of every ``flush_all`` this node coordinates (gossip carries it).
+        hints: where this node keeps the writes a primary could not take.
+        down: the nodes the failure detector calls down now (kept current by it).
+        sloppy: whether fallbacks stand in for primaries that are down (sloppy quorum).
     """
 
     def __init__(
@@ -112,11 +116,17 @@ class QuorumWriter:
         is_up: Callable[[NodeId], bool],
         request_timeout: float,
         on_flush: Callable[[int], None],
+        hints: HintStore,
+        down: Collection[NodeId] = frozenset(),
+        sloppy: bool = True,
     ) -> None:
         self.self_node = self_node
         self.replica = replica
         self.placement = placement
         self.is_up = is_up
+        self.hints = hints
+        self.down = down
+        self.sloppy = sloppy
         self.request_timeout = request_timeout
         self.on_flush = on_flush
         self._read = read
@@ -226,28 +236,25 @@ class QuorumWriter:
         if len(others) < len(primaries):
             tally.reply()  # the local store is one ack
         deadline = trio.current_time() + self.request_timeout
-        answers = self._peers.fan_out(
-            [(peer, "replica_apply", (key, record)) for peer in others], deadline
-        )
+        replication = _Replication(self, key, record, tally, primaries, deadline)
+        replication.start(others)
         if tally.met:
-            answers.close()
+            replication.follow()
             return version
-        return Pending(self._wait(answers, tally, key, version))
+        return Pending(self._wait(replication, version))
 
-    async def _wait(self, answers: FanOut, tally: Tally, key: bytes, version: Version) -> Version:
+    async def _wait(self, replication: _Replication, version: Version) -> Version:
+        tally, answers = replication.tally, replication.answers
         try:
             while not tally.met and not tally.lost:
                 answer = await answers.receive()  # every call is answered by its deadline
                 if answer is None:
                     break
-                if answer.ok and isinstance(answer.result, bool):
-                    tally.reply()
-                else:
-                    tally.fail(timed_out=answer.timed_out)
+                replication.answered(answer)
         finally:
-            answers.close()
+            replication.follow()
         if not tally.met:
-            raise tally.error(f"write of {key!r}")
+            raise tally.error(f"write of {replication.key!r}")
         return version
 
     async def _forward(
@@ -323,6 +330,113 @@ class QuorumWriter:
                     logger.info("flush_all did not reach %s; gossip will carry it", answer.peer)
         finally:
             answers.close()
+
+
+class _Replication:
+    """One write on its way to the other primaries: W acks from them or from fallbacks
+    standing in for them (sloppy quorum), and a hint kept here for each one neither reached.
+
+    A primary the failure detector calls down, or whose call could not reach it, is replaced
+    by the next fallback of the key's preference list that is not down; the fallback keeps the
+    write as a hint for it (``hint_apply``) and counts towards W. When no fallback is left,
+    or the primary did not answer in time, this node keeps the hint itself (not counted: it
+    is one node, already counted once). Answers that come after the decision are still
+    followed, so that every primary gets the write or a hint.
+    """
+
+    __slots__ = (
+        "answers",
+        "deadline",
+        "fallbacks",
+        "key",
+        "primaries",
+        "record",
+        "stand_ins",
+        "tally",
+        "writer",
+    )
+
+    def __init__(
+        self,
+        writer: QuorumWriter,
+        key: bytes,
+        record: bytes,
+        tally: Tally,
+        primaries: Sequence[NodeId],
+        deadline: float,
+    ) -> None:
+        self.writer = writer
+        self.key = key
+        self.record = record
+        self.tally = tally
+        self.primaries = primaries
+        self.deadline = deadline
+        self.answers: FanOut
+        #: Fallback called -> the primary it stands in for.
+        self.stand_ins: dict[NodeId, NodeId] = {}
+        self.fallbacks: list[NodeId] | None = None  # found on first need
+
+    def start(self, others: Sequence[NodeId]) -> None:
+        """Send the write to each other primary, or to a fallback for one that is down."""
+        self.answers = self.writer._peers.fan_out(self._calls(others), self.deadline)
+
+    def _calls(self, others: Sequence[NodeId]) -> list[Call]:
+        down, key, record = self.writer.down, self.key, self.record
+        if not (down and self.writer.sloppy):
+            return [(peer, "replica_apply", (key, record)) for peer in others]
+        calls: list[Call] = []
+        for owner in others:
+            fallback = self._fallback() if owner in down else None
+            if fallback is None:
+                calls.append((owner, "replica_apply", (key, record)))
+            else:
+                calls.append(self._stand_in(fallback, owner))
+        return calls
+
+    def answered(self, answer: Answer) -> None:
+        """Count one answer; find a stand-in, or keep a hint, for a replica it did not reach."""
+        if answer.ok and isinstance(answer.result, bool):
+            self.tally.reply()
+            return
+        if answer.error is not None and not answer.error.unreachable:
+            self.tally.fail(timed_out=False)  # it is up and refused the write (logged)
+            return
+        owner = self.stand_ins.get(answer.peer, answer.peer)
+        if not answer.timed_out and self.writer.sloppy:
+            fallback = self._fallback()
+            if fallback is not None:
+                self.writer._peers.add_calls(
+                    self.answers, [self._stand_in(fallback, owner)], self.deadline
+                )
+                return
+        self.writer.hints.add(owner, self.key, self.record)
+        self.tally.fail(timed_out=answer.timed_out)
+
+    def follow(self) -> None:
+        """Stop waiting: the answers still to come are followed in the background."""
+        self.answers.listen(self.answered, _nothing)
+
+    def _stand_in(self, fallback: NodeId, owner: NodeId) -> Call:
+        self.stand_ins[fallback] = owner
+        return (fallback, "hint_apply", (str(owner), self.key, self.record))
+
+    def _fallback(self) -> NodeId | None:
+        """The next fallback of the key that is not down, or None."""
+        if self.fallbacks is None:
+            ring, _quorum = self.writer.placement()
+            preference = ring.preference_list(ring.partition_for_key(self.key))
+            skip = {*self.primaries, self.writer.self_node}
+            self.fallbacks = [node for node in preference if node not in skip]
+        down = self.writer.down
+        while self.fallbacks:
+            node = self.fallbacks.pop(0)
+            if node not in down:
+                return node
+        return None
+
+
+def _nothing() -> None:
+    pass
 
 
 def _version_from(result: object) -> Version:

@@ -113,6 +113,8 @@ class Config:
     handoff_interval: int = 5000
     #: The most transfers (hint handoffs, partition streams) running at once on this node.
     transfer_limit: int = 2
+    #: Bytes per second each transfer sends at most (0: as fast as the receiver takes them).
+    transfer_rate: int = 16 * 1024 * 1024
     #: How long (ms) a tombstone, expired or flushed version is kept before it may be reaped;
     #: also the longest outage a node may have before it must be wiped and rejoined.
     tombstone_grace: int = 86_400_000
@@ -142,6 +144,7 @@ class Config:
         _check_range("sync_interval", self.sync_interval, 10, 3_600_000)
         _check_range("handoff_interval", self.handoff_interval, 10, 3_600_000)
         _check_range("transfer_limit", self.transfer_limit, 1, 64)
+        _check_range("transfer_rate", self.transfer_rate, 0, 1 << 40)
         _check_range("tombstone_grace", self.tombstone_grace, 1000, 365 * 86_400_000)
         _check_range("clock_max_entries", self.clock_max_entries, 1, 1000)
         _check_range("siblings_maximum", self.siblings_maximum, 1, 10_000)
@@ -188,6 +191,7 @@ class Config:
             "sloppy_quorum": self.sloppy_quorum,
             "handoff_interval": self.handoff_interval,
             "transfer_limit": self.transfer_limit,
+            "transfer_rate": self.transfer_rate,
             "tombstone_grace": self.tombstone_grace,
             "siblings": self.siblings,
             "clock_max_entries": self.clock_max_entries,
@@ -317,6 +321,7 @@ _SETTINGS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "sloppy_quorum": ("sloppy_quorum", _boolean),
     "handoff_interval": ("handoff_interval", _integer),
     "transfer_limit": ("transfer_limit", _integer),
+    "transfer_rate": ("transfer_rate", _integer),
     "tombstone_grace": ("tombstone_grace", _integer),
     "siblings": ("siblings", _choice("newest", "all")),
     "clock_max_entries": ("clock_max_entries", _integer),

@@ -48,6 +48,9 @@ class FailureDetector:
         #: Per known node: whether it is up, and when that last changed.
         self._states: dict[NodeId, tuple[bool, float]] = {}
         self._transitions = 0
+        #: The nodes believed down now: kept current, so that asking whether any is down
+        #: (every request does) costs nothing.
+        self.down: set[NodeId] = set()
         #: Keyed by (node, is up): the changes of state.
         self._changes: RateLimitedLog[tuple[NodeId, bool]] = RateLimitedLog(
             logger, logging.WARNING, PEER_LOG_INTERVAL, clock=clock
@@ -85,7 +88,7 @@ class FailureDetector:
 
     def down_nodes(self) -> list[NodeId]:
         """The nodes currently believed down, sorted."""
-        return sorted(node for node, (up, _) in self._states.items() if not up)
+        return sorted(self.down)
 
     def statuses(self) -> dict[NodeId, bool]:
         """Every node seen so far, mapped to whether it is up."""
@@ -137,6 +140,7 @@ class FailureDetector:
         if state is None:
             self._states[node] = (up, self._clock())
             if not up:
+                self.down.add(node)
                 self._transitions += 1
                 self._log_down(node, cause)
             return
@@ -146,6 +150,10 @@ class FailureDetector:
         now = self._clock()
         self._states[node] = (up, now)
         self._transitions += 1
+        if up:
+            self.down.discard(node)
+        else:
+            self.down.add(node)
         if up:
             self._changes.log((node, True), "%s is up again after %.1f s down", node, now - since)
         else:

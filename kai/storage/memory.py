@@ -139,8 +139,7 @@ class MemoryEngine(StorageEngine):
         if table is None:
             return []
         return [
-            (partition, key, record)
-            for (partition, key), record in table.after(start_after, limit)
+            (partition, key, record) for (partition, key), record in table.after(start_after, limit)
         ]
 
     def _get_hint(self, target: str, partition: int, key: bytes) -> bytes | None:
