@@ -319,7 +319,7 @@ async def test_a_primary_no_fallback_could_replace_gets_a_hint_from_the_coordina
 ) -> None:
     key = b"three nodes"
     async with cluster_of(3) as cluster:
-        first, second, third = cluster.primaries(key)
+        first, _second, third = cluster.primaries(key)
         cluster.crash(third)
         await cluster[first].put(key, Payload(0, 0, b"v1"))
         await cluster[first].put(key, Payload(0, 0, b"v2"))
