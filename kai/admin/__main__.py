@@ -77,6 +77,12 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
         "kai-admin --node 127.0.0.1:11012 join 127.0.0.1:11011",
         "join",
     ),
+    "transfers": (
+        "the node's transfers (hint handoffs): kind, partition, from, to, state, keys and "
+        "bytes done/total, rate, time left; then the last finished ones",
+        "kai-admin transfers --json",
+        "transfers",
+    ),
     "leave": (
         "hand the node's data off, then retire it (not available yet)",
         "kai-admin leave",
@@ -208,9 +214,27 @@ def _render_text(command: str, result: Any) -> str:
                     f"  {replica['node']}: dot {actor}:{counter} context [{context}] {kind}"
                 )
         return "\n".join(lines)
+    if command == "transfers":
+        return _render_transfers(result)
     if isinstance(result, dict):
         return "\n".join(f"{key} {_flat(value)}" for key, value in result.items())
     return str(result)
+
+
+def _render_transfers(result: Any) -> str:
+    lines = [f"hints pending {result['hints_pending']}"]
+    if not result["transfers"]:
+        lines.append("no transfers")
+    for t in result["transfers"]:
+        where = "" if t["partition"] is None else f" partition {t['partition']}"
+        left = "" if t["eta_seconds"] is None else f", {t['eta_seconds']} s left"
+        lines.append(
+            f"{t['kind']}{where} {t['from']} -> {t['to']} {t['state']}: "
+            f"{t['keys_done']}/{t['keys_total']} keys, {t['bytes_done']}/{t['bytes_total']} "
+            f"bytes, {t['keys_per_second']} keys/s{left}"
+            + (f" ({t['error']})" if t["error"] else "")
+        )
+    return "\n".join(lines)
 
 
 def _flat(value: Any) -> str:

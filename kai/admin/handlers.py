@@ -66,6 +66,7 @@ class AdminHandlers:
             "ring": self.ring,
             "locate": self.locate,
             "join": self.join,
+            "transfers": self.transfers,
             "ping": self.ping,
         }
 
@@ -91,6 +92,14 @@ class AdminHandlers:
             "items": replica.items,
             "bytes": replica.item_bytes,
             "connections": node.stats.curr_connections,
+        }
+
+    def transfers(self) -> dict[str, object]:
+        """The hints this node keeps, its running transfers and the last finished ones."""
+        cluster = self.cluster
+        return {
+            "hints_pending": cluster.coordinator.hints.pending,
+            "transfers": cluster.transfers.status(),
         }
 
     def stats(self) -> dict[str, object]:
