@@ -1,0 +1,266 @@
+"""Self-healing with real processes on loopback: hinted handoff and sloppy quorum.
+
+Each test checks replicas one by one through their own ``replica_read`` (never a quorum
+read, which would repair what it reads) and sends no client traffic while it waits.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from kai.core.ring import NodeId, Ring
+from kai.testing.process import KaiProcess, free_port
+from kai.testing.replicas import read_replica
+
+from .conftest import RawConnection, make_client, wait_for
+
+pytestmark = pytest.mark.system
+logger = logging.getLogger(__name__)
+
+SYNC_INTERVAL_MS = 1000
+HANDOFF_INTERVAL_MS = 1000
+BUCKETS = 64
+
+
+def config(**extra: object) -> str:
+    settings: dict[str, object] = {
+        "quorum": '"3,2,2"',
+        "request_timeout": 2000,
+        "membership_interval": 200,
+        "sync_interval": SYNC_INTERVAL_MS,
+        "handoff_interval": HANDOFF_INTERVAL_MS,
+        "buckets": BUCKETS,
+        **extra,
+    }
+    return "".join(f"{name} = {value}\n" for name, value in settings.items())
+
+
+class Nodes:
+    """Real nodes on loopback sharing one secret, the first one the others' seed."""
+
+    def __init__(self, base: Path, size: int, settings: str) -> None:
+        self.base = base
+        self.settings = settings
+        self.rpc_ports = [free_port() for _ in range(size)]
+        self.ports = [free_port() for _ in range(size)]
+        self.processes: list[KaiProcess | None] = [None] * size
+        self.secret = b""
+
+    def start(self, index: int) -> KaiProcess:
+        data_dir = self.base / f"n{index + 1}"
+        if index and not (data_dir / "cluster.secret").exists():
+            data_dir.mkdir(parents=True, exist_ok=True)
+            (data_dir / "cluster.secret").write_bytes(self.secret)
+            (data_dir / "cluster.secret").chmod(0o600)
+        seed = [] if index == 0 else ["--seed", f"127.0.0.1:{self.rpc_ports[0]}"]
+        node = KaiProcess(
+            data_dir,
+            port=self.ports[index],
+            rpc_port=self.rpc_ports[index],
+            config=self.settings,
+            extra_args=seed,
+        )
+        node.start()
+        self.processes[index] = node
+        if index == 0:
+            self.secret = (data_dir / "cluster.secret").read_bytes()
+        return node
+
+    def __getitem__(self, index: int) -> KaiProcess:
+        node = self.processes[index]
+        assert node is not None, f"node {index} is not running"
+        return node
+
+    def kill(self, index: int) -> None:
+        """kill -9: no shutdown at all."""
+        self[index].signal(signal.SIGKILL)
+        self[index].stop()
+        self.processes[index] = None
+
+    def stop(self, index: int) -> None:
+        self[index].stop()
+        self.processes[index] = None
+
+    def stop_all(self) -> None:
+        for index, node in enumerate(self.processes):
+            if node is not None:
+                node.stop()
+                self.processes[index] = None
+
+    def node_id(self, index: int) -> NodeId:
+        return NodeId("127.0.0.1", self.rpc_ports[index])
+
+    def stats(self, index: int) -> dict[str, str]:
+        with RawConnection(self[index].port) as connection:
+            reply = connection.request(b"stats\r\n", terminator=b"END\r\n")
+        fields = {}
+        for line in reply.decode().split("\r\n"):
+            parts = line.split(" ", 2)
+            if len(parts) == 3 and parts[0] == "STAT":
+                fields[parts[1]] = parts[2]
+        return fields
+
+    def replica(self, index: int, keys: Sequence[bytes]) -> list[bytes | None]:
+        return read_replica("127.0.0.1", self.rpc_ports[index], self.secret, keys)
+
+    def wait_converged(self) -> None:
+        everyone = " ".join(sorted(str(self.node_id(i)) for i in range(len(self.processes))))
+        for index, node in enumerate(self.processes):
+            if node is not None:
+                wait_for(
+                    lambda index=index: self.stats(index).get("kai_curr_nodes") == everyone,  # type: ignore[misc]
+                    timeout=30,
+                    what=f"node {index + 1} to see every member",
+                )
+
+
+@pytest.fixture
+def nodes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Nodes]:
+    size, settings = request.param
+    cluster = Nodes(tmp_path, size, settings)
+    try:
+        for index in range(size):
+            cluster.start(index)
+        cluster.wait_converged()
+        yield cluster
+    finally:
+        cluster.stop_all()
+
+
+def write_all(port: int, keys: Sequence[bytes], value: bytes) -> None:
+    """Set every key (pipelined 100 at a time); each must be acknowledged STORED."""
+    with RawConnection(port, timeout=30) as connection:
+        for start in range(0, len(keys), 100):
+            chunk = keys[start : start + 100]
+            connection.send(
+                b"".join(b"set %s 0 0 %d\r\n%s\r\n" % (key, len(value), value) for key in chunk)
+            )
+            for key in chunk:
+                assert connection.read_line() == b"STORED\r\n", key
+
+
+def holding(nodes: Nodes, index: int, keys: Sequence[bytes], value: bytes) -> list[bytes]:
+    """The keys whose record on node ``index``'s own replica holds ``value``."""
+    records = nodes.replica(index, keys)
+    return [key for key, record in zip(keys, records, strict=True) if record and value in record]
+
+
+@pytest.mark.parametrize("nodes", [(3, config())], indirect=True)
+def test_a_node_killed_during_writes_gets_them_all_back_with_no_client_traffic(
+    nodes: Nodes,
+) -> None:
+    keys = [b"healing:%05d" % index for index in range(2000)]
+    value = b"acknowledged-while-node-3-was-dead"
+    nodes.kill(2)
+    write_all(nodes[0].port, keys[:1000], value)
+    write_all(nodes[1].port, keys[1000:], value)
+    assert holding(nodes, 0, keys, value) == keys
+    nodes.start(2)
+    restarted = time.monotonic()
+    budget = (SYNC_INTERVAL_MS + HANDOFF_INTERVAL_MS) / 1000
+    wait_for(
+        lambda: len(holding(nodes, 2, keys, value)) == len(keys),
+        timeout=budget + 20,  # the budget, plus slack for a loaded machine
+        interval=0.2,
+        what="node 3 to hold every key it missed",
+    )
+    took = time.monotonic() - restarted
+    for index in range(3):
+        assert holding(nodes, index, keys, value) == keys, f"node {index + 1}"
+    pending = [int(nodes.stats(index)["kai_hints_pending"]) for index in range(3)]
+    delivered = sum(int(nodes.stats(index)["kai_hints_delivered"]) for index in range(2))
+    assert pending == [0, 0, 0]
+    assert delivered >= len(keys)
+    logger.info(
+        "node 3 held all %d keys %.2f s after its restart (budget %s s)", len(keys), took, budget
+    )
+
+
+def keys_with_primaries(nodes: Nodes, owners: set[NodeId], count: int) -> list[bytes]:
+    """``count`` keys each of whose primaries include every node of ``owners``."""
+    ring = Ring([nodes.node_id(i) for i in range(len(nodes.processes))], buckets=BUCKETS)
+    wanted = None
+    keys = []
+    for index in range(100_000):
+        key = b"sloppy:%06d" % index
+        primaries = set(ring.primaries_of(key, 3))
+        if owners <= primaries and (wanted is None or primaries == wanted):
+            wanted = primaries
+            keys.append(key)
+            if len(keys) == count:
+                return keys
+    raise AssertionError("no such keys")
+
+
+@pytest.mark.parametrize("nodes", [(5, config(anti_entropy="false"))], indirect=True)
+def test_writes_succeed_through_fallbacks_and_read_back_from_the_primaries(nodes: Nodes) -> None:
+    stopped = [3, 4]
+    keys = keys_with_primaries(nodes, {nodes.node_id(i) for i in stopped}, 200)
+    ring = Ring([nodes.node_id(i) for i in range(5)], buckets=BUCKETS)
+    primaries = {i for i in range(5) if nodes.node_id(i) in ring.primaries_of(keys[0], 3)}
+    (live_primary,) = primaries - set(stopped)
+    fallbacks = sorted(set(range(5)) - primaries)
+    for index in stopped:
+        nodes.stop(index)
+    value = b"written-with-two-primaries-stopped"
+    write_all(nodes[fallbacks[0]].port, keys, value)
+    # Hints on the fallbacks, none of it in their data.
+    hints = sum(int(nodes.stats(index)["kai_hints_pending"]) for index in fallbacks)
+    assert hints >= len(keys)
+    assert holding(nodes, fallbacks[0], keys, value) == holding(nodes, fallbacks[1], keys, value)
+    for index in stopped:
+        nodes.start(index)
+    wait_for(
+        lambda: all(int(nodes.stats(i)["kai_hints_pending"]) == 0 for i in fallbacks),
+        timeout=30,
+        interval=0.2,
+        what="the fallbacks to hand their hints off",
+    )
+    for index in fallbacks:
+        nodes.stop(index)
+    for index in primaries:
+        assert holding(nodes, index, keys, value) == keys, f"primary {index + 1}"
+    client = make_client(nodes[live_primary].port)
+    try:
+        found = client.get_many(keys)
+    finally:
+        client.close()
+    assert found == dict.fromkeys(keys, value)
+
+
+@pytest.mark.parametrize("nodes", [(3, config(transfer_rate=20_000))], indirect=True)
+def test_a_handoff_resumes_after_kill_9_of_the_sender_without_resending(nodes: Nodes) -> None:
+    keys = [b"resume:%05d" % index for index in range(3000)]
+    value = b"x" * 40
+    nodes.kill(2)
+    write_all(nodes[0].port, keys, value)
+    kept = int(nodes.stats(0)["kai_hints_pending"])
+    assert kept == len(keys)
+    nodes.start(2)
+    wait_for(
+        lambda: int(nodes.stats(0)["kai_transfer_batches_acked"]) >= 2,
+        timeout=30,
+        what="two acknowledged batches",
+    )
+    nodes.kill(0)
+    left = kept - int(nodes.stats(2)["kai_transfer_keys_received"])
+    nodes.start(0)
+    wait_for(
+        lambda: int(nodes.stats(0)["kai_hints_pending"]) == 0,
+        timeout=60,
+        interval=0.2,
+        what="the restarted sender to finish its handoff",
+    )
+    sent_after_restart = int(nodes.stats(0)["kai_transfer_keys_sent"])
+    received = int(nodes.stats(2)["kai_transfer_keys_received"])
+    # Acknowledged batches were not sent again: the restarted sender sent only what was
+    # left (plus at most the batch in flight at the kill).
+    assert left <= sent_after_restart <= left + 256
+    assert kept <= received <= kept + 256
+    assert holding(nodes, 2, keys, value) == keys
