@@ -57,8 +57,11 @@ class ServerProcess:
         port: int,
         log_path: Path | None = None,
         env: Mapping[str, str] | None = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.argv = list(argv)
+        #: An argv prefix the process runs under, say ``["ip", "netns", "exec", "ns1"]``.
+        self.wrapper = list(wrapper)
         self.host = host
         self.port = port
         self.log_path = log_path
@@ -77,7 +80,7 @@ class ServerProcess:
         if self.log_path is not None:
             self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            self.argv,
+            [*self.wrapper, *self.argv],
             stdin=subprocess.DEVNULL,
             stdout=self._log if self._log is not None else subprocess.DEVNULL,
             stderr=subprocess.STDOUT if self._log is not None else subprocess.DEVNULL,
@@ -147,6 +150,7 @@ class KaiProcess(ServerProcess):
         host: str = "127.0.0.1",
         config: str | None = None,
         extra_args: Sequence[str] = (),
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.data_dir = data_dir
         self.rpc_port = rpc_port if rpc_port is not None else free_port(host)
@@ -169,7 +173,11 @@ class KaiProcess(ServerProcess):
             argv += ["--config", str(config_path)]
         argv += list(extra_args)
         super().__init__(
-            argv, host=host, port=port, log_path=data_dir.parent / f"{data_dir.name}.log"
+            argv,
+            host=host,
+            port=port,
+            log_path=data_dir.parent / f"{data_dir.name}.log",
+            wrapper=wrapper,
         )
 
     def log_text(self) -> str:
