@@ -213,7 +213,9 @@ def form_cluster(
 ) -> None:
     """Start the nodes (appending them to ``nodes``) and wait until every one sees all."""
     start = time.monotonic()
-    start_cluster(size, base, node_config(args.quorum, args.membership_interval), nodes)
+    config = node_config(args.quorum, args.membership_interval)
+    config += "".join(f"{setting}\n" for setting in args.setting)
+    start_cluster(size, base, config, nodes)
     run["start_seconds"] = time.monotonic() - start
     run["form_seconds"] = wait_until_formed(nodes, args.form_timeout)
     print(
@@ -436,6 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--value-size", type=int, default=1024, help="value bytes (1024)")
     add("--membership-interval", type=int, default=200, help="membership round, ms (200)")
     add("--form-timeout", type=float, default=FORM_TIMEOUT, help="seconds to wait for the ring")
+    add(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more node setting as a TOML line, e.g. anti_entropy=false (repeatable)",
+    )
     _memtier.add_options(parser)
     add("--memtier-connections", type=int, default=8, help="memtier connections per node (8)")
     add_output_options(parser)

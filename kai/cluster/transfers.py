@@ -173,6 +173,7 @@ class Transfers:
         self.batches_sent = 0
         self.batches_acked = 0
         self.keys_sent = 0
+        self.bytes_sent = 0
         self.batches_received = 0
         self.keys_received = 0
         self.completed = 0
@@ -271,6 +272,7 @@ class Transfers:
             return False
         self.batches_acked += 1
         self.keys_sent += len(items)
+        self.bytes_sent += size
         transfer.batches_acked += 1
         transfer.keys_done += len(items)
         transfer.bytes_done += size
@@ -348,6 +350,7 @@ class Transfers:
             ("kai_transfer_batches_sent", self.batches_sent),
             ("kai_transfer_batches_acked", self.batches_acked),
             ("kai_transfer_keys_sent", self.keys_sent),
+            ("kai_transfer_bytes_sent", self.bytes_sent),
             ("kai_transfer_batches_received", self.batches_received),
             ("kai_transfer_keys_received", self.keys_received),
         ]
