@@ -60,6 +60,11 @@ class HintStore:
                 after = batch[-1][0], batch[-1][1]
 
     @property
+    def kept(self) -> bool:
+        """Whether this node keeps any hint."""
+        return bool(self._pending)
+
+    @property
     def pending(self) -> int:
         """Hints kept, for every owner."""
         return sum(self._pending.values())

@@ -149,10 +149,10 @@ class ReplicaRpcHandlers:
         record always goes in); the answer's size in bytes so far."""
         read_record = self.replica.read_record
         budget = self.read_reply_budget
-        hints = self.hints
+        hints = self.hints if self.hints.kept else None
         for key in keys:
             _siblings, record = read_record(key)
-            if record is None and hints.pending:
+            if record is None and hints is not None:
                 record = _merged(hints.records_for(key))
             if record is None:
                 records.append(None)
