@@ -23,6 +23,7 @@ import functools
 import itertools
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -143,6 +144,17 @@ def drop_rules(addresses: Sequence[str], groups: Sequence[Collection[int]]) -> l
     return rules
 
 
+_LAB_NAME = re.compile(r"kai-(\d+)-(?:n\d+|probe)|k(\d+)(?:br|pb|h\d+|p\d+)")
+
+
+def lab_run_id(name: str) -> int | None:
+    """The run id in the name of a lab's namespace or bridge, or None if it is not a lab's."""
+    match = _LAB_NAME.fullmatch(name)
+    if match is None:
+        return None
+    return int(match.group(1) or match.group(2))
+
+
 # --- availability ---------------------------------------------------------------------------
 
 
@@ -229,6 +241,7 @@ class NetnsLab:
             raise NetnsError("could not clean up: " + "; ".join(problems))
 
     def _set_up(self) -> None:
+        remove_stale_labs()
         in_use = run(["ip", "-o", "-4", "addr", "show"]) + run(["ip", "-4", "route", "show"])
         self.prefix = pick_subnet(self.run_id, in_use)
         self.addresses = [f"{self.prefix}.{index + 1}" for index in range(self.size)]
@@ -336,6 +349,50 @@ class NetnsLab:
         for problem in problems:
             logger.warning("netns lab %s cleanup: %s", self.run_id, problem)
         return problems
+
+
+def remove_stale_labs() -> list[str]:
+    """Remove what labs of runs that no longer exist left (a run that got SIGKILL cannot
+    clean up); returns the problems. A lab whose run id is a live pid is left alone."""
+    names = [line.split()[0] for line in run(["ip", "netns", "list"]).splitlines() if line]
+    names += os.listdir("/sys/class/net")
+    stale = {
+        run_id for run_id in map(lab_run_id, names) if run_id is not None and not _pid_alive(run_id)
+    }
+    if not stale:
+        return []
+    problems: list[str] = []
+    with _interrupts_deferred():
+        for name in names:
+            if lab_run_id(name) not in stale:
+                continue
+            logger.warning("removing %s, left by a netns lab whose run is gone", name)
+            if os.path.exists(f"/run/netns/{name}"):
+                problems += _kill_processes_in(name)
+                problems += _remove(["ip", "netns", "del", name], f"/run/netns/{name}")
+            else:
+                problems += _remove(["ip", "link", "del", name], f"/sys/class/net/{name}")
+        with contextlib.suppress(NetnsError):  # no iptables: no rule was ever made
+            for line in run(["iptables", "-w", "-S", "FORWARD"]).splitlines():
+                words = line.split()
+                if words[:1] == ["-A"] and "-i" in words:
+                    bridge = words[words.index("-i") + 1]
+                    if lab_run_id(bridge) in stale:
+                        try:
+                            run(["iptables", "-w", "-D", *words[1:]])
+                        except NetnsError as exc:
+                            problems.append(str(exc))
+    return problems
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _bridged_traffic_meets_iptables() -> bool:
