@@ -255,8 +255,8 @@ class NetnsLab:
             # The root namespace's FORWARD policy (DROP on hosts with Docker) would otherwise
             # decide whether nodes reach one another.
             rule = ["FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"]
-            run(["iptables", "-w", "-I", *rule])
             self._root_rules.append(rule)
+            run(["iptables", "-w", "-I", *rule])
 
         for index, namespace in enumerate(self.namespaces):
             root_side, node_side = self._root_sides[index], self._node_sides[index]
@@ -339,10 +339,7 @@ class NetnsLab:
                     ["ip", "link", "del", self.bridge], f"/sys/class/net/{self.bridge}"
                 )
             for rule in self._root_rules:
-                try:
-                    run(["iptables", "-w", "-D", *rule])
-                except NetnsError as exc:
-                    problems.append(str(exc))
+                problems += _remove_root_rule(rule)
         self._made_namespaces, self._made_links, self._root_rules = [], [], []
         self._made_bridge = False
         self.partitioned = False
@@ -356,6 +353,8 @@ def remove_stale_labs() -> list[str]:
     clean up); returns the problems. A lab whose run id is a live pid is left alone."""
     names = [line.split()[0] for line in run(["ip", "netns", "list"]).splitlines() if line]
     names += os.listdir("/sys/class/net")
+    rules = _forward_rules_by_bridge()
+    names = list(dict.fromkeys([*names, *rules]))
     stale = {
         run_id for run_id in map(lab_run_id, names) if run_id is not None and not _pid_alive(run_id)
     }
@@ -372,17 +371,37 @@ def remove_stale_labs() -> list[str]:
                 problems += _remove(["ip", "netns", "del", name], f"/run/netns/{name}")
             else:
                 problems += _remove(["ip", "link", "del", name], f"/sys/class/net/{name}")
-        with contextlib.suppress(NetnsError):  # no iptables: no rule was ever made
-            for line in run(["iptables", "-w", "-S", "FORWARD"]).splitlines():
-                words = line.split()
-                if words[:1] == ["-A"] and "-i" in words:
-                    bridge = words[words.index("-i") + 1]
-                    if lab_run_id(bridge) in stale:
-                        try:
-                            run(["iptables", "-w", "-D", *words[1:]])
-                        except NetnsError as exc:
-                            problems.append(str(exc))
+        for bridge, bridge_rules in rules.items():
+            if lab_run_id(bridge) in stale:
+                for rule in bridge_rules:
+                    logger.warning("removing the rule %s of a dead netns lab", " ".join(rule))
+                    problems += _remove_root_rule(rule)
     return problems
+
+
+def _forward_rules_by_bridge() -> dict[str, list[list[str]]]:
+    """The root namespace's FORWARD rules that name an input interface, by that interface."""
+    if shutil.which("iptables") is None:
+        return {}  # no iptables: no lab ever made a rule
+    found: dict[str, list[list[str]]] = {}
+    for line in run(["iptables", "-w", "-S", "FORWARD"]).splitlines():
+        words = line.split()
+        if words[:1] == ["-A"] and "-i" in words[:-1]:
+            found.setdefault(words[words.index("-i") + 1], []).append(words[1:])
+    return found
+
+
+def _remove_root_rule(rule: list[str]) -> list[str]:
+    """Delete an iptables rule of the root namespace unless it is already gone."""
+    try:
+        run(["iptables", "-w", "-C", *rule])
+    except NetnsError:
+        return []  # not there (or never made)
+    try:
+        run(["iptables", "-w", "-D", *rule])
+    except NetnsError as exc:
+        return [str(exc)]
+    return []
 
 
 def _pid_alive(pid: int) -> bool:
