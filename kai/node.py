@@ -113,6 +113,7 @@ class Node:
             siblings_warning_threshold=config.siblings_warning_threshold,
             siblings_maximum=config.siblings_maximum,
             cache_bytes=config.cache_size,
+            tombstone_grace=config.tombstone_grace / 1000,
         )
         started = time.monotonic()
         await trio.to_thread.run_sync(replica.count_items)

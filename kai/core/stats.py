@@ -104,6 +104,10 @@ class NodeStats:
     kai_sibling_warnings: int = 0
     kai_sibling_rejections: int = 0
     kai_quorum_failures: int = 0
+    #: Keys deleted for good after every version had been dead for ``tombstone_grace``.
+    kai_tombstones_reaped: int = 0
+    #: Incoming versions older than ``tombstone_grace`` that a merge refused (never seen here).
+    kai_stale_refused: int = 0
     get_latency: LatencyHistogram = attrs.field(factory=LatencyHistogram)
     set_latency: LatencyHistogram = attrs.field(factory=LatencyHistogram)
 
@@ -140,6 +144,8 @@ class NodeStats:
         "kai_sibling_warnings",
         "kai_sibling_rejections",
         "kai_quorum_failures",
+        "kai_tombstones_reaped",
+        "kai_stale_refused",
     )
 
     def reset(self) -> None:

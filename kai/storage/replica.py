@@ -3,6 +3,11 @@
 Synchronous on purpose: a point read or write is one LevelDB call (microseconds), and doing
 read-compute-write without an ``await`` in between makes each call atomic with respect to
 every other task on this node. Never awaits, never talks to the network.
+
+Nothing reaped comes back: :meth:`LocalReplica.apply` (the one merge path of replication,
+read repair, handoff, transfers and anti-entropy) refuses versions older than
+``tombstone_grace`` that this replica never saw, and :meth:`LocalReplica.reap` deletes a key
+only if its record is still exactly the one the reaper found dead everywhere.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from kai.core.versions import (
     new_version,
     newest,
 )
+from kai.logs import RateLimitedLog
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +53,8 @@ OnChange = Callable[[int, bytes, bytes | None, bytes | None], None]
 FLUSH_META = "flush_times"
 #: How many flush_all times are remembered (older ones are superseded by later ones).
 MAX_FLUSH_TIMES = 16
+#: Seconds between two warnings about refused stale versions (the ones between are counted).
+STALE_LOG_INTERVAL = 60.0
 
 
 def load_or_create_actor(engine: StorageEngine) -> bytes:
@@ -152,6 +160,9 @@ class LocalReplica:
         siblings_maximum: refuse writes that would leave more siblings than this.
         cache_bytes: budget of the cache of decoded sibling sets (values' bytes); 0 disables.
         wall_clock: unix time in seconds (injectable for tests).
+        tombstone_grace: seconds after which a dead version may be reaped; merges refuse
+            versions older than this that this replica never saw (they may belong to a key
+            reaped here).
 
     Every read and write of data records must go through this class: it keeps a
     write-through cache of recently used keys in front of the engine.
@@ -169,6 +180,7 @@ class LocalReplica:
         siblings_maximum: int = 100,
         cache_bytes: int = 0,
         wall_clock: Callable[[], float] = time.time,
+        tombstone_grace: float = 86400.0,
     ) -> None:
         self.engine = engine
         self.actor = actor
@@ -178,6 +190,10 @@ class LocalReplica:
         self.siblings_warning_threshold = siblings_warning_threshold
         self.siblings_maximum = siblings_maximum
         self.wall_clock = wall_clock
+        self.tombstone_grace = tombstone_grace
+        self._stale_log: RateLimitedLog[str] = RateLimitedLog(
+            logger, logging.WARNING, STALE_LOG_INTERVAL
+        )
         self.cache = SiblingCache(cache_bytes)
         #: Told of every stored record that changes (see :data:`OnChange`); set once, by
         #: whatever keeps a summary of the data (anti-entropy's hash trees).
@@ -287,21 +303,80 @@ class LocalReplica:
         )
 
     def apply(self, key: bytes, incoming: SiblingSet, record: bytes | None = None) -> bool:
-        """Merge versions coordinated elsewhere (replication, read repair). Returns True if stored.
+        """Merge versions coordinated elsewhere (replication, read repair, handoff, transfers,
+        anti-entropy). Returns True if stored.
 
-        ``record``, if given, is what ``incoming`` was decoded from: when the merge comes to
-        exactly the incoming versions (a newer write replacing what this replica had) it is
-        stored as it is instead of encoding the same versions again.
+        Versions older than ``tombstone_grace`` that this replica neither stores nor has seen
+        are dropped first (counted in ``kai_stale_refused``, see :meth:`_refuse_stale`): the
+        key may have been reaped here, and it must not come back.
+
+        ``record``, if given, is what ``incoming`` was decoded from: when nothing was dropped
+        and the merge comes to exactly the incoming versions (a newer write replacing what
+        this replica had) it is stored as it is instead of encoding the same versions again.
 
         Raises:
             TooManySiblings: the merge would leave more than ``siblings_maximum`` versions.
         """
         partition = self.partition(key)
         stored = self._load(partition, key)
+        cutoff = int((self.wall_clock() - self.tombstone_grace) * 1_000_000)
+        for version in incoming:
+            if version.timestamp < cutoff:
+                kept = self._refuse_stale(key, stored, incoming, cutoff)
+                if len(kept) != len(incoming):
+                    incoming, record = kept, None
+                break
         merged = merge(stored, incoming)
         if merged == stored:
             return False
         self._store(partition, key, stored, merged, record if merged == incoming else None)
+        return True
+
+    def _refuse_stale(
+        self, key: bytes, stored: SiblingSet, incoming: SiblingSet, cutoff: int
+    ) -> SiblingSet:
+        """``incoming`` without the versions stamped before ``cutoff`` (microseconds) whose
+        dots ``stored`` does not cover; counts and warns (rate-limited) about those."""
+        seen = context_of(stored)
+        kept = tuple(
+            version
+            for version in incoming
+            if version.timestamp >= cutoff or seen.covers(version.dot)
+        )
+        refused = len(incoming) - len(kept)
+        if refused:
+            self.stats.kai_stale_refused += refused
+            self._stale_log.log(
+                "stale",
+                "refused %d version(s) of %r older than tombstone_grace (%.0f s) that this "
+                "replica never saw: the key may have been reaped here, and a reaped key must "
+                "not come back; a node that was away longer than tombstone_grace must be "
+                "wiped and rejoined",
+                refused,
+                key,
+                self.tombstone_grace,
+            )
+        return kept
+
+    def reap(self, key: bytes, record: bytes) -> bool:
+        """Delete ``key`` for good if its stored record is byte for byte ``record`` (a write
+        since the reaper looked wins). Returns whether it was deleted.
+
+        Only the reaper calls this, for a record whose every version has been dead for longer
+        than ``tombstone_grace`` on every primary.
+        """
+        partition = self.partition(key)
+        stored_record = self.engine.get(partition, key)
+        if stored_record != record:
+            return False
+        old = decode_siblings(record)
+        on_change = self.on_change
+        if on_change is not None:
+            on_change(partition, key, record, None)
+        self.engine.delete(partition, key)
+        self.cache.put(key, (), None)
+        self._count(old, -1)
+        self.stats.kai_tombstones_reaped += 1
         return True
 
     def _store(

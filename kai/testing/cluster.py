@@ -122,6 +122,7 @@ class InProcessCluster:
             buckets=config.buckets,
             stats=stats,
             wall_clock=self.wall_clock,
+            tombstone_grace=config.tombstone_grace / 1000,
         )
         replica.count_items()
         scope = trio.CancelScope()
