@@ -3,13 +3,20 @@ saw, and the reaper over the in-process cluster (nothing reaped ever comes back)
 
 from __future__ import annotations
 
-import pytest
+from collections.abc import Callable
 
+import pytest
+import trio
+import trio.testing
+
+from kai.cluster.reaper import dead_since, reapable
+from kai.core.errors import RpcBadRequest
 from kai.core.stats import NodeStats
 from kai.core.vclock import VClock
-from kai.core.versions import Payload, Version, context_of, encode_siblings
+from kai.core.versions import Payload, Version, context_of, decode_siblings, encode_siblings
 from kai.storage.memory import MemoryEngine
 from kai.storage.replica import LocalReplica
+from kai.testing.cluster import HarnessNode, InProcessCluster
 
 NOW = 1_700_000_000.0
 GRACE = 100.0
@@ -182,3 +189,213 @@ def test_writes_coordinated_here_are_not_refused() -> None:
     written = replica.coordinate_write(b"k", Payload(0, 0, b"new"), context_of((old,)))
     assert replica.read(b"k") == (written,)
     assert replica.stats.kai_stale_refused == 0
+
+
+# --- what is dead -----------------------------------------------------------------------------
+
+
+def test_dead_since_tombstones_expiry_and_flushes() -> None:
+    now_us = int(NOW * 1_000_000)
+    assert dead_since(version(b"a", 5, None), NOW, 0) == 5
+    assert dead_since(version(b"a", 5), NOW, 0) is None
+    assert dead_since(version(b"a", 5), NOW, 4) is None  # written after the flush
+    assert dead_since(version(b"a", 5), NOW, 7) == 7
+    expired = Version((b"a", 1), VClock(), 5, 0, int(NOW) - 10, b"v")
+    assert dead_since(expired, NOW, 0) == now_us - 10_000_000
+    assert dead_since(expired, NOW - 10, 0) == now_us - 10_000_000
+    assert dead_since(expired, NOW - 11, 0) is None  # not expired yet
+    # Written already expired: dead since it was written, never earlier.
+    born_dead = Version((b"a", 1), VClock(), now_us, 0, 1, b"v")
+    assert dead_since(born_dead, NOW, 0) == now_us
+
+
+def test_reapable_needs_every_version_dead_past_the_grace() -> None:
+    old_tombstone = version(b"a", OLD, None)
+    young_tombstone = version(b"b", FRESH, None)
+    assert reapable((old_tombstone,), NOW, 0, GRACE)
+    assert not reapable((young_tombstone,), NOW, 0, GRACE)
+    assert not reapable((old_tombstone, young_tombstone), NOW, 0, GRACE)
+    assert not reapable((old_tombstone, version(b"c", OLD)), NOW, 0, GRACE)
+    assert reapable((old_tombstone, version(b"c", OLD)), NOW, OLD, GRACE)  # flushed
+    assert not reapable((old_tombstone, version(b"c", OLD)), NOW, FRESH, GRACE)
+    assert not reapable((), NOW, 0, GRACE)
+
+
+# --- over the in-process cluster --------------------------------------------------------------
+
+SETTINGS = {"tombstone_grace": 2000, "buckets": 16, "sync_interval": 200}
+
+
+async def wait_for(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` in virtual time until it holds (at most a virtual minute)."""
+    with trio.fail_after(60):
+        while not condition():  # noqa: ASYNC110
+            await trio.sleep(0.05)
+
+
+def stored(node: HarnessNode, key: bytes) -> bytes | None:
+    """``key``'s record in ``node``'s storage engine (not through any cache)."""
+    return node.engine.get(node.replica.partition(key), key)
+
+
+def primaries(cluster: InProcessCluster, key: bytes) -> list[int]:
+    """The indexes of ``key``'s primaries, first primary first."""
+    ring = cluster.nodes[0].cluster.ring()
+    n = cluster.config.quorum.capped(len(ring.nodes)).n
+    index = {node.node_id: i for i, node in enumerate(cluster.nodes)}
+    return [index[node] for node in ring.preference_list(ring.partition_for_key(key))[:n]]
+
+
+def reaped(cluster: InProcessCluster) -> int:
+    return sum(node.replica.stats.kai_tombstones_reaped for node in cluster.nodes)
+
+
+async def set_and_delete(cluster: InProcessCluster, keys: list[bytes], via: int = 0) -> None:
+    for key in keys:
+        assert await cluster.request(via, b"set %s 0 0 1\r\nv\r\n" % key) == b"STORED\r\n"
+        assert await cluster.request(via, b"delete %s\r\n" % key) == b"DELETED\r\n"
+    await wait_for(lambda: all(stored(node, key) for node in cluster.nodes for key in keys))
+
+
+async def test_a_deleted_key_is_reaped_everywhere_after_the_grace_and_stays_gone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    keys = [b"gone-%02d" % index for index in range(20)]
+    async with InProcessCluster.running(3, settings=SETTINGS) as cluster:
+        for key in keys:
+            assert await cluster.request(0, b"set %s 0 0 4\r\nlive\r\n" % key) == b"STORED\r\n"
+        await wait_for(lambda: all(stored(node, key) for node in cluster.nodes for key in keys))
+        live = {key: stored(cluster.nodes[0], key) for key in keys}
+        deleted_at = trio.current_time()
+        for key in keys:
+            assert await cluster.request(1, b"delete %s\r\n" % key) == b"DELETED\r\n"
+        await wait_for(
+            lambda: all(stored(node, key) is None for node in cluster.nodes for key in keys)
+        )
+        assert trio.current_time() - deleted_at >= 2.0  # never before the grace
+        assert reaped(cluster) == 3 * len(keys)
+        for index in range(3):
+            for key in keys:
+                assert await cluster.request(index, b"get %s\r\n" % key) == b"END\r\n"
+        stats = await cluster.request(0, b"stats\r\n")
+        assert b"STAT kai_tombstones_reaped %d\r\n" % len(keys) in stats
+        assert cluster.nodes[0].cluster.reaper.rounds > 0
+        assert ("kai_reap_rounds", cluster.nodes[0].cluster.reaper.rounds) in (
+            cluster.nodes[0].cluster.statistics()
+        )
+
+        # Nothing reaped comes back: the old live version, offered by RPC or merged directly.
+        for node in cluster.nodes:
+            replica_apply = node.cluster.handlers()["replica_apply"]
+            for key in keys:
+                record = live[key]
+                assert record is not None
+                assert replica_apply(key, record) is False
+                assert node.replica.apply(key, decode_siblings(record), record) is False
+                assert stored(node, key) is None
+            assert node.replica.stats.kai_stale_refused == 2 * len(keys)
+        await trio.sleep(5)  # anti-entropy, handoff, read repair: none brings it back
+        for index in range(3):
+            for key in keys:
+                assert await cluster.request(index, b"get %s\r\n" % key) == b"END\r\n"
+        assert all(stored(node, key) is None for node in cluster.nodes for key in keys)
+
+
+async def test_a_tombstone_younger_than_the_grace_is_kept(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    settings = {**SETTINGS, "tombstone_grace": 5000}
+    async with InProcessCluster.running(3, settings=settings) as cluster:
+        await set_and_delete(cluster, [b"young"])
+        await trio.sleep(4.0)
+        for node in cluster.nodes:
+            record = stored(node, b"young")
+            assert record is not None
+            assert [v.value for v in decode_siblings(record)] == [None]
+        assert reaped(cluster) == 0
+        assert all(node.cluster.reaper.rounds > 0 for node in cluster.nodes)
+        await wait_for(lambda: all(stored(node, b"young") is None for node in cluster.nodes))
+
+
+async def test_expired_and_flushed_values_are_reaped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with InProcessCluster.running(3, settings=SETTINGS) as cluster:
+        assert await cluster.request(0, b"set short 0 1 1\r\nv\r\n") == b"STORED\r\n"
+        assert await cluster.request(0, b"set flushed 0 0 1\r\nv\r\n") == b"STORED\r\n"
+        await wait_for(lambda: all(stored(node, b"flushed") for node in cluster.nodes))
+        assert await cluster.request(0, b"flush_all\r\n") == b"OK\r\n"
+        assert await cluster.request(0, b"set kept 0 0 1\r\nv\r\n") == b"STORED\r\n"
+        keys = [b"short", b"flushed"]
+        await wait_for(lambda: all(stored(node, k) is None for node in cluster.nodes for k in keys))
+        await trio.sleep(2)
+        assert all(stored(node, b"kept") for node in cluster.nodes)
+        assert await cluster.request(1, b"get kept\r\n") == b"VALUE kept 0 1\r\nv\r\nEND\r\n"
+
+
+@pytest.mark.parametrize("fault", ["crash", "partition"])
+async def test_nothing_is_reaped_while_a_primary_cannot_answer(
+    autojump_clock: trio.testing.MockClock, fault: str
+) -> None:
+    async with InProcessCluster.running(3, settings=SETTINGS) as cluster:
+        key = b"held"
+        await set_and_delete(cluster, [key])
+        first, _second, third = primaries(cluster, key)
+        if fault == "crash":
+            cluster.crash(third)
+        else:
+            cluster.partition([first, _second], [third])
+        await trio.sleep(6.0)
+        assert all(stored(cluster.nodes[i], key) for i in (first, _second, third))
+        assert reaped(cluster) == 0
+        assert cluster.nodes[first].cluster.reaper.deferred > 0
+        if fault == "crash":
+            await cluster.start_node(third)
+        else:
+            cluster.heal()
+        await wait_for(lambda: all(stored(node, key) is None for node in cluster.nodes))
+        assert reaped(cluster) == 3
+
+
+async def test_nothing_is_reaped_while_a_primary_holds_a_live_value(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # No anti-entropy: it would spread the live value, and then no primary holds a dead key.
+    settings = {**SETTINGS, "anti_entropy": False}
+    async with InProcessCluster.running(3, settings=settings) as cluster:
+        key = b"contested"
+        await set_and_delete(cluster, [key])
+        first, _second, third = primaries(cluster, key)
+        # A concurrent live version that only the third primary holds.
+        cluster.nodes[third].replica.coordinate_write(key, Payload(0, 0, b"live"), VClock())
+        await trio.sleep(6.0)
+        assert all(stored(node, key) is not None for node in cluster.nodes)
+        assert reaped(cluster) == 0
+        assert cluster.nodes[first].cluster.reaper.deferred > 0
+        reply = await cluster.request(first, b"get %s\r\n" % key)
+        assert reply == b"VALUE contested 0 4\r\nlive\r\nEND\r\n"
+
+
+async def test_the_reap_rpc_validates_and_lets_a_write_win(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The nodes' own reapers wait an hour for their first round: only the test calls reap.
+    settings = {**SETTINGS, "tombstone_grace": 60_000, "sync_interval": 3_600_000}
+    async with InProcessCluster.running(3, settings=settings) as cluster:
+        await set_and_delete(cluster, [b"k"])
+        reaper = cluster.nodes[0].cluster.reaper
+        record = stored(cluster.nodes[0], b"k")
+        assert record is not None
+        for bad in ([], [[b"k"]], [[b"", record]], [[b"k", b"junk"]], "x", [[b"k", record]] * 2000):
+            with pytest.raises(RpcBadRequest):
+                reaper.reap(bad)
+        # Dead, but not for longer than the grace here: kept.
+        assert reaper.reap([[b"k", record]]) == [False]
+        assert reaper.reap([[b"absent", record]]) == [True]
+        await trio.sleep(61)
+        # A record other than the stored one (a write came in between) is not reaped.
+        other = encode_siblings((version(b"z", 1, None),))
+        assert reaper.reap([[b"k", other]]) == [False]
+        assert stored(cluster.nodes[0], b"k") == record
+        assert reaper.reap([[b"k", record]]) == [True]
+        assert stored(cluster.nodes[0], b"k") is None
