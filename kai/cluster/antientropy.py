@@ -32,7 +32,8 @@ RPC methods this node serves (every parameter validated; bad ones raise
 ``aae_apply(partition: int, batch: list[[key, record]]) -> int``
     Merge records of ``partition`` with the write rule; how many changed something.
 
-Counters: an exchange counts once it ends (even without differences); ``keys_repaired``
+Counters: ``exchanges`` counts exchanges that ended (even without differences),
+``exchanges_failed`` those a peer's failure ended early; ``keys_repaired``
 counts keys an exchange of this node changed, here or on the peer; ``bytes`` counts record
 bytes it read from and sent to peers. :meth:`AntiEntropy.status` is what
 ``kai-admin aae-status`` shows.
@@ -232,13 +233,22 @@ class AntiEntropy:
         roots = await self._call(peer, "aae_roots", (partitions,))
         if not isinstance(roots, list) or len(roots) != len(partitions):
             raise ExchangeFailed("aae_roots: malformed answer")
+        repaired_before = self.keys_repaired
         for partition, root in zip(partitions, roots, strict=True):
-            if root is not None and not is_int(root):
+            if root is None:
+                continue  # not ready there
+            if not is_int(root):
                 raise ExchangeFailed("aae_roots: malformed root")
-            if root is not None and root != self.trees.root(partition):
+            if root != self.trees.root(partition):
                 await self._sync_partition(peer, partition)
             sync = self._syncs.setdefault(partition, PartitionSync())
             sync.last_compared, sync.peer = self.replica.wall_clock(), peer
+        if self.keys_repaired > repaired_before:
+            logger.info(
+                "anti-entropy with %s repaired %d keys",
+                peer,
+                self.keys_repaired - repaired_before,
+            )
 
     async def _sync_partition(self, peer: NodeId, partition: int) -> None:
         raw = await self._call(peer, "aae_leaves", (partition,))
@@ -279,18 +289,18 @@ class AntiEntropy:
             raise ExchangeFailed("aae_segment_keys: malformed cursor")
         if not isinstance(raw_entries, list) or len(raw_entries) > LIST_ENTRIES:
             raise ExchangeFailed("aae_segment_keys: malformed entries")
-        entries = []
-        for entry in raw_entries:
-            if not (
-                isinstance(entry, list | tuple)
-                and len(entry) == 2
-                and isinstance(entry[0], bytes)
-                and is_int(entry[1])
-                and self.replica.partition(entry[0]) == partition
-            ):
-                raise ExchangeFailed("aae_segment_keys: malformed entry")
-            entries.append((entry[0], entry[1]))
-        return entries, cursor
+        return [self._entry_from_wire(entry, partition) for entry in raw_entries], cursor
+
+    def _entry_from_wire(self, entry: object, partition: int) -> Entry:
+        if not isinstance(entry, list | tuple) or len(entry) != 2 or not is_int(entry[1]):
+            raise ExchangeFailed("aae_segment_keys: malformed entry")
+        try:
+            key = key_from_wire(entry[0])
+        except RpcBadRequest as exc:
+            raise ExchangeFailed(f"aae_segment_keys: {exc}") from exc
+        if self.replica.partition(key) != partition:
+            raise ExchangeFailed(f"aae_segment_keys: {key!r} is not of partition {partition}")
+        return key, entry[1]
 
     async def _local_entries(
         self, partition: int, segments: frozenset[int], after: bytes | None, upto: bytes | None
