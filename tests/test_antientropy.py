@@ -9,7 +9,8 @@ way the data can travel; a control run with anti-entropy off shows the data does
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 
 import pytest
@@ -17,11 +18,18 @@ import trio
 import trio.testing
 
 from kai.cluster import antientropy
+from kai.cluster.fanout import PeerCaller
 from kai.core.config import Quorum
 from kai.core.errors import RpcBadRequest
 from kai.core.merkle import SEGMENTS, HashTrees
-from kai.core.versions import Payload, encode_siblings
-from kai.testing.cluster import InProcessCluster
+from kai.core.ring import NodeId, Ring, key_hash, partition_of
+from kai.core.stats import NodeStats
+from kai.core.vclock import VClock
+from kai.core.versions import Payload, Version, encode_siblings
+from kai.storage.memory import MemoryEngine
+from kai.storage.replica import LocalReplica
+from kai.testing.cluster import EPOCH, InProcessCluster
+from kai.testing.network import FakeNetwork
 
 SETTINGS = {"buckets": 16, "sync_interval": 200, "handoff_interval": 3_600_000}
 KEYS = [b"key-%03d" % index for index in range(60)]
@@ -245,3 +253,100 @@ async def test_garbage_parameters_are_refused(autojump_clock: trio.testing.MockC
         assert node.replica.read(key) == ()  # nothing of a refused batch was merged
         assert handlers["aae_apply"](partition, [[key, good]]) == 1
         assert node.replica.read_record(key)[1] == good
+
+
+def key_of(partition: object) -> bytes:
+    """A key of ``partition`` (of 16)."""
+    return next(
+        key
+        for key in (b"k%d" % index for index in range(10_000))
+        if partition_of(key_hash(key), 16) == partition
+    )
+
+
+#: The leaves of a peer whose every segment differs from an empty tree's.
+FULL_LEAVES = bytes(range(256)) * 32
+#: A peer whose every root differs and every segment lists one key.
+DIFFERING: dict[str, Callable[..., object]] = {
+    "aae_roots": lambda partitions: [1] * len(partitions),
+    "aae_leaves": lambda partition: FULL_LEAVES,
+    "aae_segment_keys": lambda partition, segments, after: [[[key_of(partition), 1]], None],
+    "replica_read": lambda keys: [encode_siblings((version_of(key),)) for key in keys],
+    "aae_apply": lambda partition, batch: 0,
+}
+#: Answers of a confused or hostile peer; each must end the exchange quietly.
+LIES: dict[str, dict[str, Callable[..., object]]] = {
+    "roots of the wrong length": {"aae_roots": lambda partitions: []},
+    "a root that is no integer": {"aae_roots": lambda partitions: ["x"] * len(partitions)},
+    "leaves of the wrong size": {**DIFFERING, "aae_leaves": lambda partition: b"short"},
+    "an empty key": {
+        **DIFFERING,
+        "aae_segment_keys": lambda partition, segments, after: [[[b"", 1]], None],
+    },
+    "a key of another partition": {
+        **DIFFERING,
+        "aae_segment_keys": lambda partition, segments, after: [
+            [[key_of((partition + 1) % 16), 1]],
+            None,
+        ],
+    },
+    "a cursor that does not advance": {
+        **DIFFERING,
+        "aae_segment_keys": lambda partition, segments, after: [[], b"same"],
+    },
+    "an empty read": {**DIFFERING, "replica_read": lambda keys: []},
+    "a record that is not one": {**DIFFERING, "replica_read": lambda keys: [b"junk"] * len(keys)},
+}
+
+
+async def exchange_with(handlers: dict[str, Callable[..., object]]) -> antientropy.AntiEntropy:
+    """One exchange of a node with an empty replica with a peer served by ``handlers``."""
+    me, peer = NodeId("127.0.0.1", 11011), NodeId("127.0.0.1", 11012)
+    ring = Ring((me, peer), buckets=16, virtual_nodes=8)
+    replica = LocalReplica(
+        MemoryEngine(), actor=b"me", buckets=16, stats=NodeStats(), wall_clock=lambda: EPOCH
+    )
+    async with FakeNetwork.running(random.Random(1)) as network, trio.open_nursery() as nursery:
+        network.register(peer, handlers)
+        service = antientropy.AntiEntropy(
+            self_node=me,
+            replica=replica,
+            peers=PeerCaller(
+                network.transport_for(me), nursery, on_success=_ignore, on_failure=_ignore
+            ),
+            ring=lambda: ring,
+            quorum=Quorum(3, 2, 2),
+            is_up=lambda node: True,
+            interval=1.0,
+            request_timeout=1.0,
+        )
+        await service.build()
+        assert await service.exchange(peer) is True
+        nursery.cancel_scope.cancel()
+    return service
+
+
+def _ignore(node: NodeId) -> None:
+    pass
+
+
+@pytest.mark.parametrize("lie", sorted(LIES))
+async def test_a_peer_answering_nonsense_ends_the_exchange_and_nothing_is_stored(
+    autojump_clock: trio.testing.MockClock, lie: str
+) -> None:
+    service = await exchange_with(LIES[lie])
+    assert (service.exchanges, service.exchanges_failed) == (0, 1)
+    assert service.replica.engine.count() == 0
+
+
+async def test_a_peer_answering_sense_is_merged(autojump_clock: trio.testing.MockClock) -> None:
+    # The control of the test above: the same peer without a lie completes the exchange.
+    service = await exchange_with(DIFFERING)
+    assert (service.exchanges, service.exchanges_failed) == (1, 0)
+    assert service.replica.engine.count() == 16  # one key of every shared partition
+    assert service.keys_repaired == 16
+
+
+def version_of(key: bytes) -> Version:
+    """A one-version sibling set's version of ``key`` (as a peer coordinated it)."""
+    return Version((b"peer", 1), VClock(), timestamp=int(EPOCH * 1_000_000), value=b"v" + key)
