@@ -121,7 +121,8 @@ class AntiEntropy:
 
     Args:
         self_node: this node's ring identity.
-        replica: this node's replica (its ``on_change`` is taken over here).
+        replica: this node's replica (its ``on_change`` is taken over once the build starts,
+            so a node with anti-entropy off never pays for trees).
         peers: how to call peers (every call goes through it).
         ring: the current ring.
         quorum: the configured quorum; N (capped at the member count) says which nodes are
@@ -152,7 +153,6 @@ class AntiEntropy:
         self.interval = interval
         self.request_timeout = request_timeout
         self.trees = HashTrees(replica.buckets)
-        replica.on_change = self.trees.change
         self.exchanges = 0
         self.exchanges_failed = 0
         self.keys_repaired = 0
@@ -176,8 +176,10 @@ class AntiEntropy:
                     await self.exchange(peer)
 
     async def build(self) -> None:
-        """Build every partition's tree by a chunked scan, concurrently with writes."""
+        """Build every partition's tree by a chunked scan, concurrently with writes (once:
+        :meth:`run` does it)."""
         trees, engine = self.trees, self.replica.engine
+        self.replica.on_change = trees.change  # from now on: a node without it pays nothing
         trees.start()
         while (partition := trees.building) is not None:
             while True:
