@@ -4,13 +4,17 @@ saw, and the reaper over the in-process cluster (nothing reaped ever comes back)
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import pytest
 import trio
 import trio.testing
 
-from kai.cluster.reaper import dead_since, reapable
-from kai.core.errors import RpcBadRequest
+from kai.cluster.fanout import Answer, PeerCaller
+from kai.cluster.reaper import Reaper, dead_since, reapable
+from kai.core.config import Quorum
+from kai.core.errors import RpcBadRequest, RpcConnectionError
+from kai.core.ring import NodeId, Ring
 from kai.core.stats import NodeStats
 from kai.core.vclock import VClock
 from kai.core.versions import Payload, Version, context_of, decode_siblings, encode_siblings
@@ -219,6 +223,169 @@ def test_reapable_needs_every_version_dead_past_the_grace() -> None:
     assert reapable((old_tombstone, version(b"c", OLD)), NOW, OLD, GRACE)  # flushed
     assert not reapable((old_tombstone, version(b"c", OLD)), NOW, FRESH, GRACE)
     assert not reapable((), NOW, 0, GRACE)
+
+
+# --- the first primary's decisions, with scripted peers ---------------------------------------
+
+SELF, PEER_B, PEER_C = (NodeId("127.0.0.1", 11011 + index) for index in range(3))
+
+
+class ScriptedPeers:
+    """Stands in for the :class:`PeerCaller`: answers each call from a script per peer and
+    method (a list of results, the last one repeated; None answers a connection error)."""
+
+    def __init__(self, script: dict[tuple[NodeId, str], list[object]]) -> None:
+        self.script = script
+        self.calls: list[tuple[NodeId, str, tuple[object, ...]]] = []
+
+    async def call(
+        self, peer: NodeId, method: str, params: tuple[object, ...], deadline: float
+    ) -> Answer:
+        self.calls.append((peer, method, params))
+        results = self.script[peer, method]
+        result = results.pop(0) if len(results) > 1 else results[0]
+        if result is None:
+            return Answer(peer, error=RpcConnectionError("unreachable"))
+        return Answer(peer, result=result)
+
+
+def led_keys(ring: Ring, count: int) -> list[bytes]:
+    """``count`` keys of one partition whose first primary is SELF."""
+    by_partition: dict[int, list[bytes]] = {}
+    for index in range(10_000):
+        key = b"key-%d" % index
+        partition = ring.partition_for_key(key)
+        if ring.preference_list(partition)[0] == SELF:
+            keys = by_partition.setdefault(partition, [])
+            keys.append(key)
+            if len(keys) == count:
+                return keys
+    raise AssertionError("no partition led by SELF")
+
+
+async def reap_with(
+    script: dict[tuple[NodeId, str], list[object]], count: int = 1
+) -> tuple[Reaper, list[bytes]]:
+    """A reaper of a three-node ring whose replica holds ``count`` keys of one partition,
+    each the same tombstone (so one record), dead past the grace; every partition is
+    scanned once with ``script`` answering for the peers."""
+    ring = Ring((SELF, PEER_B, PEER_C), buckets=8, virtual_nodes=16)
+    replica = LocalReplica(
+        MemoryEngine(),
+        actor=b"actor-a",
+        buckets=8,
+        stats=NodeStats(),
+        wall_clock=Clock(),
+        tombstone_grace=GRACE,
+    )
+    keys = led_keys(ring, count)
+    for key in keys:
+        replica.apply(key, (version(b"b", FRESH, None),))
+    replica.wall_clock = Clock(NOW + GRACE)
+    record = replica.read_record(keys[0])[1]
+    filled = {
+        name: [_filled(result, record) for result in results] for name, results in script.items()
+    }
+    reaper = Reaper(
+        self_node=SELF,
+        replica=replica,
+        peers=cast(PeerCaller, ScriptedPeers(filled)),
+        ring=lambda: ring,
+        quorum=Quorum(3, 2, 2),
+        interval=1.0,
+        request_timeout=1.0,
+    )
+    led = [p for p in range(ring.buckets) if ring.preference_list(p)[0] == SELF]
+    for _ in led:  # one round per partition SELF leads: each is scanned once
+        await reaper.reap_round()
+    return reaper, keys
+
+
+def _filled(result: object, record: bytes | None) -> object:
+    """A scripted answer with each ``"record"`` replaced by the reaped key's record."""
+    if isinstance(result, list):
+        return [record if item == "record" else item for item in result]
+    return result
+
+
+def held(reaper: Reaper, keys: list[bytes]) -> bool:
+    """Whether the reaper's replica still holds every one of ``keys``."""
+    return all(reaper.replica.read_record(key)[1] is not None for key in keys)
+
+
+async def test_the_first_primary_reaps_its_copy_once_every_other_primary_did() -> None:
+    reaper, keys = await reap_with(
+        {
+            (PEER_B, "replica_read"): [["record"]],
+            (PEER_C, "replica_read"): [[None]],
+            (PEER_B, "reap"): [[True]],
+            (PEER_C, "reap"): [[True]],
+        }
+    )
+    record = encode_siblings((version(b"b", FRESH, None),))
+    assert reaper.replica.read_record(keys[0]) == ((), None)
+    assert reaper.replica.stats.kai_tombstones_reaped == 1
+    assert reaper.deferred == 0
+    calls = cast(ScriptedPeers, reaper.peers).calls
+    reaps = [(peer, params) for peer, method, params in calls if method == "reap"]
+    assert sorted(reaps) == [(PEER_B, ([[keys[0], record]],)), (PEER_C, ([[keys[0], record]],))]
+
+
+async def test_a_partial_replica_read_answer_is_asked_again() -> None:
+    reaper, keys = await reap_with(
+        {
+            (PEER_B, "replica_read"): [["record"], ["record", "record"]],
+            (PEER_C, "replica_read"): [["record", "record", None]],
+            (PEER_B, "reap"): [[True, True, True]],
+            (PEER_C, "reap"): [[True, True, True]],
+        },
+        count=3,
+    )
+    assert all(reaper.replica.read_record(key) == ((), None) for key in keys)
+    assert reaper.replica.stats.kai_tombstones_reaped == 3
+    calls = cast(ScriptedPeers, reaper.peers).calls
+    asked_b = [
+        params for peer, method, params in calls if (peer, method) == (PEER_B, "replica_read")
+    ]
+    assert asked_b == [(keys,), (keys[1:],)]
+
+
+async def test_a_peer_that_kept_its_copy_keeps_the_first_primarys_too() -> None:
+    # Peer B's record changed after it was read (a write came in between): it kept it.
+    reaper, keys = await reap_with(
+        {
+            (PEER_B, "replica_read"): [["record"]],
+            (PEER_C, "replica_read"): [["record"]],
+            (PEER_B, "reap"): [[False]],
+            (PEER_C, "reap"): [[True]],
+        }
+    )
+    assert held(reaper, keys)
+    assert reaper.deferred == 1
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        {(PEER_B, "replica_read"): [None], (PEER_C, "replica_read"): [["record"]]},
+        {(PEER_B, "replica_read"): [[b"\x02other"]], (PEER_C, "replica_read"): [["record"]]},
+        {(PEER_B, "replica_read"): [["not", "a", "list"]], (PEER_C, "replica_read"): [[None]]},
+        {
+            (PEER_B, "replica_read"): [["record"]],
+            (PEER_C, "replica_read"): [[None]],
+            (PEER_B, "reap"): [[True]],
+            (PEER_C, "reap"): [None],
+        },
+    ],
+    ids=["unreachable", "other-record", "malformed-answer", "reap-unanswered"],
+)
+async def test_nothing_is_reaped_here_unless_every_primary_agreed(
+    script: dict[tuple[NodeId, str], list[object]],
+) -> None:
+    reaper, keys = await reap_with(script)
+    assert held(reaper, keys)
+    assert reaper.replica.stats.kai_tombstones_reaped == 0
+    assert reaper.deferred == 1
 
 
 # --- over the in-process cluster --------------------------------------------------------------

@@ -210,18 +210,26 @@ class Reaper:
                 if theirs is not None and theirs != batch[index][1]:
                     same[index] = False
         agreed = [item for item, agrees in zip(batch, same, strict=True) if agrees]
-        self.deferred += len(batch) - len(agreed)
-        if not agreed:
-            return 0
-        for peer in others:
-            confirmed = await self._reap_on(peer, agreed)
-            if confirmed is None:
-                self.deferred += len(agreed)
-                return 0
-            agreed = [item for item, done in zip(agreed, confirmed, strict=True) if done]
-        reaped = sum(self.replica.reap(key, record) for key, record in agreed)
-        self.deferred += len(agreed) - reaped
+        # This copy goes last, once every other primary confirmed: until then a later round
+        # finds it again and retries.
+        confirmed = await self._reap_on_others(others, agreed)
+        reaped = sum(self.replica.reap(key, record) for key, record in confirmed)
+        self.deferred += len(batch) - reaped
         return reaped
+
+    async def _reap_on_others(
+        self, others: Sequence[NodeId], items: list[Candidate]
+    ) -> list[Candidate]:
+        """Ask every other primary to reap ``items``; those that are absent on all of them
+        afterwards (none if one did not answer)."""
+        for peer in others:
+            if not items:
+                break
+            absent = await self._reap_on(peer, items)
+            if absent is None:
+                return []
+            items = [item for item, gone in zip(items, absent, strict=True) if gone]
+        return items
 
     async def _read(self, peer: NodeId, keys: list[bytes]) -> list[bytes | None] | None:
         """``peer``'s record of each key (None: absent there), asking again for what an
