@@ -254,15 +254,16 @@ class AntiEntropy:
 
     async def _sync_partition(self, peer: NodeId, partition: int) -> None:
         raw = await self._call(peer, "aae_leaves", (partition,))
-        mine = self.trees.leaves(partition)
-        if raw is None or mine is None:
-            return  # not ready there (restarted), or here (cannot happen once ready)
+        if raw is None:
+            return  # not ready there any more (it restarted)
         try:
             theirs = leaves_from_bytes(raw) if isinstance(raw, bytes) else None
         except ValueError:
             theirs = None
         if theirs is None:
             raise ExchangeFailed("aae_leaves: malformed answer")
+        mine = self.trees.leaves(partition)
+        assert mine is not None, "a ready partition stays ready"
         segments = differing_segments(mine, theirs)
         if not segments:
             return
