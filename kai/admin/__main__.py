@@ -83,6 +83,12 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
         "kai-admin transfers --json",
         "transfers",
     ),
+    "aae-status": (
+        "anti-entropy: exchanges, keys repaired, hash trees ready, and when each partition "
+        "this node is a primary of was last compared, and with whom",
+        "kai-admin aae-status --json",
+        "aae_status",
+    ),
     "leave": (
         "hand the node's data off, then retire it (not available yet)",
         "kai-admin leave",
@@ -216,6 +222,8 @@ def _render_text(command: str, result: Any) -> str:
         return "\n".join(lines)
     if command == "transfers":
         return _render_transfers(result)
+    if command == "aae-status":
+        return _render_aae(result)
     if isinstance(result, dict):
         return "\n".join(f"{key} {_flat(value)}" for key, value in result.items())
     return str(result)
@@ -233,6 +241,28 @@ def _render_transfers(result: Any) -> str:
             f"{t['keys_done']}/{t['keys_total']} keys, {t['bytes_done']}/{t['bytes_total']} "
             f"bytes, {t['keys_per_second']} keys/s{left}"
             + (f" ({t['error']})" if t["error"] else "")
+        )
+    return "\n".join(lines)
+
+
+def _render_aae(result: Any) -> str:
+    partitions = result["partitions"]
+    compared = [p for p in partitions if p["seconds_since_compared"] is not None]
+    oldest = result["seconds_since_oldest_comparison"]
+    lines = [
+        f"anti-entropy {'on' if result['enabled'] else 'off'}: {result['exchanges']} exchanges "
+        f"({result['exchanges_failed']} failed), {result['keys_repaired']} keys repaired, "
+        f"{result['bytes']} bytes",
+        f"hash trees ready: {result['trees_ready']} partitions"
+        + ("" if result["building"] is None else f" (building partition {result['building']})"),
+        f"partitions compared: {len(compared)} of {len(partitions)} this node is a primary of"
+        + ("" if oldest is None else f"; the oldest comparison was {oldest:.1f} s ago"),
+    ]
+    for p in partitions:
+        when = p["seconds_since_compared"]
+        seen = "never compared" if when is None else f"compared {when:.1f} s ago with {p['peer']}"
+        lines.append(
+            f"  partition {p['partition']}: {p['keys']} keys, {seen}, {p['keys_repaired']} repaired"
         )
     return "\n".join(lines)
 

@@ -67,6 +67,7 @@ class AdminHandlers:
             "locate": self.locate,
             "join": self.join,
             "transfers": self.transfers,
+            "aae_status": self.aae_status,
             "ping": self.ping,
         }
 
@@ -101,6 +102,23 @@ class AdminHandlers:
             "hints_pending": cluster.coordinator.hints.pending,
             "transfers": cluster.transfers.status(),
         }
+
+    def aae_status(self) -> dict[str, object]:
+        """Anti-entropy's state, with the seconds since each partition was last compared."""
+        status = self.cluster.anti_entropy.status()
+        now = time.time()
+        partitions = status["partitions"]
+        assert isinstance(partitions, list)
+        ages = []
+        for entry in partitions:
+            compared = entry["last_compared"]
+            entry["seconds_since_compared"] = None if compared is None else now - compared
+            ages.append(entry["seconds_since_compared"])
+        known = [age for age in ages if age is not None]
+        never = len(known) < len(ages)
+        status["seconds_since_oldest_comparison"] = None if never or not known else max(known)
+        status["enabled"] = self.node.config.anti_entropy
+        return status
 
     def stats(self) -> dict[str, object]:
         """The memcached-style ``stats`` fields; the numbers among them as numbers."""

@@ -14,8 +14,10 @@ import random
 import msgpack
 import trio
 
+from kai.cluster.antientropy import AntiEntropy
 from kai.cluster.coordinator import Coordinator
 from kai.cluster.hints import HintedHandoff, HintStore
+from kai.cluster.reaper import Reaper
 from kai.cluster.transfers import Transfers
 from kai.core.config import Config
 from kai.core.membership import MembershipView
@@ -99,6 +101,15 @@ class Cluster:
             down=self.detector.down,
             sloppy=config.sloppy_quorum,
         )
+        self.reaper = Reaper(
+            self_node=self_node,
+            replica=replica,
+            peers=self.coordinator.peers,
+            ring=self.ring,
+            quorum=config.quorum,
+            interval=config.sync_interval / 1000,
+            request_timeout=config.request_timeout / 1000,
+        )
         self.transfers = Transfers(
             self_node=self_node,
             replica=replica,
@@ -116,6 +127,16 @@ class Cluster:
             members=lambda: self._ring.nodes,
             interval=config.handoff_interval / 1000,
         )
+        self.anti_entropy = AntiEntropy(
+            self_node=self_node,
+            replica=replica,
+            peers=self.coordinator.peers,
+            ring=self.ring,
+            quorum=config.quorum,
+            is_up=self.detector.is_up,
+            interval=config.sync_interval / 1000,
+            request_timeout=config.request_timeout / 1000,
+        )
         self._on_view_change(self.membership.view)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -127,6 +148,9 @@ class Cluster:
             await services.start(self.membership.run)
             await services.start(self.transfers.run)
             await services.start(self.handoff.run)
+            await services.start(self.reaper.run)
+            if self.config.anti_entropy:
+                await services.start(self.anti_entropy.run)
             task_status.started()
 
     def ring(self) -> Ring:
@@ -151,6 +175,8 @@ class Cluster:
         return {
             **self.coordinator.handlers(),
             **self.transfers.handlers(),
+            **self.reaper.handlers(),
+            **self.anti_entropy.handlers(),
             "gossip": self.membership.handle_gossip,
         }
 
@@ -160,4 +186,6 @@ class Cluster:
             *self.coordinator.statistics(),
             *self.handoff.statistics(),
             *self.transfers.statistics(),
+            *self.reaper.statistics(),
+            *self.anti_entropy.statistics(),
         ]

@@ -6,8 +6,11 @@ read, which would repair what it reads) and sends no client traffic while it wai
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -133,6 +136,15 @@ def nodes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Nodes]:
         cluster.stop_all()
 
 
+def admin_of(node: KaiProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    secret = node.data_dir / "cluster.secret"
+    command = [sys.executable, "-m", "kai.admin", "--node", f"127.0.0.1:{node.rpc_port}"]
+    command += ["--secret-file", str(secret), *args]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert completed.returncode == 0, completed.stderr
+    return completed
+
+
 def write_all(port: int, keys: Sequence[bytes], value: bytes) -> None:
     """Set every key (pipelined 100 at a time); each must be acknowledged STORED."""
     with RawConnection(port, timeout=30) as connection:
@@ -177,6 +189,29 @@ def test_a_node_killed_during_writes_gets_them_all_back_with_no_client_traffic(
     delivered = sum(int(nodes.stats(index)["kai_hints_delivered"]) for index in range(2))
     assert pending == [0, 0, 0]
     assert delivered >= len(keys)
+    # What an operator sees: the finished handoffs to node 3, and anti-entropy at work.
+    handoffs = [
+        transfer
+        for index in range(2)
+        for transfer in json.loads(admin_of(nodes[index], "transfers", "--json").stdout)[
+            "transfers"
+        ]
+    ]
+    assert {t["to"] for t in handoffs} == {str(nodes.node_id(2))}
+    assert {t["kind"] for t in handoffs} == {"hints"}
+    assert all(t["state"] == "done" for t in handoffs)
+    assert sum(t["keys_done"] for t in handoffs) == delivered
+    assert "hints pending 0" in admin_of(nodes[0], "transfers").stdout
+    wait_for(
+        lambda: json.loads(admin_of(nodes[2], "aae-status", "--json").stdout)["exchanges"] > 0,
+        timeout=20,
+        what="node 3 to run an anti-entropy exchange",
+    )
+    aae = json.loads(admin_of(nodes[2], "aae-status", "--json").stdout)
+    assert aae["enabled"] is True
+    assert len(aae["partitions"]) == BUCKETS  # three nodes, N=3: a primary of every partition
+    assert any(p["seconds_since_compared"] is not None for p in aae["partitions"])
+    assert "partitions compared:" in admin_of(nodes[2], "aae-status").stdout
     logger.info(
         "node 3 held all %d keys %.2f s after its restart (budget %s s)", len(keys), took, budget
     )
