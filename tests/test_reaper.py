@@ -350,6 +350,36 @@ async def test_a_partial_replica_read_answer_is_asked_again() -> None:
     assert asked_b == [(keys,), (keys[1:],)]
 
 
+async def test_a_record_that_does_not_decode_is_kept_and_the_scan_goes_on() -> None:
+    script: dict[tuple[NodeId, str], list[object]] = {
+        (PEER_B, "replica_read"): [[None]],
+        (PEER_C, "replica_read"): [[None]],
+        (PEER_B, "reap"): [[True]],
+        (PEER_C, "reap"): [[True]],
+    }
+    ring = Ring((SELF, PEER_B, PEER_C), buckets=8, virtual_nodes=16)
+    first, second = led_keys(ring, 2)
+    engine = MemoryEngine()
+    engine.put(ring.partition_for_key(first), first, b"\x02garbage")
+    replica = LocalReplica(engine, actor=b"a", buckets=8, stats=NodeStats(), wall_clock=Clock())
+    replica.apply(second, (version(b"b", FRESH, None),))
+    replica.tombstone_grace = GRACE
+    replica.wall_clock = Clock(NOW + GRACE)
+    reaper = Reaper(
+        self_node=SELF,
+        replica=replica,
+        peers=cast(PeerCaller, ScriptedPeers(script)),
+        ring=lambda: ring,
+        quorum=Quorum(3, 2, 2),
+        interval=1.0,
+        request_timeout=1.0,
+    )
+    while reaper.rounds < 8:
+        await reaper.reap_round()
+    assert engine.get(ring.partition_for_key(first), first) == b"\x02garbage"
+    assert replica.read_record(second) == ((), None)
+
+
 async def test_a_peer_that_kept_its_copy_keeps_the_first_primarys_too() -> None:
     # Peer B's record changed after it was read (a write came in between): it kept it.
     reaper, keys = await reap_with(

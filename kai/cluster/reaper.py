@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+import msgpack
 import trio
 import trio.lowlevel
 
@@ -184,16 +185,22 @@ class Reaper:
         return partition
 
     def _candidates(self, chunk: Sequence[tuple[bytes, bytes]]) -> list[Candidate]:
-        """The keys of ``chunk`` whose record is dead past the grace here."""
+        """The keys of ``chunk`` whose record is dead past the grace here (a record that does
+        not decode is never one)."""
         replica = self.replica
         now = replica.wall_clock()
         flushed = replica.flushed_before(now)
         grace = replica.tombstone_grace
-        return [
-            (key, record)
-            for key, record in chunk
-            if reapable(decode_siblings(record), now, flushed, grace)
-        ]
+        candidates = []
+        for key, record in chunk:
+            try:
+                siblings = decode_siblings(record)
+            except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                logger.warning("reap: the stored record of %r does not decode (kept): %s", key, exc)
+                continue
+            if reapable(siblings, now, flushed, grace):
+                candidates.append((key, record))
+        return candidates
 
     async def _reap_everywhere(self, primaries: Sequence[NodeId], batch: list[Candidate]) -> int:
         """Reap ``batch`` on every primary that holds it byte for byte (or holds nothing),
