@@ -460,7 +460,8 @@ async def test_the_checker_catches_a_lost_write(autojump_clock: trio.testing.Moc
         assert written.acknowledged
         held = {version for siblings in model.held().values() for version in siblings}
         assert [version.value for version in held] == [written.value]
-        forged = Version((b"intruder", 1), context_of(held), timestamp=1)
+        now = int(cluster.wall_clock() * 1_000_000)  # older than the grace would be refused
+        forged = Version((b"intruder", 1), context_of(held), timestamp=now)
         for node in cluster.nodes:
             node.replica.apply(KEY, (forged,))
         assert model.lost_versions() == []

@@ -73,6 +73,7 @@ def make_harness(
         siblings_maximum=siblings_maximum,
         siblings_warning_threshold=min(25, siblings_maximum),
         wall_clock=clock,
+        tombstone_grace=2e9,  # tests apply versions stamped near 1970: refuse none
     )
     network = FakeNetwork(random.Random(0), nursery=nursery)
     ring = Ring(members, buckets=1024, virtual_nodes=128)

@@ -23,6 +23,8 @@ from kai.storage.replica import ACTOR_META, LocalReplica
 from .strategies import ACTORS, sibling_sets, versions
 
 ACTOR = b"actor-a"
+#: These tests stamp versions near 1970: a grace reaching back that far refuses none of them.
+EPOCH_GRACE = 2e9
 
 
 def make_replica(engine: MemoryEngine | None = None, now: float = 1_700_000_000.0) -> LocalReplica:
@@ -32,6 +34,7 @@ def make_replica(engine: MemoryEngine | None = None, now: float = 1_700_000_000.
         buckets=1024,
         stats=NodeStats(),
         wall_clock=lambda: now,
+        tombstone_grace=EPOCH_GRACE,
     )
 
 
@@ -172,7 +175,12 @@ def test_read_record_is_what_storage_holds_cached_or_not(
 ) -> None:
     engine = MemoryEngine()
     replica = LocalReplica(
-        engine, actor=ACTOR, buckets=1024, stats=NodeStats(), cache_bytes=cache_bytes
+        engine,
+        actor=ACTOR,
+        buckets=1024,
+        stats=NodeStats(),
+        cache_bytes=cache_bytes,
+        tombstone_grace=EPOCH_GRACE,
     )
     assert replica.read_record(b"k") == ((), None)
     for incoming in applied:
@@ -190,7 +198,12 @@ def test_read_record_is_what_storage_holds_cached_or_not(
 def test_a_replicated_record_is_stored_as_received_when_the_merge_is_exactly_it() -> None:
     source = make_replica()
     replica = LocalReplica(
-        MemoryEngine(), actor=b"actor-b", buckets=1024, stats=NodeStats(), cache_bytes=1 << 20
+        MemoryEngine(),
+        actor=b"actor-b",
+        buckets=1024,
+        stats=NodeStats(),
+        cache_bytes=1 << 20,
+        tombstone_grace=EPOCH_GRACE,
     )
     first = source.coordinate_write(b"k", Payload(0, 0, b"1"), None)
     received = encode_siblings((first,))
