@@ -50,6 +50,21 @@ COUNTERS: Final = frozenset(NodeStats.RESETTABLE) | {
     "kai_replica_timeouts",
     "kai_replica_errors",
     "kai_peer_transitions",
+    "kai_hints_stored",
+    "kai_hints_delivered",
+    "kai_transfers_completed",
+    "kai_transfer_batches_sent",
+    "kai_transfer_batches_acked",
+    "kai_transfer_keys_sent",
+    "kai_transfer_bytes_sent",
+    "kai_transfer_batches_received",
+    "kai_transfer_keys_received",
+    "kai_aae_exchanges",
+    "kai_aae_exchanges_failed",
+    "kai_aae_keys_repaired",
+    "kai_aae_bytes",
+    "kai_reap_rounds",
+    "kai_reap_deferred",
 }
 
 #: Fields not exported as they are: the latency percentiles (the histograms replace them)

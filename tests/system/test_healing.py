@@ -113,8 +113,16 @@ class Nodes:
         return read_replica("127.0.0.1", self.rpc_ports[index], self.secret, keys)
 
     def wait_converged(self) -> None:
+        """Wait until every running node lists every member."""
+        self.wait_converged_among(
+            [index for index, node in enumerate(self.processes) if node is not None]
+        )
+
+    def wait_converged_among(self, indexes: Sequence[int]) -> None:
+        """Wait until the nodes ``indexes`` list every member and see each other up."""
         everyone = " ".join(sorted(str(self.node_id(i)) for i in range(len(self.processes))))
-        for index, node in enumerate(self.processes):
+        for index in indexes:
+            node = self.processes[index]
             if node is not None:
                 wait_for(
                     lambda index=index: self.stats(index).get("kai_curr_nodes") == everyone,  # type: ignore[misc]
@@ -299,3 +307,104 @@ def test_a_handoff_resumes_after_kill_9_of_the_sender_without_resending(nodes: N
     assert left <= sent_after_restart <= left + 256
     assert kept <= received <= kept + 256
     assert holding(nodes, 2, keys, value) == keys
+
+
+GRACE_MS = 3000
+GRACE_SETTINGS = config(tombstone_grace=GRACE_MS, sync_interval=200, buckets=8)
+
+
+def reads_through(nodes: Nodes, index: int, keys: Sequence[bytes]) -> dict[bytes, bytes]:
+    client = make_client(nodes[index].port)
+    try:
+        return dict(client.get_many(keys))
+    finally:
+        client.close()
+
+
+def delete_all(port: int, keys: Sequence[bytes]) -> None:
+    with RawConnection(port, timeout=30) as connection:
+        for key in keys:
+            assert connection.request(b"delete %s\r\n" % key) == b"DELETED\r\n", key
+
+
+def absent_everywhere(nodes: Nodes, indexes: Sequence[int], keys: Sequence[bytes]) -> bool:
+    """Whether no replica among ``indexes`` holds anything (not even a tombstone) for keys."""
+    return all(record is None for i in indexes for record in nodes.replica(i, keys))
+
+
+@pytest.mark.parametrize("nodes", [(3, GRACE_SETTINGS)], indirect=True)
+def test_a_key_deleted_while_a_node_was_cut_off_is_reaped_everywhere_and_stays_deleted(
+    nodes: Nodes,
+) -> None:
+    keys = [b"reaped:%03d" % index for index in range(20)]
+    write_all(nodes[0].port, keys, b"doomed")
+    nodes[2].signal(signal.SIGSTOP)  # cut off: its connections stay open, it answers nothing
+    try:
+        # Once the others see it down, deletes are decided without it (hinted for it).
+        for index in (0, 1):
+            wait_for(
+                lambda index=index: (
+                    str(nodes.node_id(2))  # type: ignore[misc]
+                    in nodes.stats(index).get("kai_down_nodes", "")
+                ),
+                timeout=30,
+                what=f"node {index + 1} to see node 3 down",
+            )
+        delete_all(nodes[0].port, keys)
+    finally:
+        nodes[2].signal(signal.SIGCONT)
+    wait_for(
+        lambda: absent_everywhere(nodes, range(3), keys),
+        timeout=GRACE_MS / 1000 + 30,
+        interval=0.2,
+        what="every replica to drop the tombstones once the grace is over",
+    )
+    reaped = sum(int(nodes.stats(index)["kai_tombstones_reaped"]) for index in range(3))
+    assert reaped == 3 * len(keys)
+    for index in range(3):
+        nodes.stop(index)
+    for index in range(3):
+        nodes.start(index)
+    nodes.wait_converged()
+    assert absent_everywhere(nodes, range(3), keys)  # read from LevelDB: nothing came back
+    for index in range(3):
+        assert reads_through(nodes, index, keys) == {}
+
+
+@pytest.mark.parametrize("nodes", [(4, GRACE_SETTINGS)], indirect=True)
+def test_a_node_kept_down_past_the_grace_does_not_bring_a_reaped_key_back(nodes: Nodes) -> None:
+    ring = Ring([nodes.node_id(i) for i in range(4)], buckets=8)
+    index_of = {nodes.node_id(i): i for i in range(4)}
+    key = b"resurrection"
+    first, second, third, fallback = (
+        index_of[node] for node in ring.preference_list(ring.partition_for_key(key))
+    )
+    write_all(nodes[first].port, [key], b"v1")
+    nodes.stop(third)
+    write_all(nodes[first].port, [key], b"v2")  # the fallback keeps it as a hint for ``third``
+    wait_for(  # W was met by ``second``: the stand-in may still be on its way
+        lambda: int(nodes.stats(fallback)["kai_hints_pending"]) == 1,
+        timeout=10,
+        what="the fallback to keep the write for the stopped primary",
+    )
+    nodes.stop(fallback)  # ... and is kept down, hint and all
+    nodes.start(third)
+    nodes.wait_converged_among([first, second, third])
+    delete_all(nodes[first].port, [key])
+    wait_for(
+        lambda: absent_everywhere(nodes, [first, second, third], [key]),
+        timeout=GRACE_MS / 1000 + 30,
+        interval=0.2,
+        what="the primaries to reap the tombstone",
+    )
+    nodes.start(fallback)  # back long after the grace: it hands its old hint off
+    wait_for(
+        lambda: int(nodes.stats(fallback)["kai_hints_pending"]) == 0,
+        timeout=30,
+        interval=0.2,
+        what="the fallback to hand its hint off",
+    )
+    assert int(nodes.stats(third)["kai_stale_refused"]) >= 1
+    assert absent_everywhere(nodes, [first, second, third, fallback], [key])
+    for index in range(4):
+        assert reads_through(nodes, index, [key]) == {}
