@@ -408,3 +408,36 @@ def test_a_node_kept_down_past_the_grace_does_not_bring_a_reaped_key_back(nodes:
     assert absent_everywhere(nodes, [first, second, third, fallback], [key])
     for index in range(4):
         assert reads_through(nodes, index, [key]) == {}
+
+
+@pytest.mark.parametrize("nodes", [(3, config(transfer_rate=20_000))], indirect=True)
+def test_a_handoff_resumes_after_kill_9_of_the_receiver_without_resending(nodes: Nodes) -> None:
+    keys = [b"receiver:%05d" % index for index in range(3000)]
+    value = b"y" * 40
+    nodes.kill(2)
+    write_all(nodes[0].port, keys, value)
+    kept = int(nodes.stats(0)["kai_hints_pending"])
+    nodes.start(2)
+    wait_for(
+        lambda: int(nodes.stats(0)["kai_transfer_batches_acked"]) >= 2,
+        timeout=30,
+        what="two acknowledged batches",
+    )
+    nodes.kill(2)
+    wait_for(
+        lambda: int(nodes.stats(0)["kai_transfers_active"]) == 0,
+        timeout=30,
+        what="the handoff to pause",
+    )
+    sent_before = int(nodes.stats(0)["kai_transfer_keys_sent"])
+    assert 0 < sent_before < kept
+    nodes.start(2)
+    wait_for(
+        lambda: int(nodes.stats(0)["kai_hints_pending"]) == 0,
+        timeout=60,
+        interval=0.2,
+        what="the handoff to finish once the receiver is back",
+    )
+    # Every acknowledged record was sent once: the sender's count is exactly what it kept.
+    assert int(nodes.stats(0)["kai_transfer_keys_sent"]) == kept
+    assert holding(nodes, 2, keys, value) == keys
