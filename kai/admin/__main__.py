@@ -83,6 +83,12 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
         "kai-admin transfers --json",
         "transfers",
     ),
+    "cancel-transfer": (
+        "stop the running transfer ID (as `transfers` lists it) after its current batch; "
+        "offered again later, it goes on from its last acknowledged batch",
+        "kai-admin cancel-transfer hints:127.0.0.1:11013",
+        "cancel_transfer",
+    ),
     "aae-status": (
         "anti-entropy: exchanges, keys repaired, hash trees ready, and when each partition "
         "this node is a primary of was last compared, and with whom",
@@ -161,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("key", help="the key, as a memcached client would send it")
         elif name == "join":
             sub.add_argument("seed", metavar="SEED", help="RPC HOST:PORT of a cluster member")
+        elif name == "cancel-transfer":
+            sub.add_argument("transfer_id", metavar="ID", help="the transfer's id")
         elif name == "remove":
             sub.add_argument("target", metavar="NODE", help="RPC HOST:PORT of the node to evict")
     return parser
@@ -308,6 +316,8 @@ def main(argv: Sequence[str] | None = None, *, out: Callable[[str], object] | No
         params = (key,)
     elif args.command == "join":
         params = (args.seed,)
+    elif args.command == "cancel-transfer":
+        params = (args.transfer_id,)
     secret_path = _secret_path(args)
     try:
         secret = load_secret(secret_path)

@@ -68,6 +68,7 @@ class AdminHandlers:
             "join": self.join,
             "transfers": self.transfers,
             "aae_status": self.aae_status,
+            "cancel_transfer": self.cancel_transfer,
             "ping": self.ping,
         }
 
@@ -102,6 +103,12 @@ class AdminHandlers:
             "hints_pending": cluster.coordinator.hints.pending,
             "transfers": cluster.transfers.status(),
         }
+
+    def cancel_transfer(self, transfer_id: object) -> dict[str, object]:
+        """Cancel a running transfer by its id; whether one was running."""
+        if not isinstance(transfer_id, str):
+            raise RpcBadRequest("cancel_transfer takes the transfer's id as a string")
+        return {"id": transfer_id, "cancelled": self.cluster.transfers.cancel(transfer_id)}
 
     def aae_status(self) -> dict[str, object]:
         """Anti-entropy's state, with the seconds since each partition was last compared."""

@@ -423,6 +423,25 @@ def test_a_handoff_resumes_after_kill_9_of_the_receiver_without_resending(nodes:
         timeout=30,
         what="two acknowledged batches",
     )
+    # Cancelled by the operator, then paused by the receiver's death: both stop it.
+    listed = json.loads(admin_of(nodes[0], "transfers", "--json").stdout)["transfers"]
+    running = [t["id"] for t in listed if t["state"] == "running"]
+    assert running == [f"hints:{nodes.node_id(2)}"]
+    cancelled = json.loads(admin_of(nodes[0], "cancel-transfer", running[0], "--json").stdout)
+    assert cancelled == {"id": running[0], "cancelled": True}
+    wait_for(
+        lambda: (
+            json.loads(admin_of(nodes[0], "transfers", "--json").stdout)["transfers"][0]["state"]
+            == "cancelled"
+        ),
+        timeout=10,
+        what="the transfer to show as cancelled",
+    )
+    wait_for(  # the handoff loop offers it again, from where it stopped
+        lambda: int(nodes.stats(0)["kai_transfers_active"]) == 1,
+        timeout=10,
+        what="the handoff to be offered again",
+    )
     nodes.kill(2)
     wait_for(
         lambda: int(nodes.stats(0)["kai_transfers_active"]) == 0,
