@@ -283,8 +283,12 @@ def test_a_handoff_resumes_after_kill_9_of_the_sender_without_resending(nodes: N
     value = b"x" * 40
     nodes.kill(2)
     write_all(nodes[0].port, keys, value)
-    kept = int(nodes.stats(0)["kai_hints_pending"])
-    assert kept == len(keys)
+    kept = len(keys)
+    wait_for(  # the last acknowledged writes' hints may still be on their way
+        lambda: int(nodes.stats(0)["kai_hints_pending"]) == kept,
+        timeout=10,
+        what="a hint for every key",
+    )
     nodes.start(2)
     wait_for(
         lambda: int(nodes.stats(0)["kai_transfer_batches_acked"]) >= 2,
@@ -416,7 +420,12 @@ def test_a_handoff_resumes_after_kill_9_of_the_receiver_without_resending(nodes:
     value = b"y" * 40
     nodes.kill(2)
     write_all(nodes[0].port, keys, value)
-    kept = int(nodes.stats(0)["kai_hints_pending"])
+    kept = len(keys)
+    wait_for(  # the last acknowledged writes' hints may still be on their way
+        lambda: int(nodes.stats(0)["kai_hints_pending"]) == kept,
+        timeout=10,
+        what="a hint for every key",
+    )
     nodes.start(2)
     wait_for(
         lambda: int(nodes.stats(0)["kai_transfer_batches_acked"]) >= 2,
