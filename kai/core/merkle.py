@@ -4,10 +4,13 @@ Pure code: no I/O, no trio, no storage engine. :mod:`kai.cluster.antientropy` fe
 records it scans and every change the replica makes, and compares trees with peers.
 
 Shape. A partition's tree has :data:`SEGMENTS` leaves; a key falls in the segment given by
-a hash of the key alone (:func:`segment_of`, BLAKE2b, so independent of the MD5 bits that
-chose the partition). A leaf is the XOR of the 64-bit :func:`entry_hash` of ``key + record``
-over the keys of its segment, and the root is a hash of the leaves (cached until the next
-change). Sibling-set records are canonical, so equal sibling sets give equal entries; XOR
+a hash of the key alone (:func:`segment_of`, XXH3 with a seed of its own, so independent
+of the MD5 bits that chose the partition). A leaf is the XOR of the 64-bit
+:func:`entry_hash` (XXH3) of ``key + record`` over the keys of its segment, and the root is
+a BLAKE2b hash of the leaves (cached until the next change). XXH3, not a cryptographic hash:
+every write pays for two entry hashes and a segment, and XXH3 costs a seventh of BLAKE2b
+(0.14 against 1.0 µs for a small record); nobody chooses which replicas diverge, so there is
+no collision to forge. Sibling-set records are canonical, so equal sibling sets give equal entries; XOR
 makes a change O(1): ``leaf ^= entry_hash(key, old) ^ entry_hash(key, new)``.
 
 Why 1024 segments: a leaf costs 8 bytes (an ``array('Q')``), so a tree costs 8 KiB and a
@@ -35,6 +38,8 @@ from array import array
 from collections.abc import Iterable, Sequence
 from hashlib import blake2b
 
+from xxhash import xxh3_64_intdigest
+
 #: Leaves per partition tree (see the module docstring for the choice).
 SEGMENTS = 1024
 #: Bytes of one tree's leaves on the wire (:func:`leaves_to_bytes`).
@@ -44,19 +49,19 @@ LEAVES_BYTES = SEGMENTS * 8
 Entry = tuple[bytes, int]
 
 
+#: Seeds the segment hash apart from the entry hash.
+_SEGMENT_SEED = 0x6B61692D616165
+
+
 def segment_of(key: bytes) -> int:
     """The segment (leaf) of ``key``: independent of the partition, which MD5 chose."""
-    digest = blake2b(key, digest_size=8, person=b"kai-aae-segment").digest()
-    return int.from_bytes(digest, "big") % SEGMENTS
+    return xxh3_64_intdigest(key, seed=_SEGMENT_SEED) % SEGMENTS
 
 
 def entry_hash(key: bytes, record: bytes) -> int:
     """The 64-bit hash of one stored record (the key is length-prefixed, so no two
     ``(key, record)`` pairs are hashed as the same bytes)."""
-    hasher = blake2b(len(key).to_bytes(2, "big"), digest_size=8, person=b"kai-aae-entry")
-    hasher.update(key)
-    hasher.update(record)
-    return int.from_bytes(hasher.digest(), "big")
+    return xxh3_64_intdigest(len(key).to_bytes(2, "big") + key + record)
 
 
 def _root_of(leaves: array[int]) -> int:
