@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -81,10 +82,13 @@ def drive(port: int, requests: int, kind: str) -> None:
                 _exchange(sock, reader, b"get %s\r\n" % key, b"END\r\n")
 
 
-def count(tree: Path, requests: int, kind: str) -> int:
-    """Instructions a node in ``tree`` executes for the preload plus ``requests`` requests."""
+def count(tree: Path, requests: int, kind: str, settings: Sequence[str] = ()) -> int:
+    """Instructions a node in ``tree`` executes for the preload plus ``requests`` requests,
+    with ``settings`` (TOML lines) in its configuration file."""
     with tempfile.TemporaryDirectory(prefix="kai-instructions-") as scratch:
         port, rpc_port = free_port(HOST), free_port(HOST)
+        config = Path(scratch) / "kai.toml"
+        config.write_text("".join(f"{setting}\n" for setting in settings))
         argv = [
             "valgrind",
             "--tool=callgrind",
@@ -98,6 +102,8 @@ def count(tree: Path, requests: int, kind: str) -> int:
             f"{HOST}:{port}",
             "--rpc",
             f"{HOST}:{rpc_port}",
+            "--config",
+            str(config),
         ]
         env = dict(os.environ, PYTHONPATH=str(tree))
         node = subprocess.Popen(
@@ -124,12 +130,19 @@ def main() -> None:
         default=Path(__file__).resolve().parent.parent,
         help="the checkout whose kai runs (this one)",
     )
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a node setting as a TOML line, e.g. anti_entropy=false (repeatable)",
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
         raise SystemExit(2)
-    base = count(args.tree, 0, args.kind)
-    loaded = count(args.tree, args.requests, args.kind)
+    base = count(args.tree, 0, args.kind, args.setting)
+    loaded = count(args.tree, args.requests, args.kind, args.setting)
     per_request = (loaded - base) / args.requests
     print(f"{args.kind}: {per_request:,.0f} instructions/request ({args.tree})")
 
