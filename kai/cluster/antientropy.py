@@ -53,13 +53,14 @@ a peer's failure (a failed or timed-out call ends that exchange; the next interv
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import attrs
 import trio
 import trio.lowlevel
 
 from kai.cluster.fanout import PeerCaller
+from kai.cluster.transfers import merge_records
 from kai.core.config import Quorum
 from kai.core.errors import RpcBadRequest, TooManySiblings
 from kai.core.merkle import (
@@ -76,8 +77,7 @@ from kai.core.merkle import (
 )
 from kai.core.pending import Pending, Step
 from kai.core.ring import NodeId, Ring
-from kai.core.versions import SiblingSet
-from kai.core.wire import is_int, key_from_wire, siblings_from_wire
+from kai.core.wire import is_int, key_from_wire, records_from_wire, siblings_from_wire
 from kai.rpc.server import Handler
 from kai.storage.replica import LocalReplica
 
@@ -99,8 +99,6 @@ MAX_APPLY_KEYS = 1024
 #: An ``aae_apply`` batch stops growing once its records reach this many bytes (the first
 #: record always goes in).
 APPLY_BYTES = 1 << 20
-#: Records a receiver merges between two checkpoints.
-APPLY_CHUNK = 64
 
 
 class ExchangeFailed(Exception):
@@ -475,38 +473,11 @@ class AntiEntropy:
                 (nothing of the batch is merged).
         """
         checked = self._partition_from_wire(partition)
-        if not isinstance(batch, list) or not 1 <= len(batch) <= MAX_APPLY_KEYS:
-            raise RpcBadRequest(f"a batch must be a list of 1 to {MAX_APPLY_KEYS} records")
-        records = []
-        for item in batch:
-            if not isinstance(item, list | tuple) or len(item) != 2:
-                raise RpcBadRequest("a batch item must be [key, record]")
-            key, record = key_from_wire(item[0]), item[1]
+        records = records_from_wire(batch, MAX_APPLY_KEYS)
+        for key, _siblings, _record in records:
             if self.replica.partition(key) != checked:
                 raise RpcBadRequest(f"key {key!r} is not of partition {checked}")
-            siblings = siblings_from_wire(record)
-            assert isinstance(record, bytes)  # siblings_from_wire checked it
-            records.append((key, siblings, record))
-        if len(records) <= APPLY_CHUNK:
-            return self._apply(records)
-        return Pending(self._apply_in_chunks(records))
-
-    def _apply(self, records: Sequence[tuple[bytes, SiblingSet, bytes]]) -> int:
-        changed = 0
-        for key, siblings, record in records:
-            try:
-                changed += self.replica.apply(key, siblings, record)
-            except TooManySiblings as exc:
-                logger.warning("anti-entropy: %r not merged: %s", key, exc)
-        return changed
-
-    async def _apply_in_chunks(self, records: list[tuple[bytes, SiblingSet, bytes]]) -> int:
-        changed = 0
-        for start in range(0, len(records), APPLY_CHUNK):
-            if start:
-                await trio.lowlevel.checkpoint()
-            changed += self._apply(records[start : start + APPLY_CHUNK])
-        return changed
+        return merge_records(self.replica, records, "anti-entropy")
 
     # --- observability ------------------------------------------------------------------------
 

@@ -35,10 +35,9 @@ import trio.lowlevel
 
 from kai.cluster.fanout import PeerCaller
 from kai.core.config import Quorum
-from kai.core.errors import RpcBadRequest
 from kai.core.ring import NodeId, Ring
 from kai.core.versions import SiblingSet, Version, decode_siblings
-from kai.core.wire import key_from_wire, siblings_from_wire
+from kai.core.wire import records_from_wire
 from kai.rpc.server import Handler
 from kai.storage.replica import LocalReplica
 
@@ -281,16 +280,7 @@ class Reaper:
             RpcBadRequest: ``items`` is not a list of 1 to :data:`MAX_REAP_BATCH` pairs of a
                 valid key and a well-formed record (nothing is reaped).
         """
-        if not isinstance(items, list | tuple) or not 1 <= len(items) <= MAX_REAP_BATCH:
-            raise RpcBadRequest(f"items must be a list of 1 to {MAX_REAP_BATCH} [key, record]")
-        checked: list[tuple[bytes, SiblingSet, bytes]] = []
-        for item in items:
-            if not isinstance(item, list | tuple) or len(item) != 2:
-                raise RpcBadRequest("an item must be [key, record]")
-            key, record = key_from_wire(item[0]), item[1]
-            siblings = siblings_from_wire(record)
-            assert isinstance(record, bytes)  # siblings_from_wire checked it
-            checked.append((key, siblings, record))
+        checked = records_from_wire(items, MAX_REAP_BATCH)
         replica = self.replica
         now = replica.wall_clock()
         flushed = replica.flushed_before(now)

@@ -34,8 +34,7 @@ from kai.core.errors import RpcBadRequest, TooManySiblings
 from kai.core.pending import Pending, Step
 from kai.core.ring import NodeId
 from kai.core.storage import StorageEngine
-from kai.core.versions import SiblingSet
-from kai.core.wire import key_from_wire, siblings_from_wire
+from kai.core.wire import Record, records_from_wire
 from kai.rpc.server import Handler
 from kai.storage.replica import LocalReplica
 
@@ -300,38 +299,10 @@ class Transfers:
         """
         if not isinstance(transfer_id, str) or not isinstance(kind, str):
             raise RpcBadRequest("transfer id and kind must be strings")
-        if not isinstance(batch, list) or not 1 <= len(batch) <= MAX_BATCH_KEYS:
-            raise RpcBadRequest(f"a batch must be a list of 1 to {MAX_BATCH_KEYS} records")
-        records = []
-        for item in batch:
-            if not isinstance(item, list | tuple) or len(item) != 2:
-                raise RpcBadRequest("a batch item must be [key, record]")
-            key, record = key_from_wire(item[0]), item[1]
-            siblings = siblings_from_wire(record)
-            assert isinstance(record, bytes)  # siblings_from_wire checked it
-            records.append((key, siblings, record))
+        records = records_from_wire(batch, MAX_BATCH_KEYS)
         self.batches_received += 1
         self.keys_received += len(records)
-        if len(records) <= APPLY_CHUNK:
-            return self._apply(records)
-        return Pending(self._apply_in_chunks(records))
-
-    def _apply(self, records: list[tuple[bytes, SiblingSet, bytes]]) -> int:
-        changed = 0
-        for key, siblings, record in records:
-            try:
-                changed += self.replica.apply(key, siblings, record)
-            except TooManySiblings as exc:
-                logger.warning("transfer: %r not merged: %s", key, exc)
-        return changed
-
-    async def _apply_in_chunks(self, records: list[tuple[bytes, SiblingSet, bytes]]) -> int:
-        changed = 0
-        for start in range(0, len(records), APPLY_CHUNK):
-            if start:
-                await trio.lowlevel.checkpoint()
-            changed += self._apply(records[start : start + APPLY_CHUNK])
-        return changed
+        return merge_records(self.replica, records, "transfer")
 
     # --- observability ------------------------------------------------------------------------
 
@@ -354,6 +325,35 @@ class Transfers:
             ("kai_transfer_batches_received", self.batches_received),
             ("kai_transfer_keys_received", self.keys_received),
         ]
+
+
+def merge_records(replica: LocalReplica, records: list[Record], what: str) -> Step[int]:
+    """Merge received records with the one write rule; how many changed something. A batch
+    of more than :data:`APPLY_CHUNK` is merged chunk by chunk, letting other work run in
+    between. A record that would leave too many siblings is logged (``what`` says whose)
+    and skipped."""
+    if len(records) <= APPLY_CHUNK:
+        return _merge(replica, records, what)
+    return Pending(_merge_in_chunks(replica, records, what))
+
+
+def _merge(replica: LocalReplica, records: list[Record], what: str) -> int:
+    changed = 0
+    for key, siblings, record in records:
+        try:
+            changed += replica.apply(key, siblings, record)
+        except TooManySiblings as exc:
+            logger.warning("%s: %r not merged: %s", what, key, exc)
+    return changed
+
+
+async def _merge_in_chunks(replica: LocalReplica, records: list[Record], what: str) -> int:
+    changed = 0
+    for start in range(0, len(records), APPLY_CHUNK):
+        if start:
+            await trio.lowlevel.checkpoint()
+        changed += _merge(replica, records[start : start + APPLY_CHUNK], what)
+    return changed
 
 
 def _cursor_to_meta(cursor: Cursor) -> bytes:

@@ -149,6 +149,30 @@ def key_from_wire(key: object) -> bytes:
     return key
 
 
+#: One record of a batch: its key, its versions, and the record they were decoded from.
+Record = tuple[bytes, SiblingSet, bytes]
+
+
+def records_from_wire(batch: object, most: int) -> list[Record]:
+    """Validate a batch of ``[key, record]`` pairs, 1 to ``most`` of them (transfers,
+    anti-entropy, reaping).
+
+    Raises:
+        RpcBadRequest: ``batch`` is not such a list, or a key or a record is malformed.
+    """
+    if not isinstance(batch, list | tuple) or not 1 <= len(batch) <= most:
+        raise RpcBadRequest(f"a batch must be a list of 1 to {most} [key, record] pairs")
+    records = []
+    for item in batch:
+        if not isinstance(item, list | tuple) or len(item) != 2:
+            raise RpcBadRequest("a batch item must be [key, record]")
+        key, record = key_from_wire(item[0]), item[1]
+        siblings = siblings_from_wire(record)
+        assert isinstance(record, bytes)  # siblings_from_wire checked it
+        records.append((key, siblings, record))
+    return records
+
+
 # --- conditional writes ---------------------------------------------------------------------
 
 
