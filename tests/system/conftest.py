@@ -151,6 +151,18 @@ class RawConnection:
         return line
 
 
+def stats_of_server(port: int, *, host: str = HOST) -> dict[str, str]:
+    """A server's general ``stats`` as name -> value (values may contain spaces)."""
+    with RawConnection(port, host=host) as connection:
+        reply = connection.request(b"stats\r\n", terminator=b"END\r\n")
+    fields = {}
+    for line in reply.decode().split("\r\n"):
+        parts = line.split(" ", 2)
+        if len(parts) == 3 and parts[0] == "STAT":
+            fields[parts[1]] = parts[2]
+    return fields
+
+
 def assert_serving(port: int) -> None:
     """A well-behaved client still gets version, set and get answered."""
     key = f"alive-{uuid.uuid4().hex}"

@@ -26,7 +26,7 @@ from kai.testing.netns import NetnsLab, available
 from kai.testing.process import KaiProcess
 from kai.testing.replicas import read_replica
 
-from .conftest import IO_TIMEOUT, RawConnection, tools_required
+from .conftest import IO_TIMEOUT, RawConnection, stats_of_server, tools_required
 
 pytestmark = pytest.mark.system
 logger = logging.getLogger(__name__)
@@ -104,14 +104,7 @@ class Cluster:
             node.stop()
 
     def stats(self, index: int) -> dict[str, str]:
-        with RawConnection(PORT, host=self.lab.addresses[index]) as connection:
-            reply = connection.request(b"stats\r\n", terminator=b"END\r\n")
-        fields = {}
-        for line in reply.decode().split("\r\n"):
-            parts = line.split(" ", 2)
-            if len(parts) == 3 and parts[0] == "STAT":
-                fields[parts[1]] = parts[2]
-        return fields
+        return stats_of_server(PORT, host=self.lab.addresses[index])
 
     def replica(self, index: int, keys: Sequence[bytes]) -> list[bytes | None]:
         """Node ``index``'s own records of ``keys`` (asking again for what a partial answer
