@@ -19,6 +19,14 @@ from kai.testing.cluster import HarnessNode, InProcessCluster
 pytestmark = pytest.mark.trio
 
 KEYS = [b"key-%03d" % index for index in range(60)]
+#: 8 KiB/s with records of about 100 bytes: a batch of 256 keys takes a few seconds, so a
+#: handoff can be interrupted halfway.
+SLOW_HANDOFF = {
+    "buckets": 16,
+    "handoff_interval": 200,
+    "anti_entropy": False,
+    "transfer_rate": 8192,
+}
 
 
 def holds_every_key(node: HarnessNode, keys: list[bytes], value: bytes = b"v") -> bool:
@@ -91,13 +99,7 @@ async def test_writes_succeed_through_fallbacks_and_reach_the_primaries_when_the
 async def test_a_handoff_interrupted_by_a_crash_of_the_sender_resumes_without_resending(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    # 8 KiB/s with records of about 100 bytes: a batch of 256 keys takes a few seconds.
-    settings = {
-        "buckets": 16,
-        "handoff_interval": 200,
-        "anti_entropy": False,
-        "transfer_rate": 8192,
-    }
+    settings = SLOW_HANDOFF
     keys = [b"many-%04d" % index for index in range(1200)]
     async with InProcessCluster.running(3, quorum=Quorum(3, 2, 2), settings=settings) as cluster:
         cluster.crash(2)
@@ -123,12 +125,7 @@ async def test_a_handoff_interrupted_by_a_crash_of_the_sender_resumes_without_re
 async def test_a_handoff_interrupted_by_a_crash_of_the_receiver_resumes_when_it_is_back(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    settings = {
-        "buckets": 16,
-        "handoff_interval": 200,
-        "anti_entropy": False,
-        "transfer_rate": 8192,
-    }
+    settings = SLOW_HANDOFF
     keys = [b"many-%04d" % index for index in range(800)]
     async with InProcessCluster.running(3, quorum=Quorum(3, 2, 2), settings=settings) as cluster:
         cluster.crash(2)
