@@ -118,12 +118,6 @@ class SiblingCache:
         self.hits += 1
         return entry[0], entry[1]
 
-    def peek_record(self, key: bytes) -> bytes | None:
-        """The cached record of ``key`` (None when not cached or absent); not counted as a
-        hit or a miss."""
-        entry = self._entries.get(key)
-        return None if entry is None else entry[1]
-
     def put(self, key: bytes, siblings: SiblingSet, record: bytes | None) -> None:
         """Cache (or replace) ``key``'s sibling set and its record, evicting old entries to
         fit. ``record`` must decode to ``siblings`` (None when the set is empty)."""
@@ -221,11 +215,11 @@ class LocalReplica:
             return cached
         return self._fetch(self.partition(key), key)[0]
 
-    def _load(self, partition: int, key: bytes) -> SiblingSet:
-        cached = self.cache.get(key)
+    def _load(self, partition: int, key: bytes) -> tuple[SiblingSet, bytes | None]:
+        cached = self.cache.get_record(key)
         if cached is not None:
             return cached
-        return self._fetch(partition, key)[0]
+        return self._fetch(partition, key)
 
     def read_record(self, key: bytes) -> tuple[SiblingSet, bytes | None]:
         """The stored sibling set of ``key`` and its record as stored (None when absent)."""
@@ -270,7 +264,7 @@ class LocalReplica:
             TooManySiblings: the write would leave more than ``siblings_maximum`` versions.
         """
         partition = self.partition(key)
-        stored = self._load(partition, key)
+        stored, stored_record = self._load(partition, key)
         known = context_of(stored)  # every version this replica holds or has seen
         if context is None:
             context = known
@@ -284,7 +278,7 @@ class LocalReplica:
         )
         if pruned:
             self.stats.kai_clock_prunes += pruned
-        record = self._store(partition, key, stored, merge(stored, (version,)))
+        record = self._store(partition, key, stored, stored_record, merge(stored, (version,)))
         return version, record
 
     def _new_epoch(self, key: bytes, seen: int, stored: int) -> None:
@@ -318,7 +312,7 @@ class LocalReplica:
             TooManySiblings: the merge would leave more than ``siblings_maximum`` versions.
         """
         partition = self.partition(key)
-        stored = self._load(partition, key)
+        stored, stored_record = self._load(partition, key)
         cutoff = int((self.wall_clock() - self.tombstone_grace) * 1_000_000)
         for version in incoming:
             if version.timestamp < cutoff:
@@ -329,7 +323,8 @@ class LocalReplica:
         merged = merge(stored, incoming)
         if merged == stored:
             return False
-        self._store(partition, key, stored, merged, record if merged == incoming else None)
+        as_is = record if merged == incoming else None
+        self._store(partition, key, stored, stored_record, merged, as_is)
         return True
 
     def _refuse_stale(
@@ -384,6 +379,7 @@ class LocalReplica:
         partition: int,
         key: bytes,
         old: SiblingSet,
+        old_record: bytes | None,
         new: SiblingSet,
         record: bytes | None = None,
     ) -> bytes:
@@ -400,22 +396,13 @@ class LocalReplica:
             record = encode_siblings(new)
         on_change = self.on_change
         if on_change is not None:
-            on_change(partition, key, self._stored_record(partition, key, old), record)
+            on_change(partition, key, old_record, record)
         self.engine.put(partition, key, record)
         self.cache.put(key, new, record)
         self._count(old, -1)
         self._count(new, +1)
         self.stats.total_items += 1
         return record
-
-    def _stored_record(self, partition: int, key: bytes, stored: SiblingSet) -> bytes | None:
-        """The record now stored for ``key`` (``stored`` is what it decodes to)."""
-        if not stored:
-            return None
-        cached = self.cache.peek_record(key)
-        if cached is not None:
-            return cached
-        return self.engine.get(partition, key)
 
     def _count(self, siblings: SiblingSet, sign: int) -> None:
         if self._next_flush is not None:
