@@ -373,7 +373,7 @@ class _Replication:
         self.deadline = deadline
         self.answers: FanOut
         #: Fallback called -> the primary it stands in for.
-        self.stand_ins: dict[NodeId, NodeId] = {}
+        self.stand_ins: dict[NodeId, NodeId] | None = None  # made on first need
         self.fallbacks: list[NodeId] | None = None  # found on first need
 
     def start(self, others: Sequence[NodeId]) -> None:
@@ -401,7 +401,8 @@ class _Replication:
         if answer.error is not None and not answer.error.unreachable:
             self.tally.fail(timed_out=False)  # it is up and refused the write (logged)
             return
-        owner = self.stand_ins.get(answer.peer, answer.peer)
+        stand_ins = self.stand_ins
+        owner = answer.peer if stand_ins is None else stand_ins.get(answer.peer, answer.peer)
         if not answer.timed_out and self.writer.sloppy:
             fallback = self._fallback()
             if fallback is not None:
@@ -417,6 +418,8 @@ class _Replication:
         self.answers.listen(self.answered, _nothing)
 
     def _stand_in(self, fallback: NodeId, owner: NodeId) -> Call:
+        if self.stand_ins is None:
+            self.stand_ins = {}
         self.stand_ins[fallback] = owner
         return (fallback, "hint_apply", (str(owner), self.key, self.record))
 
