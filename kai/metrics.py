@@ -47,6 +47,7 @@ COUNTERS: Final = frozenset(NodeStats.RESETTABLE) | {
     "kai_cache_misses",
     "kai_read_repairs",
     "kai_forwarded_writes",
+    "kai_stand_in_writes",
     "kai_replica_timeouts",
     "kai_replica_errors",
     "kai_peer_transitions",

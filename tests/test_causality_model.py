@@ -50,7 +50,7 @@ from hypothesis import given, settings, strategies as st
 from kai.core.config import Quorum
 from kai.core.ring import key_hash, partition_of
 from kai.core.vclock import Dot
-from kai.core.versions import Version, check_sibling_set, context_of
+from kai.core.versions import Version, check_sibling_set, context_of, decode_siblings, merge
 from kai.testing.cluster import InProcessCluster
 from kai.testing.network import Faults
 
@@ -309,11 +309,16 @@ class CausalityModel:
         return seen
 
     def held(self) -> dict[int, tuple[Version, ...]]:
-        """Every node's stored sibling set of the key (each checked for its invariants)."""
+        """Every node's stored sibling set of the key with the hints it keeps for it (a
+        stand-in's write lives only in hints until the handoff), each checked for its
+        invariants."""
         held = {}
         for index, node in enumerate(self.cluster.nodes):
             siblings = node.replica.read(KEY)
             check_sibling_set(siblings)
+            hint = node.cluster.coordinator.hints.record_for(KEY)
+            if hint is not None:
+                siblings = merge(siblings, decode_siblings(hint))
             held[index] = siblings
         return held
 

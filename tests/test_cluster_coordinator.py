@@ -274,7 +274,7 @@ async def test_fallbacks_stand_in_for_unreachable_primaries_and_keep_hints_for_t
     for fallback in fallbacks:
         assert fallback.replica.read(key) == ()
         assert len(fallback.hints.owners()) == 1
-        assert fallback.hints.records_for(key) == [encode_siblings(cluster.stored(first, key))]
+        assert fallback.hints.record_for(key) == encode_siblings(cluster.stored(first, key))
     assert cluster.coordinators[first].hints.pending == 0
 
 
@@ -314,6 +314,84 @@ async def test_without_sloppy_quorum_only_primaries_count(
     assert sorted(cluster.coordinators[first].hints.owners()) == sorted([second, third])
 
 
+@pytest.mark.parametrize("known_down", [True, False], ids=["known down", "unreachable"])
+async def test_a_write_no_primary_can_take_is_coordinated_by_a_stand_in(
+    autojump_clock: trio.testing.MockClock, known_down: bool
+) -> None:
+    key = b"every primary gone"
+    async with cluster_of(5, Quorum(3, 1, 2)) as cluster:
+        primaries = cluster.primaries(key)
+        outsider, other = cluster.others(key)
+        for primary in primaries:
+            cluster.crash(primary)
+        if known_down:
+            cluster.down.update(primaries)
+        written = await cluster[outsider].put(key, Payload(7, 0, b"v"))
+        cluster.down.update(primaries)  # as the failed calls make the failure detector do
+        # With R=1 a fallback's own answer decides: it answers from the hint it keeps.
+        read = await cluster[other].get(key)
+    assert (written.flags, written.value) == (7, b"v")
+    assert values(read.siblings) == {b"v"}
+    # Its dot is of an actor no replica uses, and the primaries were never sent the version.
+    assert written.actor not in {c.replica.actor for c in cluster.coordinators.values()}
+    if known_down:
+        assert cluster.network.attempts("coordinate_put") == []
+    # Each fallback, the stand-in included, keeps it for a primary. No fallback is left for
+    # the third primary: it is tried once more, and the stand-in keeps its hint as well.
+    stand_in, fallback = cluster.coordinators[outsider].hints, cluster.coordinators[other].hints
+    assert sorted([*stand_in.owners(), *fallback.owners()]) == sorted(primaries)
+    assert len(fallback.owners()) == 1
+    ((_, tried),) = cluster.network.attempts("replica_apply")
+    assert tried in stand_in.owners()
+    for hints in (stand_in, fallback):
+        assert hints.record_for(key) == encode_siblings((written,))
+    assert all(cluster.stored(node, key) == () for node in cluster.nodes)
+    assert cluster.coordinators[outsider].statistics()[-1] == ("kai_stand_in_writes", 1)
+
+
+async def test_a_stand_in_never_repeats_a_dot_and_supersedes_what_its_hints_hold(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    key = b"twice"
+    async with cluster_of(5) as cluster:
+        primaries = cluster.primaries(key)
+        outsider, _other = cluster.others(key)
+        for primary in primaries:
+            cluster.crash(primary)
+        cluster.down.update(primaries)
+        first = await cluster[outsider].put(key, Payload(0, 0, b"v1"))
+        second = await cluster[outsider].put(key, Payload(0, 0, b"v2"))
+        # Its hints are delivered and forgotten: the next stand-in write knows nothing.
+        hints = cluster.coordinators[outsider].hints
+        for owner in hints.owners():
+            source = hints.source(owner)
+            source.delivered(source.read(None, 100, 1 << 20))
+        assert not hints.kept
+        third = await cluster[outsider].put(key, Payload(0, 0, b"v3"))
+    assert len({first.dot, second.dot, third.dot}) == 3
+    assert second.supersedes(first)
+    # A counter of one actor would have made the third look like it followed the second.
+    assert not third.supersedes(second) and not second.supersedes(third)
+
+
+async def test_conditional_writes_and_strict_quorums_refuse_when_no_primary_can_be_reached(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    key = b"undecidable"
+    async with cluster_of(5) as cluster, cluster_of(5, sloppy=False) as strict:
+        for nodes in (cluster, strict):
+            for primary in nodes.primaries(key):
+                nodes.crash(primary)
+        outsider = cluster.others(key)[0]
+        with pytest.raises(QuorumUnavailable, match="no primary could be reached"):
+            await cluster[outsider].update(key, Update("delete"))
+        with pytest.raises(QuorumUnavailable, match="no primary could be reached"):
+            await strict[outsider].put(key, Payload(0, 0, b"v"))
+    for nodes in (cluster, strict):
+        assert nodes.network.attempts("hint_apply") == []
+        assert all(not c.hints.kept for c in nodes.coordinators.values())
+
+
 async def test_a_primary_no_fallback_could_replace_gets_a_hint_from_the_coordinator(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -326,7 +404,8 @@ async def test_a_primary_no_fallback_could_replace_gets_a_hint_from_the_coordina
         hints = cluster.coordinators[first].hints
         assert hints.owners() == [third]
         assert hints.pending_for(third)[0] == 1  # one hint per key, merged
-        (record,) = hints.records_for(key)
+        record = hints.record_for(key)
+    assert record is not None
     assert decode_siblings(record) == cluster.stored(first, key)
     assert values(cluster.stored(first, key)) == {b"v2"}
 

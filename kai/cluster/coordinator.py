@@ -150,6 +150,7 @@ class Coordinator:
             ("kai_forwarded_writes", self._writes.forwarded_writes),
             ("kai_replica_timeouts", self._peers.timeouts),
             ("kai_replica_errors", self._peers.errors),
+            ("kai_stand_in_writes", self._writes.stand_in_writes),
         ]
 
     @property
@@ -187,7 +188,8 @@ class Coordinator:
             replicas = [
                 self._standing_in(ring, key, of) for key, of in zip(unique, replicas, strict=True)
             ]
-        round_ = ReadRound(unique, replicas, quorum.r, self.self_node, self.replica.read_record)
+        read_local = self.hints.reader(self.replica.read_record)
+        round_ = ReadRound(unique, replicas, quorum.r, self.self_node, read_local)
         decided = self._reads.read(round_)
         if decided is not None:
             return Pending(_results_when_decided(keys, round_, decided))

@@ -24,9 +24,12 @@ import trio
 from kai.cluster.transfers import Cursor, Item, Transfers
 from kai.core.ring import NodeId, key_hash, partition_of
 from kai.core.storage import StorageEngine
-from kai.core.versions import decode_siblings, encode_siblings, merge
+from kai.core.versions import SiblingSet, decode_siblings, encode_siblings, merge
 
 logger = logging.getLogger(__name__)
+
+#: Reads a key's sibling set and its record as stored (None when absent).
+RecordRead = Callable[[bytes], tuple[SiblingSet, bytes | None]]
 
 #: How often (seconds) the handoff loop looks for owners that came back up.
 UP_CHECK = 0.5
@@ -101,17 +104,39 @@ class HintStore:
         self.engine.put_hint(target, partition, key, record)
         self.stored += 1
 
-    def records_for(self, key: bytes) -> list[bytes]:
-        """The hints kept for ``key``, for any owner (a fallback answers reads with them)."""
+    def record_for(self, key: bytes) -> bytes | None:
+        """Every version the hints kept for ``key`` hold, for any owner, as one record
+        (None when there is none)."""
         if not self._pending:
-            return []
+            return None
         partition = partition_of(key_hash(key), self.buckets)
         records = []
         for target in self._pending:
             record = self.engine.get_hint(target, partition, key)
             if record is not None:
                 records.append(record)
-        return records
+        if len(records) < 2:
+            return records[0] if records else None
+        merged: SiblingSet = ()
+        for record in records:
+            merged = merge(merged, decode_siblings(record))
+        return encode_siblings(merged)
+
+    def reader(self, read_record: RecordRead) -> RecordRead:
+        """``read_record`` as it is when no hint is kept; else one that answers from the
+        hints for a key it holds no data of (a fallback standing in for a primary)."""
+        if not self._pending:
+            return read_record
+
+        def read(key: bytes) -> tuple[SiblingSet, bytes | None]:
+            siblings, record = read_record(key)
+            if record is None:
+                record = self.record_for(key)
+                if record is not None:
+                    siblings = decode_siblings(record)
+            return siblings, record
+
+        return read
 
     def source(self, owner: NodeId) -> HintSource:
         """The hints for ``owner``, as a transfer source."""

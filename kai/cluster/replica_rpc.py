@@ -45,11 +45,8 @@ from kai.core.rpc.protocol import MAX_MESSAGE_SIZE
 from kai.core.updates import Applied, Update
 from kai.core.versions import (
     Payload,
-    SiblingSet,
     Version,
-    decode_siblings,
     encode_siblings,
-    merge,
 )
 from kai.core.wire import (
     UINT32_MAX,
@@ -147,13 +144,10 @@ class ReplicaRpcHandlers:
     def _read_records(self, keys: Sequence[bytes], records: list[bytes | None], size: int) -> int:
         """Append the records of ``keys`` until they would pass the budget (the very first
         record always goes in); the answer's size in bytes so far."""
-        read_record = self.replica.read_record
+        read_record = self.hints.reader(self.replica.read_record)
         budget = self.read_reply_budget
-        hints = self.hints if self.hints.kept else None
         for key in keys:
             _siblings, record = read_record(key)
-            if record is None and hints is not None:
-                record = _merged(hints.records_for(key))
             if record is None:
                 records.append(None)
                 continue
@@ -262,16 +256,6 @@ class ReplicaRpcHandlers:
         if not is_int(at) or not 0 <= at <= UINT64_MAX:
             raise RpcBadRequest("flush time must be a non-negative integer (microseconds)")
         self.replica.flush(at)
-
-
-def _merged(records: list[bytes]) -> bytes | None:
-    """One record holding every version of ``records`` (None when there are none)."""
-    if len(records) < 2:
-        return records[0] if records else None
-    merged: SiblingSet = ()
-    for record in records:
-        merged = merge(merged, decode_siblings(record))
-    return encode_siblings(merged)
 
 
 async def _finish_put(written: Pending[Version]) -> bytes:

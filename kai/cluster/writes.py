@@ -6,7 +6,10 @@ other primaries (``replica_apply``) and is done once W of them (itself included)
 once when its own store meets W (a node of one, or W=1), else as a pending step.
 
 * A ``set`` is coordinated by whichever primary received it; any other node forwards it once
-  (``coordinate_put``) to the first primary that is up.
+  (``coordinate_put``) to the first primary that is up. When none can be reached (sloppy
+  quorum), the node that received it stands in: it builds the version from what its hints
+  hold, with a dot of a fresh actor, and hands it to the first fallbacks of the key as hints,
+  one per primary; W of them must keep it.
 * A conditional write (:mod:`kai.core.updates`) is decided by the key's *coordinating
   primary*, the first of its primaries that is up: it is forwarded there (``coordinate_update``)
   from anywhere else, primaries included, and decided under the key's lock there: read (a
@@ -17,8 +20,10 @@ once when its own store meets W (a node of one, or W=1), else as a pending step.
   best-effort to the others.
 
 It must never acknowledge a write with fewer than W acks, forward a write more than once,
-count a replica that is not a primary towards W, or let a slow replica delay an answer once
-W acks are in (the rest are still sent, and their answers dropped).
+count a node towards W that neither holds the write as a primary nor keeps it as a hint for
+one, or let a slow replica delay an answer once W acks are in (the rest are still sent, and
+their answers followed). Conditional writes are never decided by a stand-in: their check
+needs what the primaries hold.
 """
 
 from __future__ import annotations
@@ -40,7 +45,15 @@ from kai.core.quorum import Tally
 from kai.core.ring import NodeId, Ring
 from kai.core.updates import Applied, Update, decide
 from kai.core.vclock import VClock
-from kai.core.versions import Payload, SiblingSet, Version, cas_unique, context_of
+from kai.core.versions import (
+    Payload,
+    SiblingSet,
+    Version,
+    cas_unique,
+    context_of,
+    decode_siblings,
+    encode_siblings,
+)
 from kai.core.wire import (
     applied_from_wire,
     raise_forwarded,
@@ -134,12 +147,17 @@ class QuorumWriter:
         self.locks = KeyLocks()
         #: Writes this node handed to a primary of their key.
         self.forwarded_writes = 0
+        #: Writes this node coordinated as a stand-in, with no primary of their key reachable.
+        self.stand_in_writes = 0
 
     # --- set ----------------------------------------------------------------------------------
 
     def write(self, key: bytes, payload: Payload) -> Step[Version]:
         """Write a new version of ``key`` that supersedes every version this primary knows:
         here if this node is a primary, else forwarded once to a primary.
+
+        When no primary can be reached and quorums are sloppy, this node coordinates the
+        write as a stand-in (see :meth:`_stand_in`).
 
         Raises (at once, or from the pending step):
             QuorumUnavailable: fewer than W replicas can acknowledge the write.
@@ -151,7 +169,14 @@ class QuorumWriter:
         if self.self_node in primaries:
             return self._write_here(key, payload, primaries, quorum.w)
         params = (key, payload.flags, payload.expiry, payload.value)
-        return Pending(self._forward(key, "coordinate_put", params, primaries, _version_from))
+        stand_in = (
+            partial(self._stand_in, key, payload, primaries, quorum.w) if self.sloppy else None
+        )
+        return Pending(
+            self._forward(
+                key, "coordinate_put", params, primaries, _version_from, stand_in=stand_in
+            )
+        )
 
     def coordinate(self, key: bytes, payload: Payload) -> Step[Version]:
         """Write as :meth:`write` does, here, whatever the ring says (a write a peer
@@ -236,12 +261,42 @@ class QuorumWriter:
         if len(others) < len(primaries):
             tally.reply()  # the local store is one ack
         deadline = trio.current_time() + self.request_timeout
-        replication = _Replication(self, key, record, tally, primaries, deadline)
+        replication = _Replication(self, key, record, tally, primaries, deadline, self.down)
         replication.start(others)
         if tally.met:
             replication.follow()
             return version
         return Pending(self._wait(replication, version))
+
+    async def _stand_in(
+        self,
+        key: bytes,
+        payload: Payload,
+        primaries: Sequence[NodeId],
+        w: int,
+        unreachable: Collection[NodeId],
+        deadline: float,
+    ) -> Version:
+        """Coordinate a write none of whose primaries could be reached (Dynamo's sloppy
+        quorum: the first healthy nodes of the preference list take it).
+
+        The version supersedes what this node's hints hold of the key (it holds no data of
+        it) and has a dot of its own actor (:meth:`LocalReplica.stand_in_write`). Each
+        primary's copy goes to the next fallback that is not down, this node included, as a
+        hint for that primary; the handoff delivers them when the primaries are back.
+        """
+        known = self.hints.record_for(key)
+        version, siblings = self.replica.stand_in_write(
+            key, payload, decode_siblings(known) if known is not None else ()
+        )
+        self.stand_in_writes += 1
+        tally = Tally(min(w, len(primaries)), len(primaries))
+        gone = {*unreachable, *self.down}
+        replication = _Replication(
+            self, key, encode_siblings(siblings), tally, primaries, deadline, gone
+        )
+        replication.start(primaries)
+        return await self._wait(replication, version)
 
     async def _wait(self, replication: _Replication, version: Version) -> Version:
         tally, answers = replication.tally, replication.answers
@@ -265,12 +320,16 @@ class QuorumWriter:
         primaries: Sequence[NodeId],
         parse: Callable[[object], T],
         here: Callable[[], Awaitable[T]] | None = None,
+        stand_in: Callable[[Collection[NodeId], float], Awaitable[T]] | None = None,
     ) -> T:
         """Hand a write to a primary of ``key`` (one hop): the first that is up, then the
         others in turn while they cannot be reached. When this node's own turn comes (it is
-        a primary itself), ``here`` carries the write out."""
+        a primary itself), ``here`` carries the write out. With ``stand_in``, primaries the
+        failure detector calls down are not tried, and ``stand_in`` carries the write out
+        when no primary could be reached (told which ones, and the deadline)."""
         candidates = [node for node in primaries if self.is_up(node)]
-        candidates += [node for node in primaries if node not in candidates]
+        if stand_in is None:
+            candidates += [node for node in primaries if node not in candidates]
         deadline = trio.current_time() + self.request_timeout
         forwarded = False
         for peer in candidates:
@@ -295,6 +354,8 @@ class QuorumWriter:
                 continue  # the write never reached it: try the next primary
             raise_forwarded(answer.error)
             raise QuorumUnavailable(f"write of {key!r}: primary {peer} failed: {answer.error}")
+        if stand_in is not None:
+            return await stand_in(primaries, deadline)
         raise QuorumUnavailable(f"write of {key!r}: no primary could be reached")
 
     def flush_all(self, at: int) -> Step[None]:
@@ -336,18 +397,21 @@ class _Replication:
     """One write on its way to the other primaries: W acks from them or from fallbacks
     standing in for them (sloppy quorum), and a hint kept here for each one neither reached.
 
-    A primary the failure detector calls down, or whose call could not reach it, is replaced
-    by the next fallback of the key's preference list that is not down; the fallback keeps the
-    write as a hint for it (``hint_apply``) and counts towards W. When no fallback is left,
-    or the primary did not answer in time, this node keeps the hint itself (not counted: it
-    is one node, already counted once). Answers that come after the decision are still
-    followed, so that every primary gets the write or a hint.
+    A primary in ``gone`` (the ones the failure detector calls down), or whose call could not
+    reach it, is replaced by the next fallback of the key's preference list that is not down;
+    the fallback keeps the write as a hint for it (``hint_apply``) and counts towards W. A
+    coordinator that is not a primary (a stand-in) is a fallback too, and keeps its hint
+    without a call. When no fallback is left, or the primary did not answer in time, this
+    node keeps the hint itself (not counted: it is one node, already counted once). Answers
+    that come after the decision are still followed, so that every primary gets the write or
+    a hint.
     """
 
     __slots__ = (
         "answers",
         "deadline",
         "fallbacks",
+        "gone",
         "key",
         "primaries",
         "record",
@@ -364,8 +428,10 @@ class _Replication:
         tally: Tally,
         primaries: Sequence[NodeId],
         deadline: float,
+        gone: Collection[NodeId],
     ) -> None:
         self.writer = writer
+        self.gone = gone
         self.key = key
         self.record = record
         self.tally = tally
@@ -381,16 +447,16 @@ class _Replication:
         self.answers = self.writer._peers.fan_out(self._calls(others), self.deadline)
 
     def _calls(self, others: Sequence[NodeId]) -> list[Call]:
-        down, key, record = self.writer.down, self.key, self.record
-        if not (down and self.writer.sloppy):
+        gone, key, record = self.gone, self.key, self.record
+        if not (gone and self.writer.sloppy):
             return [(peer, "replica_apply", (key, record)) for peer in others]
         calls: list[Call] = []
         for owner in others:
-            fallback = self._fallback() if owner in down else None
+            fallback = self._fallback() if owner in gone else None
             if fallback is None:
                 calls.append((owner, "replica_apply", (key, record)))
-            else:
-                calls.append(self._stand_in(fallback, owner))
+            elif (call := self._stand_in(fallback, owner)) is not None:
+                calls.append(call)
         return calls
 
     def answered(self, answer: Answer) -> None:
@@ -406,9 +472,9 @@ class _Replication:
         if not answer.timed_out and self.writer.sloppy:
             fallback = self._fallback()
             if fallback is not None:
-                self.writer._peers.add_calls(
-                    self.answers, [self._stand_in(fallback, owner)], self.deadline
-                )
+                call = self._stand_in(fallback, owner)
+                if call is not None:
+                    self.writer._peers.add_calls(self.answers, [call], self.deadline)
                 return
         self.writer.hints.add(owner, self.key, self.record)
         self.tally.fail(timed_out=answer.timed_out)
@@ -417,7 +483,13 @@ class _Replication:
         """Stop waiting: the answers still to come are followed in the background."""
         self.answers.listen(self.answered, _nothing)
 
-    def _stand_in(self, fallback: NodeId, owner: NodeId) -> Call:
+    def _stand_in(self, fallback: NodeId, owner: NodeId) -> Call | None:
+        """The call asking ``fallback`` to keep the write for ``owner``; None when the
+        fallback is this node, which keeps it at once (one ack)."""
+        if fallback == self.writer.self_node:
+            self.writer.hints.add(owner, self.key, self.record)
+            self.tally.reply()
+            return None
         if self.stand_ins is None:
             self.stand_ins = {}
         self.stand_ins[fallback] = owner
@@ -428,7 +500,8 @@ class _Replication:
         if self.fallbacks is None:
             ring, _quorum = self.writer.placement()
             preference = ring.preference_list(ring.partition_for_key(self.key))
-            skip = {*self.primaries, self.writer.self_node}
+            # A coordinator that is a primary is skipped with them; a stand-in is not.
+            skip = set(self.primaries)
             self.fallbacks = [node for node in preference if node not in skip]
         down = self.writer.down
         while self.fallbacks:

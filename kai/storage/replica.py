@@ -281,6 +281,35 @@ class LocalReplica:
         record = self._store(partition, key, stored, stored_record, merge(stored, (version,)))
         return version, record
 
+    def stand_in_write(
+        self, key: bytes, payload: Payload, known: SiblingSet
+    ) -> tuple[Version, SiblingSet]:
+        """Create a new version of a key none of whose primaries can be reached, superseding
+        ``known`` (what this node keeps of the key as hints), and return it with the sibling
+        set to hand on; nothing is stored here.
+
+        Its dot is ``(fresh actor, 1)``: an actor id used for no other event. A stand-in
+        forgets the key once its hints are delivered, so a counter of its own actor could
+        later be handed out again for an event that does not follow the first (Riak's
+        KV679); a fresh actor cannot repeat a dot, at the price of one context entry per
+        stand-in write (pruned by ``clock_max_entries`` like any other).
+
+        Raises:
+            TooManySiblings: the write would leave more than ``siblings_maximum`` versions.
+        """
+        version, pruned = new_version(
+            payload,
+            context_of(known),
+            (os.urandom(ACTOR_ID_SIZE), 1),
+            self._timestamp(),
+            self.clock_max_entries,
+        )
+        if pruned:
+            self.stats.kai_clock_prunes += pruned
+        siblings = merge(known, (version,))
+        self._check_siblings(key, siblings)
+        return version, siblings
+
     def _new_epoch(self, key: bytes, seen: int, stored: int) -> None:
         old = self.actor
         self.actor = os.urandom(ACTOR_ID_SIZE)
@@ -383,15 +412,7 @@ class LocalReplica:
         new: SiblingSet,
         record: bytes | None = None,
     ) -> bytes:
-        if len(new) > self.siblings_maximum:
-            self.stats.kai_sibling_rejections += 1
-            raise TooManySiblings(
-                f"key {key!r} would have {len(new)} siblings (maximum {self.siblings_maximum}); "
-                "resolve them with gets/cas"
-            )
-        if len(new) > self.siblings_warning_threshold:
-            self.stats.kai_sibling_warnings += 1
-            logger.warning("key %r has %d siblings", key, len(new))
+        self._check_siblings(key, new)
         if record is None:
             record = encode_siblings(new)
         on_change = self.on_change
@@ -403,6 +424,17 @@ class LocalReplica:
         self._count(new, +1)
         self.stats.total_items += 1
         return record
+
+    def _check_siblings(self, key: bytes, siblings: SiblingSet) -> None:
+        if len(siblings) > self.siblings_maximum:
+            self.stats.kai_sibling_rejections += 1
+            raise TooManySiblings(
+                f"key {key!r} would have {len(siblings)} siblings "
+                f"(maximum {self.siblings_maximum}); resolve them with gets/cas"
+            )
+        if len(siblings) > self.siblings_warning_threshold:
+            self.stats.kai_sibling_warnings += 1
+            logger.warning("key %r has %d siblings", key, len(siblings))
 
     def _count(self, siblings: SiblingSet, sign: int) -> None:
         if self._next_flush is not None:

@@ -240,12 +240,15 @@ def keys_with_primaries(nodes: Nodes, owners: set[NodeId], count: int) -> list[b
 
 
 @pytest.mark.parametrize("nodes", [(5, config(anti_entropy="false"))], indirect=True)
-def test_writes_succeed_through_fallbacks_and_read_back_from_the_primaries(nodes: Nodes) -> None:
-    stopped = [3, 4]
+@pytest.mark.parametrize("stopped", [[3, 4], [2, 3, 4]], ids=["two primaries", "every primary"])
+def test_writes_succeed_through_fallbacks_and_read_back_from_the_primaries(
+    nodes: Nodes, stopped: list[int]
+) -> None:
+    # With every primary stopped, the node the client writes to stands in as the coordinator.
     keys = keys_with_primaries(nodes, {nodes.node_id(i) for i in stopped}, 200)
     ring = Ring([nodes.node_id(i) for i in range(5)], buckets=BUCKETS)
     primaries = {i for i in range(5) if nodes.node_id(i) in ring.primaries_of(keys[0], 3)}
-    (live_primary,) = primaries - set(stopped)
+    live_primary = min(primaries)
     fallbacks = sorted(set(range(5)) - primaries)
     for index in stopped:
         nodes.stop(index)
@@ -254,6 +257,8 @@ def test_writes_succeed_through_fallbacks_and_read_back_from_the_primaries(nodes
     # Hints on the fallbacks, none of it in their data.
     hints = sum(int(nodes.stats(index)["kai_hints_pending"]) for index in fallbacks)
     assert hints >= len(keys)
+    stand_ins = int(nodes.stats(fallbacks[0])["kai_stand_in_writes"])
+    assert stand_ins == (len(keys) if primaries == set(stopped) else 0)
     assert holding(nodes, fallbacks[0], keys, value) == holding(nodes, fallbacks[1], keys, value)
     for index in stopped:
         nodes.start(index)
