@@ -371,7 +371,8 @@ async def test_a_stand_in_never_repeats_a_dot_and_supersedes_what_its_hints_hold
     assert len({first.dot, second.dot, third.dot}) == 3
     assert second.supersedes(first)
     # A counter of one actor would have made the third look like it followed the second.
-    assert not third.supersedes(second) and not second.supersedes(third)
+    assert not third.supersedes(second)
+    assert not second.supersedes(third)
 
 
 async def test_conditional_writes_and_strict_quorums_refuse_when_no_primary_can_be_reached(
