@@ -20,7 +20,7 @@ from kai import __version__
 from kai.admin.handlers import AdminHandlers
 from kai.cluster.wiring import Cluster
 from kai.core.config import Address, Config
-from kai.core.errors import ConfigError
+from kai.core.errors import ConfigError, StorageError
 from kai.core.memcache.report import NodeInfo
 from kai.core.ring import NodeId
 from kai.core.stats import NodeStats
@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 #: How long connections may take to finish their current request at shutdown.
 SHUTDOWN_GRACE = 10.0
+#: Metadata name of the RPC address (``host:port``) a data directory's node was created
+#: with: its identity in the cluster, which must never change under the same data.
+NODE_ID_META = "node_id"
 
 
 @attrs.frozen
@@ -74,10 +77,12 @@ class Node:
         """Run the node until :meth:`shut_down` is called or the task is cancelled.
 
         Raises:
-            ConfigError: before anything is opened, an operator mistake, in one line naming
+            ConfigError: before anything is served, an operator mistake, in one line naming
                 the path or address: the data directory cannot be made, the secret file is
                 missing where it must not be created (a node joining seeds) or its
-                directory is, or a listener's address cannot be bound.
+                directory is, a listener's address cannot be bound, or the data directory
+                belongs to a node of another RPC address.
+            StorageError: the database cannot be opened, or its node identity is unreadable.
         """
         config = self.config
         # Operator mistakes are found before anything is opened or logged, and each is one
@@ -91,7 +96,17 @@ class Node:
             _check_can_listen(config.metrics, "metrics")
         engine = open_engine(config.store, config.data_dir, sync=config.sync_writes)
         try:
-            await self._run_with(engine, secret, task_status)
+            # Before anything reads or writes the data: a data directory started under
+            # another address would be a second member holding the first one's data.
+            remembered = _remembered_identity(engine, config.data_dir)
+            rpc = _rpc_address_to_bind(config.rpc, remembered, config.data_dir)
+            if rpc != config.rpc:
+                _check_can_listen(rpc, "rpc", data_dir=config.data_dir)
+        except BaseException:
+            engine.close()
+            raise
+        try:
+            await self._run_with(engine, secret, rpc, remembered, task_status)
         finally:
             engine.close()
             logger.info("storage closed")
@@ -100,9 +115,13 @@ class Node:
         self,
         engine: StorageEngine,
         secret: bytes,
+        rpc: Address,
+        remembered: NodeId | None,
         task_status: trio.TaskStatus[NodeAddresses],
     ) -> None:
         config = self.config
+        if rpc != config.rpc:
+            logger.info("rpc port 0: reusing port %d, this data directory's identity", rpc.port)
         actor = load_or_create_actor(engine)
         replica = LocalReplica(
             engine,
@@ -128,16 +147,21 @@ class Node:
             logger.warning("%s", warning)
         handlers: dict[str, Handler] = {}
         async with trio.open_nursery() as services:
-            # The RPC address is the node's identity: bind it first (port 0 picks one).
+            # The RPC address is the node's identity: bind it first (port 0 picks one), and
+            # remember it before any other node can learn it.
             try:
                 rpc_listeners = await services.start(
-                    serve_rpc, config.rpc.host, config.rpc.port, secret, handlers
+                    serve_rpc, rpc.host, rpc.port, secret, handlers
                 )
             except OSError as exc:
-                raise _listen_error(config.rpc, "rpc", exc) from exc
+                reused_from = config.data_dir if rpc != config.rpc else None
+                raise _listen_error(rpc, "rpc", exc, data_dir=reused_from) from exc
             rpc_address = rpc_listeners[0].socket.getsockname()[:2]
             self_node = NodeId(rpc_address[0], rpc_address[1])
             self.name = str(self_node)
+            if remembered is None:
+                engine.put_meta(NODE_ID_META, str(self_node).encode("ascii"))
+                logger.info("data directory %s: node identity %s", config.data_dir, self_node)
             transport = RpcTransport(secret, services)
             cluster = Cluster(config, engine, replica, self_node, transport, services)
             self.cluster = cluster
@@ -259,12 +283,62 @@ def _make_data_dir(path: Path) -> None:
         raise ConfigError(f"cannot create data directory {path}: {exc.strerror}") from exc
 
 
-def _check_can_listen(address: Address, setting: str) -> None:
+def _remembered_identity(engine: StorageEngine, data_dir: Path) -> NodeId | None:
+    """The RPC address this data directory's node was created with, or None if it has none.
+
+    None for a fresh data directory, one from before identities were kept, and the memory
+    engine (which starts empty every time). Never writes.
+
+    Raises:
+        StorageError: the stored identity is not ``host:port``.
+    """
+    raw = engine.get_meta(NODE_ID_META)
+    if raw is None:
+        return None
+    try:
+        return NodeId.parse(raw.decode("ascii"))
+    except ValueError:  # UnicodeDecodeError included
+        raise StorageError(
+            f"data directory {data_dir}: its node identity ({raw!r}) is unreadable, so the"
+            " database may be corrupt: restore it from a backup, or start a fresh node and"
+            " move this one with `kai-admin replace OLD NEW`"
+        ) from None
+
+
+def _rpc_address_to_bind(configured: Address, remembered: NodeId | None, data_dir: Path) -> Address:
+    """Where the RPC listener must bind: ``configured``, or, when its port is 0, the port of
+    the identity this data directory remembers on that host.
+
+    Never lets a data directory serve under another address than the one it was created
+    with: restarted elsewhere, its node would come back as a new member while its old
+    address stayed in every view, down forever, still owning partitions.
+
+    Raises:
+        ConfigError: ``configured`` is not the remembered identity; the message names both
+            and says how to start the node, or how to move it.
+    """
+    if remembered is None:
+        return configured
+    if configured.host == remembered.host and configured.port in (0, remembered.port):
+        return Address(remembered.host, remembered.port)
+    if configured.port:
+        where = new = str(configured)
+    else:  # the port is not known until a fresh node binds one
+        where, new = "the new address", "NEW"
+    raise ConfigError(
+        f"data directory {data_dir} belongs to node {remembered}, not {configured}: start it"
+        f" with --rpc {remembered}, or move the node: start a fresh node (a new data"
+        f" directory) at {where} and run `kai-admin replace {remembered} {new}`"
+    )
+
+
+def _check_can_listen(address: Address, setting: str, *, data_dir: Path | None = None) -> None:
     """Fail early, before LevelDB is opened and items counted, if ``address`` cannot be bound.
 
     Binds and closes a socket for every address the host resolves to (never listening, so
     nothing can connect). The real bind later may still fail if another process takes the
-    port meanwhile; :func:`_listen_error` words that failure the same way.
+    port meanwhile; :func:`_listen_error` words that failure the same way. ``data_dir`` is
+    set when the port is the one that data directory remembers (rpc port 0).
     """
     if address.port == 0:
         return
@@ -279,11 +353,14 @@ def _check_can_listen(address: Address, setting: str) -> None:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(sockaddr)
     except OSError as exc:  # socket.gaierror included
-        raise _listen_error(address, setting, exc) from exc
+        raise _listen_error(address, setting, exc, data_dir=data_dir) from exc
 
 
-def _listen_error(address: Address, setting: str, error: OSError) -> ConfigError:
-    """What the operator is told when ``address`` (the ``setting`` option) cannot be bound."""
+def _listen_error(
+    address: Address, setting: str, error: OSError, *, data_dir: Path | None = None
+) -> ConfigError:
+    """What the operator is told when ``address`` (the ``setting`` option) cannot be bound;
+    ``data_dir`` when its port is the one that data directory remembers (rpc port 0)."""
     reason = error.strerror or str(error)
     if error.errno == errno.EADDRINUSE:
         reason += " (is another kai or memcached running there?)"
@@ -291,4 +368,6 @@ def _listen_error(address: Address, setting: str, error: OSError) -> ConfigError
         reason += " (no interface of this host has that address)"
     elif error.errno == errno.EACCES:
         reason += " (ports below 1024 need privileges)"
+    if data_dir is not None:
+        reason += f"; port 0 reuses the port data directory {data_dir} was created with"
     return ConfigError(f"cannot listen on {address} ({setting}, --{setting}): {reason}")

@@ -126,7 +126,7 @@ class Config:
     metrics: Address | None = None
 
     def __attrs_post_init__(self) -> None:
-        _check_ipv4(self.rpc.host, "rpc")
+        _check_rpc_host(self.rpc.host, "rpc")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}")
         if self.log_format not in LOG_FORMATS:
@@ -206,14 +206,26 @@ def _check_range(name: str, value: int, low: int, high: int) -> None:
         raise ConfigError(f"{name}: must be between {low} and {high}, got {value}")
 
 
-def _check_ipv4(host: str, name: str) -> None:
+def _check_rpc_host(host: str, name: str) -> None:
+    """Refuse an RPC host that cannot be the node's identity: not IPv4, or unspecified.
+
+    The RPC address is what other nodes store, gossip and call, so it must never be one that
+    only makes sense to a listener (``0.0.0.0`` binds every interface but names none).
+    """
     try:
-        ipaddress.IPv4Address(host)
+        address = ipaddress.IPv4Address(host)
     except ValueError:
         raise ConfigError(
             f"{name}: the host must be an IPv4 address (it places the node on the ring), "
             f"got {host!r}"
         ) from None
+    if address.is_unspecified:
+        raise ConfigError(
+            f"{name}: {host} cannot be the node's address: the RPC address is its identity"
+            f' and other nodes cannot reach "{host}"; give the address peers should use to'
+            " reach this node (its address on their network, or 127.0.0.1 for a node on its"
+            " own); listen and metrics may be 0.0.0.0"
+        )
 
 
 # --- reading settings ------------------------------------------------------------------------
@@ -356,6 +368,8 @@ def config_from_mapping(settings: Mapping[str, object], *, base: Config | None =
     if "rpc_port" in settings or "hostname" in settings:
         port = _integer("rpc_port", settings["rpc_port"]) if "rpc_port" in settings else rpc.port
         host = _want(str, "hostname", settings["hostname"]) if "hostname" in settings else rpc.host
+        if "hostname" in settings:
+            _check_rpc_host(host, "hostname")  # named as the operator wrote it
         changes["rpc"] = Address(host, port)
     if any(part in settings for part in ("n", "r", "w")):
         quorum: Quorum = changes.get("quorum", config.quorum)
