@@ -57,8 +57,8 @@ from kai.testing.network import Faults
 NODES = 5
 CLIENTS = 3
 KEY = b"k"
-#: The key's primaries (its preference list depends only on the nodes' addresses).
-PRIMARIES = (0, 3, 4)
+#: The key's primaries on the harness's ring (they depend only on the addresses and buckets).
+PRIMARIES = (2, 3, 4)
 #: The fewest and the most steps in one program.
 MIN_STEPS = 10
 MAX_STEPS = 30

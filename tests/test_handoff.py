@@ -47,6 +47,10 @@ async def write(cluster: InProcessCluster, via: int, keys: list[bytes], value: b
         assert reply == b"STORED\r\n", reply
 
 
+#: The id of node 1's handoff to node 3 (the one the restart test watches).
+HINTS_ID = "hints:127.0.0.1:11013"
+
+
 async def test_a_restarted_node_gets_every_write_it_missed_without_client_traffic(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -63,8 +67,11 @@ async def test_a_restarted_node_gets_every_write_it_missed_without_client_traffi
         await wait_for(lambda: all(n.cluster.coordinator.hints.pending == 0 for n in cluster.nodes))
         delivered = sum(n.cluster.handoff.store.delivered for n in cluster.nodes[:2])
         assert delivered == sum(kept)
-        status = cluster.nodes[0].cluster.transfers.status()
-        assert status
+        transfers = cluster.nodes[0].cluster.transfers
+        # The transfer ends when it finds nothing after its last acknowledged batch.
+        await wait_for(lambda: bool(transfers.status()) and not transfers.is_running(HINTS_ID))
+        status = transfers.status()
+        assert status[0]["id"] == HINTS_ID
         assert status[0]["state"] == "done"
         assert status[0]["to"] == "127.0.0.1:11013"
 

@@ -9,6 +9,8 @@ from hypothesis import given, strategies as st
 from kai.core.membership import (
     MAX_FLUSH_TIMES,
     STATUSES,
+    Applied,
+    Completion,
     Member,
     MembershipView,
     Status,
@@ -31,7 +33,19 @@ def views(draw: st.DrawFn) -> MembershipView:
     members = tuple(Member(node, *entries[node]) for node in sorted(entries))
     # Up to 20 distinct times, so keeping only the latest 16 is exercised.
     times = sorted(draw(st.sets(st.integers(0, 40), max_size=20)))[-MAX_FLUSH_TIMES:]
-    return MembershipView(members, tuple(times))
+    # Completions of one generation (a view keeps only its highest), from a small pool so
+    # merges meet equal and lower generations; acknowledgements of members.
+    generation = draw(st.integers(1, 3))
+    done = draw(st.sets(st.tuples(st.integers(0, 2), st.integers(0, 3), nodes), max_size=6))
+    completed = frozenset(Completion(generation, t, p, node) for t, p, node in done)
+    acks = draw(
+        st.dictionaries(
+            st.sampled_from(sorted(entries) or NODES[:1]),
+            st.tuples(st.integers(1, 3), st.integers(0, 2), st.integers(0, 2)),
+        )
+    )
+    applied = tuple(Applied(node, *acks[node]) for node in sorted(acks) if node in entries)
+    return MembershipView(members, tuple(times), completed, applied)
 
 
 def dominates(upper: MembershipView, lower: MembershipView) -> bool:
@@ -45,7 +59,19 @@ def dominates(upper: MembershipView, lower: MembershipView) -> bool:
         ):
             return False
     latest = sorted(set(upper.flush_times) | set(lower.flush_times))[-MAX_FLUSH_TIMES:]
-    return list(upper.flush_times) == latest
+    if list(upper.flush_times) != latest:
+        return False
+    for entry in lower.applied:
+        acked = upper.applied_by(entry.node)
+        if acked is None or (acked.generation, acked.phase, acked.mark) < (
+            entry.generation,
+            entry.phase,
+            entry.mark,
+        ):
+            return False
+    # Completions: the upper view keeps the lower's unless it holds a higher generation.
+    top = max((done.generation for done in upper.completed), default=0)
+    return all(done in upper.completed or done.generation < top for done in lower.completed)
 
 
 @given(views(), views())

@@ -90,6 +90,7 @@ class Coordinator:
         hints: HintStore | None = None,
         down: Collection[NodeId] = frozenset(),
         sloppy: bool = True,
+        also: Callable[[], Ring | None] = lambda: None,
     ) -> None:
         self.self_node = self_node
         self.replica = replica
@@ -127,6 +128,8 @@ class Coordinator:
             hints=self.hints,
             down=down,
             sloppy=sloppy,
+            also=also,
+            replicas=quorum.n,
         )
         self._rpc = ReplicaRpcHandlers(
             replica,

@@ -100,6 +100,7 @@ class Reaper:
         quorum: the configured quorum (N, capped at the member count, is the primaries).
         interval: seconds between two rounds; each round scans one partition.
         request_timeout: seconds each call to a peer may take.
+        settled: whether no ownership transition is under way (reaping waits for one).
     """
 
     def __init__(
@@ -112,8 +113,10 @@ class Reaper:
         quorum: Quorum,
         interval: float,
         request_timeout: float,
+        settled: Callable[[], bool] = lambda: True,
     ) -> None:
         self.self_node = self_node
+        self.settled = settled
         self.replica = replica
         self.peers = peers
         self.ring = ring
@@ -149,8 +152,8 @@ class Reaper:
         """Scan the next partition this node is the first primary of; the keys reaped."""
         ring = self.ring()
         partition = self._next_led_partition(ring)
-        if partition is None:
-            return 0
+        if partition is None or not self.settled():
+            return 0  # nothing led here, or data is moving: its owners may not all hold it
         self.rounds += 1
         primaries = ring.preference_list(partition)[: self.quorum.capped(len(ring.nodes)).n]
         engine = self.replica.engine
@@ -159,7 +162,7 @@ class Reaper:
         while chunk := engine.scan(partition, start_after=after, limit=SCAN_CHUNK):
             after = chunk[-1][0]
             for batch in _batches(self._candidates(chunk)):
-                if self.ring() is not ring:
+                if self.ring() is not ring or not self.settled():
                     return reaped  # the members changed: the next round looks again
                 reaped += await self._reap_everywhere(primaries, batch)
             if len(chunk) < SCAN_CHUNK:

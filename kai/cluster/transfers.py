@@ -201,6 +201,10 @@ class Transfers:
         self._nursery.start_soon(self._send, transfer)
         return True
 
+    def has_room(self) -> bool:
+        """Whether another transfer could start now."""
+        return self._nursery is not None and len(self._running) < self.limit
+
     def cancel(self, transfer_id: str) -> bool:
         """Stop a running transfer after its current batch; whether one was running. Its
         cursor stays: offered again, it goes on where it stopped."""
@@ -302,7 +306,7 @@ class Transfers:
         records = records_from_wire(batch, MAX_BATCH_KEYS)
         self.batches_received += 1
         self.keys_received += len(records)
-        return merge_records(self.replica, records, "transfer")
+        return merge_records(self.replica, records, "transfer", from_owner=kind == "partition")
 
     # --- observability ------------------------------------------------------------------------
 
@@ -327,32 +331,36 @@ class Transfers:
         ]
 
 
-def merge_records(replica: LocalReplica, records: list[Record], what: str) -> Step[int]:
+def merge_records(
+    replica: LocalReplica, records: list[Record], what: str, *, from_owner: bool = False
+) -> Step[int]:
     """Merge received records with the one write rule; how many changed something. A batch
     of more than :data:`APPLY_CHUNK` is merged chunk by chunk, letting other work run in
     between. A record that would leave too many siblings is logged (``what`` says whose)
-    and skipped."""
+    and skipped. ``from_owner``: see :meth:`LocalReplica.apply`."""
     if len(records) <= APPLY_CHUNK:
-        return _merge(replica, records, what)
-    return Pending(_merge_in_chunks(replica, records, what))
+        return _merge(replica, records, what, from_owner)
+    return Pending(_merge_in_chunks(replica, records, what, from_owner))
 
 
-def _merge(replica: LocalReplica, records: list[Record], what: str) -> int:
+def _merge(replica: LocalReplica, records: list[Record], what: str, from_owner: bool) -> int:
     changed = 0
     for key, siblings, record in records:
         try:
-            changed += replica.apply(key, siblings, record)
+            changed += replica.apply(key, siblings, record, from_owner=from_owner)
         except TooManySiblings as exc:
             logger.warning("%s: %r not merged: %s", what, key, exc)
     return changed
 
 
-async def _merge_in_chunks(replica: LocalReplica, records: list[Record], what: str) -> int:
+async def _merge_in_chunks(
+    replica: LocalReplica, records: list[Record], what: str, from_owner: bool
+) -> int:
     changed = 0
     for start in range(0, len(records), APPLY_CHUNK):
         if start:
             await trio.lowlevel.checkpoint()
-        changed += _merge(replica, records[start : start + APPLY_CHUNK], what)
+        changed += _merge(replica, records[start : start + APPLY_CHUNK], what, from_owner)
     return changed
 
 

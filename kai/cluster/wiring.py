@@ -17,12 +17,14 @@ import trio
 from kai.cluster.antientropy import AntiEntropy
 from kai.cluster.coordinator import Coordinator
 from kai.cluster.hints import HintedHandoff, HintStore
+from kai.cluster.ownership import Ownership
 from kai.cluster.reaper import Reaper
 from kai.cluster.transfers import Transfers
 from kai.core.config import Config
-from kai.core.membership import MembershipView
+from kai.core.membership import Member, MembershipView
 from kai.core.ring import NodeId, Ring
 from kai.core.storage import StorageEngine
+from kai.core.transition import PHASE_NAMES, SETTLED, Moves, Placement
 from kai.membership.detector import FailureDetector
 from kai.membership.gossip import Membership
 from kai.rpc.server import Handler
@@ -33,18 +35,22 @@ logger = logging.getLogger(__name__)
 
 #: Metadata name of the persisted membership view.
 MEMBERSHIP_META = "membership"
+#: Seconds between two steps of the ownership service when the view does not change.
+OWNERSHIP_INTERVAL = 0.5
 
 
-def load_view(engine: StorageEngine, self_node: NodeId) -> MembershipView:
-    """The persisted membership view, or a view of this node alone on first start."""
+def load_view(engine: StorageEngine, self_node: NodeId, *, joining: bool = False) -> MembershipView:
+    """The persisted membership view; on first start a view of this node alone, valid (a
+    new cluster) or, when it has seeds to join, ``joining``."""
     raw = engine.get_meta(MEMBERSHIP_META)
-    if raw is None:
-        return MembershipView.single(self_node)
-    try:
-        return MembershipView.from_wire(msgpack.unpackb(raw, raw=False))
-    except ValueError:
-        logger.warning("persisted membership view is unreadable; starting alone")
-        return MembershipView.single(self_node)
+    if raw is not None:
+        try:
+            return MembershipView.from_wire(msgpack.unpackb(raw, raw=False))
+        except ValueError:
+            logger.warning("persisted membership view is unreadable; starting alone")
+    if joining:
+        return MembershipView((Member(self_node, "joining", 1),))
+    return MembershipView.single(self_node)
 
 
 class Cluster:
@@ -67,13 +73,11 @@ class Cluster:
         self.self_node = self_node
         self.transport = transport
         self.detector = FailureDetector()
-        view = load_view(engine, self_node)
-        self._ring = Ring(
-            view.ring_nodes() or (self_node,),
-            buckets=config.buckets,
-            virtual_nodes=config.virtual_nodes,
-        )
         seeds = [NodeId(seed.host, seed.port) for seed in config.seeds]
+        view = load_view(engine, self_node, joining=any(seed != self_node for seed in seeds))
+        self._moves: Moves | None = None
+        self._placement = self._place(view)
+        self._ring = self._placement.ring
         self.membership = Membership(
             self_node,
             view,
@@ -100,6 +104,7 @@ class Cluster:
             hints=HintStore(engine, buckets=config.buckets),
             down=self.detector.down,
             sloppy=config.sloppy_quorum,
+            also=self.also,
         )
         self.reaper = Reaper(
             self_node=self_node,
@@ -109,6 +114,7 @@ class Cluster:
             quorum=config.quorum,
             interval=config.sync_interval / 1000,
             request_timeout=config.request_timeout / 1000,
+            settled=self.settled,
         )
         self.transfers = Transfers(
             self_node=self_node,
@@ -124,7 +130,7 @@ class Cluster:
             self.transfers,
             is_up=self.detector.is_up,
             transitions=self.detector.transitions,
-            members=lambda: self._ring.nodes,
+            members=lambda: self._placement.nodes(),
             interval=config.handoff_interval / 1000,
         )
         self.anti_entropy = AntiEntropy(
@@ -137,6 +143,16 @@ class Cluster:
             interval=config.sync_interval / 1000,
             request_timeout=config.request_timeout / 1000,
         )
+        self.ownership = Ownership(
+            self_node=self_node,
+            membership=self.membership,
+            placement=self.placement,
+            replica=replica,
+            transfers=self.transfers,
+            is_up=self.detector.is_up,
+            n=config.quorum.n,
+            interval=OWNERSHIP_INTERVAL,
+        )
         self._on_view_change(self.membership.view)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -147,6 +163,7 @@ class Cluster:
         async with trio.open_nursery() as services:
             await services.start(self.membership.run)
             await services.start(self.transfers.run)
+            await services.start(self.ownership.run)
             await services.start(self.handoff.run)
             await services.start(self.reaper.run)
             if self.config.anti_entropy:
@@ -154,17 +171,59 @@ class Cluster:
             task_status.started()
 
     def ring(self) -> Ring:
-        """The current ring (rebuilt whenever the members change)."""
+        """The ring reads and W use now (see :mod:`kai.core.transition`); the same object
+        until it changes."""
         return self._ring
+
+    def placement(self) -> Placement:
+        """Where keys live now, by this node's view."""
+        return self._placement
+
+    def also(self) -> Ring | None:
+        """The ring whose primaries also get every write during a transition, or None."""
+        return self._placement.also
+
+    def settled(self) -> bool:
+        """Whether no transition is under way."""
+        return self._placement.phase == SETTLED
+
+    def _place(self, view: MembershipView) -> Placement:
+        moves = self._moves
+        if moves is None or moves.transition != view.transition_id():
+            moves = self._moves = Moves.of(
+                view,
+                self.config.quorum.n,
+                buckets=self.config.buckets,
+                virtual_nodes=self.config.virtual_nodes,
+            )
+            if not moves.settled:
+                logger.info(
+                    "transition: %s -> %s, %d partition copies",
+                    " ".join(map(str, moves.current.nodes)),
+                    " ".join(map(str, moves.next.nodes)),
+                    moves.count(),
+                )
+        return Placement.of(view, moves)
 
     def _on_view_change(self, view: MembershipView) -> None:
         self.engine.put_meta(MEMBERSHIP_META, msgpack.packb(view.to_wire(), use_bin_type=True))
-        nodes = view.ring_nodes() or (self.self_node,)
-        if nodes != self._ring.nodes:
-            logger.info("members: %s", " ".join(str(node) for node in nodes))
-            self._ring = Ring(
-                nodes, buckets=self._ring.buckets, virtual_nodes=self._ring.virtual_nodes
+        placement = self._place(view)
+        if placement.phase != self._placement.phase or placement.moves is not self._placement.moves:
+            logger.info("placement: %s", PHASE_NAMES[placement.phase])
+        self._placement = placement
+        ring = (
+            placement.ring
+            if placement.ring.nodes
+            else Ring(
+                (self.self_node,),
+                buckets=self.config.buckets,
+                virtual_nodes=self.config.virtual_nodes,
             )
+        )
+        if ring != self._ring:
+            logger.info("members: %s", " ".join(str(node) for node in ring.nodes))
+            self._ring = ring
+        self.ownership.changed()
         known = set(self.replica.flush_times)
         for at in view.flush_times:
             if at not in known:
@@ -184,6 +243,7 @@ class Cluster:
         """The cluster services' counters, for memcached ``stats``."""
         return [
             *self.coordinator.statistics(),
+            *self.ownership.statistics(),
             *self.handoff.statistics(),
             *self.transfers.statistics(),
             *self.reaper.statistics(),

@@ -116,6 +116,9 @@ class QuorumWriter:
         hints: where this node keeps the writes a primary could not take.
         down: the nodes the failure detector calls down now (kept current by it).
         sloppy: whether fallbacks stand in for primaries that are down (sloppy quorum).
+        also: during an ownership transition, the ring whose primaries of a key also get
+            every write of it, uncounted (see :mod:`kai.core.transition`); else None.
+        replicas: the configured N (the ``also`` ring's primaries of a key).
     """
 
     def __init__(
@@ -132,8 +135,12 @@ class QuorumWriter:
         hints: HintStore,
         down: Collection[NodeId] = frozenset(),
         sloppy: bool = True,
+        also: Callable[[], Ring | None] = lambda: None,
+        replicas: int = 3,
     ) -> None:
         self.self_node = self_node
+        self.also = also
+        self.replicas = replicas
         self.replica = replica
         self.placement = placement
         self.is_up = is_up
@@ -255,18 +262,29 @@ class QuorumWriter:
     ) -> Step[Version]:
         version, record = self.replica.coordinate_write_record(key, payload, context)
         others = [node for node in primaries if node != self.self_node]
-        if not others:
+        also = self.also()
+        extras = () if also is None else self._extras(key, primaries, also)
+        if not others and not extras:
             return version  # the only primary is this node, and it stored the version
         tally = Tally(min(w, len(primaries)), len(primaries))
         if len(others) < len(primaries):
             tally.reply()  # the local store is one ack
         deadline = trio.current_time() + self.request_timeout
         replication = _Replication(self, key, record, tally, primaries, deadline, self.down)
-        replication.start(others)
+        replication.start(others, extras)
         if tally.met:
             replication.follow()
             return version
         return Pending(self._wait(replication, version))
+
+    def _extras(self, key: bytes, primaries: Sequence[NodeId], also: Ring) -> tuple[NodeId, ...]:
+        """The primaries of ``key`` on the ``also`` ring that are not primaries now (nor
+        this node, which stored the write)."""
+        return tuple(
+            node
+            for node in also.primaries_of(key, self.replicas)
+            if node not in primaries and node != self.self_node
+        )
 
     async def _stand_in(
         self,
@@ -410,6 +428,7 @@ class _Replication:
     __slots__ = (
         "answers",
         "deadline",
+        "extras",
         "fallbacks",
         "gone",
         "key",
@@ -441,10 +460,17 @@ class _Replication:
         #: Fallback called -> the primary it stands in for.
         self.stand_ins: dict[NodeId, NodeId] | None = None  # made on first need
         self.fallbacks: list[NodeId] | None = None  # found on first need
+        #: Nodes sent the write that do not count (a transition's next owners).
+        self.extras: frozenset[NodeId] = frozenset()
 
-    def start(self, others: Sequence[NodeId]) -> None:
-        """Send the write to each other primary, or to a fallback for one that is down."""
-        self.answers = self.writer._peers.fan_out(self._calls(others), self.deadline)
+    def start(self, others: Sequence[NodeId], extras: Sequence[NodeId] = ()) -> None:
+        """Send the write to each other primary, or to a fallback for one that is down, and
+        to each of ``extras`` (not counted: the next owners of a transition)."""
+        calls = self._calls(others)
+        if extras:
+            self.extras = frozenset(extras)
+            calls += [(node, "replica_apply", (self.key, self.record)) for node in extras]
+        self.answers = self.writer._peers.fan_out(calls, self.deadline)
 
     def _calls(self, others: Sequence[NodeId]) -> list[Call]:
         gone, key, record = self.gone, self.key, self.record
@@ -461,6 +487,12 @@ class _Replication:
 
     def answered(self, answer: Answer) -> None:
         """Count one answer; find a stand-in, or keep a hint, for a replica it did not reach."""
+        if self.extras and answer.peer in self.extras:
+            if not answer.ok and (
+                answer.timed_out or answer.error is None or answer.error.unreachable
+            ):
+                self.writer.hints.add(answer.peer, self.key, self.record)
+            return
         if answer.ok and isinstance(answer.result, bool):
             self.tally.reply()
             return
@@ -501,7 +533,7 @@ class _Replication:
             ring, _quorum = self.writer.placement()
             preference = ring.preference_list(ring.partition_for_key(self.key))
             # A coordinator that is a primary is skipped with them; a stand-in is not.
-            skip = set(self.primaries)
+            skip = {*self.primaries, *self.extras}
             self.fallbacks = [node for node in preference if node not in skip]
         down = self.writer.down
         while self.fallbacks:

@@ -2,10 +2,11 @@
 
 A view lists every node the cluster has ever been told about, each with a status
 (``joining``, ``valid``, ``leaving`` or ``left``) and a version that grows with every status
-change, plus the times of cluster-wide ``flush_all`` commands. Views from different nodes are
-combined with :meth:`MembershipView.merge`, which is commutative, associative and idempotent,
-so gossip converges whatever order views arrive in and however often they are repeated
-(DESIGN §8).
+change, plus the times of cluster-wide ``flush_all`` commands and the state of an ownership
+transition (:mod:`kai.core.transition`): the copies done so far, and the placement state each
+node last applied. Views from different nodes are combined with
+:meth:`MembershipView.merge`, which is commutative, associative and idempotent, so gossip
+converges whatever order views arrive in and however often they are repeated (DESIGN §8).
 
 This module must never do I/O, read a clock or import trio: it is the pure core that the
 gossip loop (``kai.membership.gossip``) wraps. It must never drop a node because it is
@@ -15,10 +16,12 @@ the view only by an explicit status change.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Final, Literal, TypeGuard, get_args
 
 import attrs
+import msgpack
 
 from kai.core.ring import NodeId
 
@@ -33,6 +36,48 @@ RING_STATUSES: Final[frozenset[Status]] = frozenset({"joining", "valid", "leavin
 
 #: How many cluster-wide flush times a view keeps (the latest ones).
 MAX_FLUSH_TIMES: Final = 16
+
+#: The most copy completions a view carries (partitions times new owners of one transition).
+MAX_COMPLETIONS: Final = 1 << 20
+
+
+@attrs.frozen(slots=True, order=True)
+class Completion:
+    """A finished copy of one partition to one of its new owners, in one transition.
+
+    Attributes:
+        generation: the view's :meth:`~MembershipView.generation` when it was recorded; a
+            view keeps only the completions of the highest generation it has seen.
+        transition: the :meth:`~MembershipView.transition_id` it belongs to.
+        partition: the partition copied.
+        node: the new owner that holds the whole partition now.
+    """
+
+    generation: int
+    transition: int
+    partition: int
+    node: NodeId
+
+
+@attrs.frozen(slots=True, order=True)
+class Applied:
+    """The placement state a node last applied to its own requests (it acknowledges it).
+
+    Attributes:
+        node: the node.
+        generation: its view's :meth:`~MembershipView.generation` then.
+        phase: how far the transition had come (see :mod:`kai.core.transition`).
+        mark: the state's fingerprint (transition id and phase): equal marks, equal state.
+    """
+
+    node: NodeId
+    generation: int
+    phase: int
+    mark: int
+
+    def _merge_key(self) -> tuple[int, int, int]:
+        return (self.generation, self.phase, self.mark)
+
 
 _STATUS_RANK: Final[dict[str, int]] = {status: rank for rank, status in enumerate(STATUSES)}
 
@@ -120,6 +165,10 @@ class MembershipView:
 
     members: tuple[Member, ...] = attrs.field(default=(), validator=_check_members)
     flush_times: tuple[int, ...] = attrs.field(default=(), validator=_check_flush_times)
+    #: Copies done, all of the highest generation recorded (sorted, no repeats).
+    completed: frozenset[Completion] = attrs.field(default=frozenset())
+    #: One entry per node that acknowledged a placement state, sorted by node.
+    applied: tuple[Applied, ...] = attrs.field(default=())
 
     @classmethod
     def single(cls, node: NodeId) -> MembershipView:
@@ -164,13 +213,62 @@ class MembershipView:
         _check_flush_times(None, None, (at,))
         return attrs.evolve(self, flush_times=_latest_flush_times((*self.flush_times, at)))
 
+    def with_statuses(self, changes: Mapping[NodeId, Status]) -> MembershipView:
+        """This view with each node of ``changes`` set to its status (see `with_status`)."""
+        view = self
+        for node, status in sorted(changes.items()):
+            view = view.with_status(node, status)
+        return view
+
+    def generation(self) -> int:
+        """The sum of the members' versions: it grows with every status change, and a merge
+        never lowers it."""
+        return sum(member.version for member in self.members)
+
+    def transition_id(self) -> int:
+        """A 64-bit fingerprint of every member's status and version: two views with the
+        same id agree on the rings (what a copy completion belongs to)."""
+        entries = [[str(m.node), m.status, m.version] for m in self.members]
+        digest = hashlib.blake2b(msgpack.packb(entries), digest_size=8).digest()
+        return int.from_bytes(digest, "big")
+
+    def with_completions(self, copies: Iterable[tuple[int, NodeId]]) -> MembershipView:
+        """This view with each copy ``(partition, node)`` recorded as done in its current
+        transition."""
+        generation, transition = self.generation(), self.transition_id()
+        done = [Completion(generation, transition, partition, node) for partition, node in copies]
+        return attrs.evolve(self, completed=_latest_completions((*self.completed, *done)))
+
+    def completions(self) -> frozenset[tuple[int, NodeId]]:
+        """The ``(partition, node)`` copies done in this view's current transition."""
+        transition = self.transition_id()
+        return frozenset(
+            (done.partition, done.node) for done in self.completed if done.transition == transition
+        )
+
+    def with_applied(self, node: NodeId, phase: int, mark: int) -> MembershipView:
+        """This view with ``node``'s acknowledgement of a placement state (at this view's
+        generation); unchanged if it acknowledged that state already."""
+        entry = Applied(node, self.generation(), phase, mark)
+        if self.applied_by(node) == entry:
+            return self
+        return attrs.evolve(self, applied=_merge_applied(self.applied, (entry,)))
+
+    def applied_by(self, node: NodeId) -> Applied | None:
+        """``node``'s latest acknowledgement, or None."""
+        for entry in self.applied:
+            if entry.node == node:
+                return entry
+        return None
+
     def merge(self, other: MembershipView) -> MembershipView:
         """The least upper bound of this view and ``other``.
 
         Per node, the entry with the higher version wins; on equal versions with different
         statuses the later status in ``joining < valid < leaving < left`` wins, so the
         result never depends on which side is which. Flush times are the union, truncated
-        to the latest `MAX_FLUSH_TIMES`.
+        to the latest `MAX_FLUSH_TIMES`. Completions are the union, of the highest
+        generation only; acknowledgements are per node the highest.
 
         Returns:
             A view that dominates both inputs; this view itself when ``other`` adds nothing.
@@ -183,6 +281,8 @@ class MembershipView:
         merged = MembershipView(
             tuple(winners[node] for node in sorted(winners)),
             _latest_flush_times((*self.flush_times, *other.flush_times)),
+            _latest_completions((*self.completed, *other.completed)),
+            _merge_applied(self.applied, other.applied),
         )
         return self if merged == self else merged
 
@@ -198,6 +298,11 @@ class MembershipView:
                 for member in self.members
             ],
             "flush_times": list(self.flush_times),
+            "completed": _completions_to_wire(self.completed),
+            "applied": [
+                [entry.node.host, entry.node.port, entry.generation, entry.phase, entry.mark]
+                for entry in self.applied
+            ],
         }
 
     @classmethod
@@ -228,7 +333,17 @@ class MembershipView:
         members = tuple(_member_from_wire(entry) for entry in raw_members)
         if not all(_is_int(at) for at in raw_flush_times):
             raise ValueError("membership view flush times must be integers")
-        return cls(members, tuple(raw_flush_times))
+        raw_completed = data.get("completed", [])
+        raw_applied = data.get("applied", [])
+        if not isinstance(raw_applied, list) or len(raw_applied) > len(members):
+            raise ValueError("'applied' must be a list of at most one entry per member")
+        completed = _completions_from_wire(raw_completed)
+        if len({done.generation for done in completed}) > 1:
+            raise ValueError("completions must all be of one generation")
+        applied = tuple(_applied_from_wire(entry) for entry in raw_applied)
+        if [entry.node for entry in applied] != sorted({entry.node for entry in applied}):
+            raise ValueError("'applied' entries must be sorted by node without repeats")
+        return cls(members, tuple(raw_flush_times), completed, applied)
 
     def check_invariants(self) -> None:
         """Check the view's internal consistency.
@@ -252,6 +367,69 @@ class MembershipView:
 
 def _node_of(member: Member) -> NodeId:
     return member.node
+
+
+def _latest_completions(completions: Iterable[Completion]) -> frozenset[Completion]:
+    every = list(completions)
+    if not every:
+        return frozenset()
+    latest = max(done.generation for done in every)
+    return frozenset(done for done in every if done.generation == latest)
+
+
+def _merge_applied(ours: Iterable[Applied], theirs: Iterable[Applied]) -> tuple[Applied, ...]:
+    winners: dict[NodeId, Applied] = {entry.node: entry for entry in ours}
+    for entry in theirs:
+        current = winners.get(entry.node)
+        if current is None or entry._merge_key() > current._merge_key():
+            winners[entry.node] = entry
+    return tuple(winners[node] for node in sorted(winners))
+
+
+def _ints(entry: object, count: int, what: str) -> list[object]:
+    if not isinstance(entry, list) or len(entry) != count:
+        raise ValueError(f"a {what} entry must be a list of {count} fields, not {entry!r:.200}")
+    return entry
+
+
+def _node_from_wire(host: object, port: object, what: str) -> NodeId:
+    if not isinstance(host, str) or not _is_int(port):
+        raise ValueError(f"a {what} entry needs a str host and an int port")
+    return NodeId(host, port)
+
+
+def _completions_to_wire(completed: frozenset[Completion]) -> list[list[object]]:
+    """``[[generation, transition, host, port, [partition, ...]], ...]``: one entry per
+    node and transition."""
+    grouped: dict[tuple[int, int, str, int], list[int]] = {}
+    for done in completed:
+        group = (done.generation, done.transition, done.node.host, done.node.port)
+        grouped.setdefault(group, []).append(done.partition)
+    return [[*group, sorted(partitions)] for group, partitions in sorted(grouped.items())]
+
+
+def _completions_from_wire(raw: object) -> frozenset[Completion]:
+    if not isinstance(raw, list):
+        raise ValueError("'completed' must be a list")
+    completed: list[Completion] = []
+    for entry in raw:
+        generation, transition, host, port, partitions = _ints(entry, 5, "completion")
+        if not (_is_int(generation) and _is_int(transition)):
+            raise ValueError(f"a completion needs integer fields, not {entry!r:.200}")
+        if not isinstance(partitions, list) or not all(_is_int(p) for p in partitions):
+            raise ValueError(f"a completion lists integer partitions, not {partitions!r:.200}")
+        node = _node_from_wire(host, port, "completion")
+        completed += (Completion(generation, transition, p, node) for p in partitions)
+        if len(completed) > MAX_COMPLETIONS:
+            raise ValueError(f"a view carries at most {MAX_COMPLETIONS} completions")
+    return frozenset(completed)
+
+
+def _applied_from_wire(entry: object) -> Applied:
+    host, port, generation, phase, mark = _ints(entry, 5, "applied")
+    if not (_is_int(generation) and _is_int(phase) and _is_int(mark)):
+        raise ValueError(f"an applied entry needs integer fields, not {entry!r:.200}")
+    return Applied(_node_from_wire(host, port, "applied"), generation, phase, mark)
 
 
 def _member_from_wire(entry: object) -> Member:

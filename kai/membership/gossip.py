@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final, NoReturn
 
 import trio
@@ -192,21 +192,36 @@ class Membership:
             await self._detector.probe_down_nodes(self._transport, timeout=self._call_timeout)
             await trio.sleep_until(next_round)
 
+    @property
+    def awaiting_seeds(self) -> bool:
+        """Whether this node has seeds and its view lists no other node yet (it has not
+        met their cluster)."""
+        return bool(self._seeds) and all(
+            member.node == self._self_node for member in self._view.members
+        )
+
     async def join(self, seed: NodeId) -> None:
-        """Join ``seed``'s cluster: mark this node valid and gossip with ``seed`` at once.
+        """Join ``seed``'s cluster: mark this node joining (the cluster copies its share of
+        the data to it, then makes it valid) and gossip with ``seed`` at once.
 
         Joining oneself (the same seed list on every node) only marks this node valid.
 
         Raises:
             RpcConnectionError: If the exchange with ``seed`` failed (unreachable, timed
-                out or a bad answer); this node is still marked valid and a later
+                out or a bad answer); this node is still marked joining and a later
                 ``join`` may be retried.
         """
         me = self._view.member(self._self_node)
-        if me is None or me.status != "valid":
-            self.set_status("valid")
         if seed == self._self_node:
+            if me is None or me.status != "valid":
+                self.set_status("valid")
             return
+        if seed not in self._seeds:
+            self._seeds = (*self._seeds, seed)
+        if me is None or me.status not in ("joining", "valid"):
+            self.set_status("joining")
+        elif me.status == "valid" and len(self._view.ring_nodes()) == 1:
+            self.set_status("joining")  # a cluster of one joins another
         if not await self.gossip_with(seed):
             raise RpcConnectionError(
                 f"could not exchange membership with seed {seed} within "
@@ -218,6 +233,20 @@ class Membership:
         """Change this node's own status (at a new version) and call ``on_change``."""
         logger.info("%s: own status is now %s", self._self_node, status)
         self._replace(self._view.with_status(self._self_node, status))
+
+    def set_statuses(self, changes: Mapping[NodeId, Status]) -> None:
+        """Change the status of each node of ``changes`` (an operator's committed plan, or
+        the end of a transition) and call ``on_change``."""
+        self._replace(self._view.with_statuses(changes))
+
+    def add_completions(self, copies: Iterable[tuple[int, NodeId]]) -> None:
+        """Record that each ``(partition, node)`` of ``copies`` holds its copy of the
+        partition in the current transition."""
+        self._replace(self._view.with_completions(copies))
+
+    def acknowledge(self, phase: int, mark: int) -> None:
+        """Record that this node applies the placement ``mark`` (at ``phase``) now."""
+        self._replace(self._view.with_applied(self._self_node, phase, mark))
 
     def add_flush(self, at: int) -> None:
         """Record a cluster-wide flush at ``at`` (unix microseconds); gossip spreads it.

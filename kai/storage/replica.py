@@ -325,13 +325,25 @@ class LocalReplica:
             self.actor.hex(),
         )
 
-    def apply(self, key: bytes, incoming: SiblingSet, record: bytes | None = None) -> bool:
+    def apply(
+        self,
+        key: bytes,
+        incoming: SiblingSet,
+        record: bytes | None = None,
+        *,
+        from_owner: bool = False,
+    ) -> bool:
         """Merge versions coordinated elsewhere (replication, read repair, handoff, transfers,
         anti-entropy). Returns True if stored.
 
         Versions older than ``tombstone_grace`` that this replica neither stores nor has seen
         are dropped first (counted in ``kai_stale_refused``, see :meth:`_refuse_stale`): the
         key may have been reaped here, and it must not come back.
+
+        ``from_owner``: ``incoming`` is an owner's copy of the key, sent to this replica
+        because it becomes an owner (an ownership transfer). Its old versions are not
+        refused: an owner holds nothing that was reaped elsewhere, since reaping needs every
+        owner to hold the same record, and this replica never held the key before.
 
         ``record``, if given, is what ``incoming`` was decoded from: when nothing was dropped
         and the merge comes to exactly the incoming versions (a newer write replacing what
@@ -343,7 +355,7 @@ class LocalReplica:
         partition = self.partition(key)
         stored, stored_record = self._load(partition, key)
         cutoff = int((self.wall_clock() - self.tombstone_grace) * 1_000_000)
-        for version in incoming:
+        for version in () if from_owner else incoming:
             if version.timestamp < cutoff:
                 kept = self._refuse_stale(key, stored, incoming, cutoff)
                 if len(kept) != len(incoming):
@@ -389,6 +401,15 @@ class LocalReplica:
         Only the reaper calls this, for a record whose every version has been dead for longer
         than ``tombstone_grace`` on every primary.
         """
+        if not self.forget(key, record):
+            return False
+        self.stats.kai_tombstones_reaped += 1
+        return True
+
+    def forget(self, key: bytes, record: bytes) -> bool:
+        """Delete this replica's copy of ``key`` if its stored record is byte for byte
+        ``record``; whether it was deleted. For the reaper, and for the partitions an
+        ownership change took away from this node (their new owners hold them)."""
         partition = self.partition(key)
         stored_record = self.engine.get(partition, key)
         if stored_record != record:
@@ -400,7 +421,6 @@ class LocalReplica:
         self.engine.delete(partition, key)
         self.cache.put(key, (), None)
         self._count(old, -1)
-        self.stats.kai_tombstones_reaped += 1
         return True
 
     def _store(

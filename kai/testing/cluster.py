@@ -29,6 +29,10 @@ from kai.storage.replica import LocalReplica
 from kai.testing.memcache import execute_raw
 from kai.testing.network import FakeNetwork, Faults
 
+#: Partitions of the harness's ring unless ``settings`` say otherwise: few, so that a cluster
+#: forms (every join is an ownership transition over every partition) in milliseconds.
+HARNESS_BUCKETS = 64
+
 #: The virtual unix time the harness's wall clock starts at.
 EPOCH = 1_700_000_000.0
 
@@ -78,7 +82,8 @@ class InProcessCluster:
     ) -> AsyncIterator[InProcessCluster]:
         """Start ``size`` nodes, wait until every one sees them all, and stop them after.
 
-        ``settings`` overrides any other :class:`~kai.core.config.Config` field (by name).
+        ``settings`` overrides any other :class:`~kai.core.config.Config` field (by name);
+        the ring has :data:`HARNESS_BUCKETS` partitions unless it sets ``buckets``.
         """
         config = Config(
             quorum=quorum if quorum is not None else Quorum(3, 2, 2),
@@ -86,6 +91,7 @@ class InProcessCluster:
             membership_interval=membership_interval_ms,
             store="memory",
             cache_size=0,
+            buckets=HARNESS_BUCKETS,
         )
         if settings:
             config = attrs.evolve(config, **settings)
@@ -185,10 +191,14 @@ class InProcessCluster:
         return EPOCH + trio.current_time()
 
     async def wait_converged(self) -> None:
-        """Wait until every running node's ring holds every node (callers set a deadline)."""
+        """Wait until every running node's ring holds every node and no transition is under
+        way (callers set a deadline)."""
         everyone = tuple(sorted(node.node_id for node in self.nodes))
         # Rings change inside gossip callbacks; polling in virtual time costs nothing.
-        while any(node.cluster.ring().nodes != everyone for node in self.nodes):  # noqa: ASYNC110
+        while any(  # noqa: ASYNC110
+            node.cluster.ring().nodes != everyone or not node.cluster.settled()
+            for node in self.nodes
+        ):
             await trio.sleep(0.05)
 
     def partition(self, *groups: Sequence[int]) -> None:
