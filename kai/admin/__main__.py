@@ -8,6 +8,9 @@ Examples:
     kai-admin status
     kai-admin --node 127.0.0.1:11012 stats --json
     kai-admin locate user:42
+    kai-admin --node 127.0.0.1:11014 join 127.0.0.1:11011   # staged on 127.0.0.1:11014
+    kai-admin --node 127.0.0.1:11014 plan                   # what would move, how much
+    kai-admin --node 127.0.0.1:11014 commit
 
 Exit status: see :data:`EXIT_CODES` (also printed at the end of ``--help``).
 """
@@ -39,6 +42,13 @@ from kai.rpc.secret import load_secret
 
 #: Seconds a single admin call may take, connection included.
 CALL_TIMEOUT = 10.0
+#: Seconds a call that asks other nodes in turn (staging, plan, commit) may take.
+CHANGE_TIMEOUT = 30.0
+#: Moves a text plan lists (``--json`` lists every one).
+PLAN_LINES = 50
+
+#: Commands that take ``--commit`` (stage and commit in one command).
+STAGING_COMMANDS: Final = ("join", "leave", "remove", "replace")
 
 #: The command succeeded.
 EXIT_OK: Final = 0
@@ -73,12 +83,50 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
     ),
     "stats": ("the node's memcached-style statistics", "kai-admin --json stats", "stats"),
     "join": (
-        "make the node join the cluster of SEED (an RPC HOST:PORT)",
-        "kai-admin --node 127.0.0.1:11012 join 127.0.0.1:11011",
-        "join",
+        "stage the node joining the cluster of SEED (an RPC HOST:PORT); the node must hold "
+        "no data and be on its own. Changes are staged on the node asked: run plan and "
+        "commit there. --commit joins at once",
+        "kai-admin --node 127.0.0.1:11014 join 127.0.0.1:11011",
+        "stage_join",
+    ),
+    "leave": (
+        "stage the node leaving: its partitions are copied to their next owners, then it is "
+        "left and deletes them. --commit leaves at once",
+        "kai-admin --node 127.0.0.1:11013 leave",
+        "stage_leave",
+    ),
+    "remove": (
+        "stage another member, NODE (usually a dead one), leaving: its partitions are copied "
+        "from the other owners that are up. --commit removes it at once",
+        "kai-admin remove 127.0.0.1:11013",
+        "stage_remove",
+    ),
+    "replace": (
+        "stage member OLD leaving and NEW (a running node that holds no data and is on its "
+        "own) joining in its place. --commit replaces at once",
+        "kai-admin replace 127.0.0.1:11013 127.0.0.1:11016",
+        "stage_replace",
+    ),
+    "plan": (
+        "the staged changes and what committing them would move: partitions, from, to, keys "
+        "and bytes; then the transition under way, if any",
+        "kai-admin plan",
+        "plan",
+    ),
+    "commit": (
+        "apply the staged changes (gossip carries them; the nodes copy the partitions, then "
+        "finalize) and print the plan committed",
+        "kai-admin commit",
+        "commit",
+    ),
+    "clear": (
+        "drop every staged change without applying it",
+        "kai-admin clear",
+        "clear_staged",
     ),
     "transfers": (
-        "the node's transfers (hint handoffs): kind, partition, from, to, state, keys and "
+        "the node's transfers (hint handoffs, partition copies): kind, partition, from, to, "
+        "state, keys and "
         "bytes done/total, rate, time left; then the last finished ones",
         "kai-admin transfers --json",
         "transfers",
@@ -94,16 +142,6 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
         "this node is a primary of was last compared, and with whom",
         "kai-admin aae-status --json",
         "aae_status",
-    ),
-    "leave": (
-        "hand the node's data off, then retire it (not available yet)",
-        "kai-admin leave",
-        None,
-    ),
-    "remove": (
-        "evict a dead NODE and re-replicate from the survivors (not available yet)",
-        "kai-admin remove 127.0.0.1:11013",
-        None,
     ),
 }
 
@@ -148,7 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kai-admin",
         description="Inspect and manage Kai nodes over their authenticated RPC port.",
         epilog="examples:\n  kai-admin status\n  kai-admin stats --json\n"
-        "  kai-admin --node 127.0.0.1:11012 locate key1\n\n" + _exit_status_epilog(),
+        "  kai-admin --node 127.0.0.1:11012 locate key1\n"
+        "  kai-admin --node 127.0.0.1:11014 join 127.0.0.1:11011\n"
+        "  kai-admin --node 127.0.0.1:11014 plan\n"
+        "  kai-admin --node 127.0.0.1:11014 commit\n\n" + _exit_status_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"kai-admin {__version__}")
@@ -171,6 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("transfer_id", metavar="ID", help="the transfer's id")
         elif name == "remove":
             sub.add_argument("target", metavar="NODE", help="RPC HOST:PORT of the node to evict")
+        elif name == "replace":
+            sub.add_argument("old", metavar="OLD", help="RPC HOST:PORT of the member to retire")
+            sub.add_argument("new", metavar="NEW", help="RPC HOST:PORT of the node to add")
+        if name in STAGING_COMMANDS:
+            sub.add_argument(
+                "--commit",
+                action="store_true",
+                help="commit this change at once (other staged changes stay staged)",
+            )
     return parser
 
 
@@ -182,10 +232,21 @@ def _secret_path(args: argparse.Namespace) -> Path:
 
 
 async def call_node(address: Address, secret: bytes, method: str, *params: object) -> object:
-    """One authenticated RPC call to a node, bounded by :data:`CALL_TIMEOUT`."""
-    with trio.fail_after(CALL_TIMEOUT):
-        async with RpcClient(address.host, address.port, secret) as client:
-            return await client.call(method, *params)
+    """One authenticated RPC call to a node (the caller bounds it)."""
+    async with RpcClient(address.host, address.port, secret) as client:
+        return await client.call(method, *params)
+
+
+def _timeout_of(command: str) -> float:
+    """Seconds ``command``'s call may take, connection included."""
+    return CHANGE_TIMEOUT if command in (*STAGING_COMMANDS, "plan", "commit") else CALL_TIMEOUT
+
+
+async def _call_within(
+    seconds: float, address: Address, secret: bytes, method: str, *params: object
+) -> object:
+    with trio.fail_after(seconds):
+        return await call_node(address, secret, method, *params)
 
 
 def _jsonable(value: Any) -> Any:
@@ -228,6 +289,13 @@ def _render_text(command: str, result: Any) -> str:
                     f"  {replica['node']}: dot {actor}:{counter} context [{context}] {kind}"
                 )
         return "\n".join(lines)
+    if command in STAGING_COMMANDS or command == "commit":
+        return _render_change(result)
+    if command == "plan":
+        return _render_plan(result)
+    if command == "clear":
+        cleared = [_change_text(change) for change in result["cleared"]]
+        return "\n".join(f"dropped: {text}" for text in cleared) or "nothing was staged"
     if command == "transfers":
         return _render_transfers(result)
     if command == "aae-status":
@@ -237,15 +305,93 @@ def _render_text(command: str, result: Any) -> str:
     return str(result)
 
 
+def _change_text(change: Any) -> str:
+    if change["action"] == "join":
+        return f"join {change['node']} to the cluster of {change['seed']}"
+    if change["action"] == "replace":
+        return f"replace {change['node']} with {change['replacement']}"
+    return f"{change['action']} {change['node']}"
+
+
+def _render_change(result: Any) -> str:
+    """A staged change (what is staged now), or a commit (what it moves)."""
+    if not result["committed"]:
+        staged = result["staged"]
+        return "\n".join(
+            [
+                f"staged: {_change_text(result['change'])}",
+                f"{len(staged)} change{'' if len(staged) == 1 else 's'} staged on "
+                f"{result['node']}: see `kai-admin --node {result['node']} plan`, then apply "
+                f"with `kai-admin --node {result['node']} commit`",
+            ]
+        )
+    lines = [f"committed: {_change_text(change)}" for change in result["staged"]]
+    lines += [
+        f"ring after: {' '.join(result['next_ring'])}",
+        f"{result['partitions_moving']} partitions move ({result['copies']} copies); follow "
+        "them with `kai-admin status` (phase, copies pending) and `kai-admin transfers`",
+    ]
+    lines += [f"warning: {warning}" for warning in result["warnings"]]
+    return "\n".join(lines)
+
+
+def _size(value: Any) -> str:
+    return "?" if value is None else str(value)
+
+
+def _render_plan(result: Any) -> str:
+    lines: list[str] = []
+    if result["staged"]:
+        lines.append("staged changes:")
+        lines += [f"  {_change_text(change)}" for change in result["staged"]]
+        unknown = result["sizes_unknown"]
+        lines += [
+            f"ring now:   {' '.join(result['current_ring'])}",
+            f"ring after: {' '.join(result['next_ring'])}",
+            f"{result['partitions_moving']} partitions move ({result['copies']} copies, "
+            f"N={result['n']}): {result['keys']} keys, {result['bytes']} bytes"
+            + (f" ({unknown} of unknown size)" if unknown else ""),
+        ]
+        moves = result["moves"]
+        if moves:
+            width = max(len(str(move["from"])) for move in moves)
+            lines.append(f"  {'partition':>9}  {'from':<{width}}  {'to':<21}  {'keys':>8}  bytes")
+            for move in moves[:PLAN_LINES]:
+                lines.append(
+                    f"  {move['partition']:>9}  {move['from']!s:<{width}}  {move['to']:<21}  "
+                    f"{_size(move['keys']):>8}  {_size(move['bytes'])}"
+                )
+            if len(moves) > PLAN_LINES:
+                lines.append(f"  … and {len(moves) - PLAN_LINES} more (--json lists them all)")
+    else:
+        lines.append("nothing staged")
+    transition = result["transition"]
+    if transition is not None:
+        lines.append(
+            f"transition under way: {transition['phase']}, {transition['copies_missing']} of "
+            f"{transition['copies']} copies missing"
+        )
+    if result["staged"]:
+        refusal = result["refusal"]
+        lines.append(
+            f"commit would be refused: {refusal}"
+            if refusal
+            else "apply with `kai-admin commit`, or drop with `kai-admin clear`"
+        )
+    return "\n".join(lines)
+
+
 def _render_transfers(result: Any) -> str:
     lines = [f"hints pending {result['hints_pending']}"]
     if not result["transfers"]:
         lines.append("no transfers")
     for t in result["transfers"]:
-        where = "" if t["partition"] is None else f" partition {t['partition']}"
+        what, partition = t["kind"], t["partition"]
+        if partition is not None:  # an ownership copy is "partition 7", not twice that
+            what = f"{'' if what == 'partition' else what + ' '}partition {partition}"
         left = "" if t["eta_seconds"] is None else f", {t['eta_seconds']} s left"
         lines.append(
-            f"{t['kind']}{where} {t['from']} -> {t['to']} {t['state']}: "
+            f"{what} {t['from']} -> {t['to']} {t['state']}: "
             f"{t['keys_done']}/{t['keys_total']} keys, {t['bytes_done']}/{t['bytes_total']} "
             f"bytes, {t['keys_per_second']} keys/s{left}"
             + (f" ({t['error']})" if t["error"] else "")
@@ -295,11 +441,7 @@ def main(argv: Sequence[str] | None = None, *, out: Callable[[str], object] | No
     args = build_parser().parse_args(argv)
     _help, _example, method = COMMANDS[args.command]
     if method is None:
-        return _fail(
-            EXIT_NOT_AVAILABLE,
-            f"{args.command}: not available in this version: moving a node's data off the ring "
-            "(leave, remove) comes with ownership transfer",
-        )
+        return _fail(EXIT_NOT_AVAILABLE, f"{args.command}: not available in this version")
     try:
         address = Address.parse(args.node, name="--node")
     except ConfigError as error:
@@ -315,17 +457,24 @@ def main(argv: Sequence[str] | None = None, *, out: Callable[[str], object] | No
             )
         params = (key,)
     elif args.command == "join":
-        params = (args.seed,)
+        params = (args.seed, args.commit)
+    elif args.command == "leave":
+        params = (args.commit,)
+    elif args.command == "remove":
+        params = (args.target, args.commit)
+    elif args.command == "replace":
+        params = (args.old, args.new, args.commit)
     elif args.command == "cancel-transfer":
         params = (args.transfer_id,)
+    timeout = _timeout_of(args.command)
     secret_path = _secret_path(args)
     try:
         secret = load_secret(secret_path)
-        result = trio.run(call_node, address, secret, method, *params)
+        result = trio.run(_call_within, timeout, address, secret, method, *params)
     except ConfigError as error:  # no usable secret file: we cannot authenticate
         return _fail(EXIT_UNREACHABLE, str(error))
     except trio.TooSlowError:
-        return _fail(EXIT_UNREACHABLE, f"{args.node} did not answer within {CALL_TIMEOUT:g}s")
+        return _fail(EXIT_UNREACHABLE, f"{args.node} did not answer within {timeout:g}s")
     except RpcAuthenticationError:
         return _fail(
             EXIT_UNREACHABLE,

@@ -1,4 +1,5 @@
-"""The RPC methods ``kai-admin`` calls: status, stats, members, ring, locate, join.
+"""The RPC methods ``kai-admin`` calls: status, stats, members, ring, locate, transfers; and,
+from :mod:`kai.admin.changes`, the staged membership changes.
 
 Reads the node's state and asks replicas over the transport; never changes data.
 """
@@ -12,10 +13,12 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from kai import __version__
+from kai.admin.changes import MembershipChanges
 from kai.core.errors import RpcBadRequest, RpcError
 from kai.core.memcache.requests import is_valid_key
 from kai.core.pending import waits
 from kai.core.ring import NodeId
+from kai.core.transition import PHASE_NAMES
 from kai.core.versions import SiblingSet, decode_siblings
 from kai.rpc.server import Handler
 
@@ -56,16 +59,17 @@ class AdminHandlers:
     def __init__(self, node: Node, cluster: Cluster) -> None:
         self.node = node
         self.cluster = cluster
+        self.changes = MembershipChanges(cluster)
 
     def handlers(self) -> dict[str, Handler]:
         """Method name -> handler, for the RPC server."""
         return {
+            **self.changes.handlers(),
             "status": self.status,
             "stats": self.stats,
             "members": self.members,
             "ring": self.ring,
             "locate": self.locate,
-            "join": self.join,
             "transfers": self.transfers,
             "aae_status": self.aae_status,
             "cancel_transfer": self.cancel_transfer,
@@ -77,10 +81,12 @@ class AdminHandlers:
         return "pong"
 
     def status(self) -> dict[str, object]:
-        """Identity, version, uptime, quorum and item counts."""
+        """Identity, version, uptime, quorum, item counts, and the placement's phase
+        (``settled``, ``copying`` or ``switched``) with the partition copies it waits for."""
         node, cluster = self.node, self.cluster
         replica = cluster.replica
         members = cluster.ring().nodes
+        placement = cluster.placement()
         return {
             "node": str(cluster.self_node),
             "version": __version__,
@@ -94,6 +100,9 @@ class AdminHandlers:
             "items": replica.items,
             "bytes": replica.item_bytes,
             "connections": node.stats.curr_connections,
+            "phase": PHASE_NAMES[placement.phase],
+            "copies_pending": len(placement.missing),
+            "staged_changes": len(self.changes.staged),
         }
 
     def transfers(self) -> dict[str, object]:
@@ -207,15 +216,3 @@ class AdminHandlers:
             "n": n,
             "replicas": replicas,
         }
-
-    @waits
-    async def join(self, seed: object) -> dict[str, object]:
-        """Join the cluster that ``seed`` (an RPC ``host:port``) belongs to."""
-        if not isinstance(seed, str):
-            raise RpcBadRequest("join takes the seed as a HOST:PORT string")
-        try:
-            seed_node = NodeId.parse(seed)
-        except ValueError as error:
-            raise RpcBadRequest(str(error)) from error
-        await self.cluster.membership.join(seed_node)
-        return {"members": [str(node) for node in self.cluster.ring().nodes]}

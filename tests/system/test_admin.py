@@ -69,6 +69,8 @@ def test_status_and_json_stats(kai_server: Server) -> None:
     assert isinstance(kai_server.process, KaiProcess)
     assert parsed["node"] == f"127.0.0.1:{kai_server.process.rpc_port}"
     assert parsed["effective_quorum"] == "1,1,1"
+    assert parsed["phase"] == "settled"
+    assert parsed["copies_pending"] == parsed["staged_changes"] == 0
     stats = json.loads(admin(kai_server, "--json", "stats").stdout)
     assert stats["pid"] == kai_server.process.pid
     assert stats["kai_store"] == "leveldb"
@@ -151,10 +153,10 @@ def test_exit_statuses(kai_server: Server, tmp_path: Path) -> None:
     refused = run_admin("--node", f"127.0.0.1:{closed}", *with_secret, "status")
     assert refused.returncode == 3
     assert f"127.0.0.1:{closed}" in one_error_line(refused)
-    # 4: not available in this version.
-    leave = admin(kai_server, "leave")
-    assert leave.returncode == 4
-    assert "not available" in one_error_line(leave)
+    # 1: the node answered with an error (status 4, not available, is tests/test_cli.py's).
+    commit = admin(kai_server, "commit")
+    assert commit.returncode == 1
+    assert "nothing is staged" in one_error_line(commit)
     # The help documents every status.
     epilog = run_admin("--help").stdout.split("exit status:")[1]
     for status in range(5):

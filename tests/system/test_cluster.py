@@ -320,7 +320,7 @@ def test_kai_admin_join_adds_a_running_node(cluster: list[KaiProcess], tmp_path:
     fourth.start()
     try:
         assert members_seen_by(fourth) == {f"127.0.0.1:{fourth.rpc_port}"}
-        joined = admin(fourth, "join", f"127.0.0.1:{cluster[0].rpc_port}")
+        joined = admin(fourth, "join", f"127.0.0.1:{cluster[0].rpc_port}", "--commit")
         assert joined.returncode == 0, joined.stderr
         everyone = {f"127.0.0.1:{node.rpc_port}" for node in [*cluster, fourth]}
         for node in [*cluster, fourth]:
@@ -331,6 +331,12 @@ def test_kai_admin_join_adds_a_running_node(cluster: list[KaiProcess], tmp_path:
             )
         members = json.loads(admin(cluster[1], "--json", "members").stdout)
         assert sorted(member["node"] for member in members) == sorted(everyone)
-        assert all(member["status"] == "valid" for member in members)
+
+        def statuses() -> set[str]:
+            members = json.loads(admin(cluster[1], "--json", "members").stdout)
+            return {member["status"] for member in members}
+
+        # Joining until its partitions are copied, then valid.
+        wait_for(lambda: statuses() == {"valid"}, timeout=60, what="the fourth member to be valid")
     finally:
         fourth.stop()
