@@ -217,8 +217,9 @@ class Node:
             ]
 
         def peers() -> dict[str, bool]:
-            # Members never called yet count as up, as the detector says of them.
-            states = dict.fromkeys(cluster.coordinator.members(), True)
+            # Members on either ring (a joining one too) never called yet count as up, as
+            # the detector says of them.
+            states = dict.fromkeys((str(node) for node in cluster.placement().nodes()), True)
             states.update((str(node), up) for node, up in detector.statuses().items())
             states.pop(self.name, None)
             return states
