@@ -254,6 +254,8 @@ class Ownership:
         return [
             ("kai_ownership_phase", placement.phase),
             ("kai_ownership_copies_pending", len(placement.missing)),
+            # 1 until this node has deleted what the current placement took from it.
+            ("kai_ownership_cleanup_pending", int(self._cleaned != placement.mark)),
             ("kai_ownership_copies_sent", self.copies_done),
             ("kai_ownership_records_dropped", self.records_dropped),
         ]

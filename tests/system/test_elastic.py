@@ -131,20 +131,22 @@ class Load:
 
 def settled_with(nodes: Nodes, indexes: Sequence[int], members: Sequence[int]) -> bool:
     """Whether the nodes ``indexes`` all serve a settled placement over exactly ``members``
-    and have no copy pending."""
+    and have deleted what it took from them."""
     everyone = " ".join(sorted(str(nodes.node_id(i)) for i in members))
     for index in indexes:
         stats = nodes.stats(index)
         if stats.get("kai_curr_nodes") != everyone or stats.get("kai_ownership_phase") != "0":
             return False
+        if stats.get("kai_ownership_cleanup_pending") != "0":
+            return False
     return True
 
 
 def check_placement(
-    nodes: Nodes, indexes: Sequence[int], members: Sequence[int], load: Load
+    nodes: Nodes, indexes: Sequence[int], members: Sequence[int], load: Load, *, values: bool
 ) -> None:
-    """Every key is on exactly its N primaries, each holding its acknowledged value, and on
-    no other running node."""
+    """Every key is on exactly its N primaries and on no other running node; with
+    ``values`` (once the clients stopped), each holds the key's acknowledged value."""
     ring = Ring([nodes.node_id(i) for i in members], buckets=BUCKETS)
     by_node = {nodes.node_id(i): i for i in indexes}
     records = {i: nodes.replica(i, load.keys) for i in indexes}
@@ -152,7 +154,7 @@ def check_placement(
         primaries = {by_node[node] for node in ring.primaries_of(key, 3)}
         holding = {i for i in indexes if records[i][position] is not None}
         assert holding == primaries, (key, sorted(holding), sorted(primaries))
-        for index in primaries:
+        for index in primaries if values else ():
             record = records[index][position]
             assert record is not None
             assert load.acknowledged[key] in record, (key, index)
@@ -163,34 +165,58 @@ def write_pipelined(nodes: Nodes, keys: Sequence[bytes], value: bytes) -> None:
         write_all(nodes[0].port, keys[start : start + 2000], value)
 
 
+def wait_settled(nodes: Nodes, indexes: Sequence[int], members: Sequence[int], what: str) -> None:
+    wait_for(
+        lambda: settled_with(nodes, indexes, members),
+        timeout=240,
+        interval=0.5,
+        what=what,
+    )
+
+
 @pytest.mark.parametrize("nodes", [(5, 3, config(anti_entropy="false"))], indirect=True)
-def test_growing_a_loaded_cluster_from_3_to_5_misses_and_loses_nothing(nodes: Nodes) -> None:
+def test_grow_shrink_and_remove_under_load_miss_and_lose_nothing(nodes: Nodes) -> None:
     keys = [b"elastic:%06d" % index for index in range(KEYS)]
     value = b"loaded-before-the-growth"
     write_pipelined(nodes, keys, value)
     with Load(keys, value, [nodes[i].port for i in range(3)]) as load:
         wait_for(lambda: load.reads > 500, timeout=60, what="the clients to get going")
-        # `kai --seed` on a fresh data directory joins: the cluster copies its share to it.
+        # Grow 3 -> 5: `kai --seed` on a fresh data directory joins (the one-command form).
         nodes.start(3)
         nodes.start(4)
-        wait_for(
-            lambda: settled_with(nodes, range(5), range(5)),
-            timeout=240,
-            interval=0.5,
-            what="the cluster to settle on five members",
-        )
+        wait_settled(nodes, range(5), range(5), "the cluster to settle on five members")
         load.ports = [nodes[i].port for i in range(5)]
-        wait_for(lambda: load.reads > 2000, timeout=60, what="more reads after the growth")
-    assert load.errors == [], load.errors[:10]
-    # The old owners delete what moved away once every node applied the settled ring.
-    wait_for(
-        lambda: all(int(nodes.stats(i)["kai_ownership_records_dropped"]) > 0 for i in range(3)),
-        timeout=60,
-        what="the old owners to delete the partitions they gave away",
-    )
-    check_placement(nodes, range(5), range(5), load)
-    sent = sum(int(nodes.stats(i)["kai_transfer_keys_sent"]) for i in range(3))
-    assert sent >= KEYS // 3  # the new nodes got their share by transfers
+        wait_for(lambda: load.reads > 3000, timeout=60, what="reads through the new nodes")
+        check_errors(load)
+        grown = sum(int(nodes.stats(i)["kai_transfer_keys_sent"]) for i in range(3))
+        # Two nodes leave (staged on each, committed at once); the clients stop using them.
+        load.ports = [nodes[i].port for i in (0, 2, 4)]
+        for leaving in (1, 3):
+            admin_of(nodes[leaving], "leave", "--commit")
+        wait_settled(nodes, range(5), [0, 2, 4], "the cluster to settle on three members")
+        check_errors(load)
+        check_placement(nodes, range(5), [0, 2, 4], load, values=False)
+        # One node is killed, and removed through another: its data is re-replicated from
+        # the survivors. The clients stop using it first (a killed node's own clients see
+        # errors; none here).
+        load.ports = [nodes[i].port for i in (0, 2)]
+        nodes.stop(1)
+        nodes.stop(3)
+        nodes.kill(4)
+        admin_of(nodes[0], "remove", str(nodes.node_id(4)), "--commit")
+        wait_settled(nodes, [0, 2], [0, 2], "the survivors to settle on two members")
+        wait_for(lambda: load.reads > 6000, timeout=60, what="reads after the removal")
+    check_errors(load)
+    check_placement(nodes, [0, 2], [0, 2], load, values=True)
+    assert grown >= KEYS  # the new nodes got their share by transfers, not by read repair
+    dropped = [int(nodes.stats(i)["kai_ownership_records_dropped"]) for i in (0, 2)]
+    assert all(count > 0 for count in dropped)  # old copies were deleted, not left behind
+
+
+def check_errors(load: Load) -> None:
+    with load.lock:
+        errors = list(load.errors)
+    assert errors == [], errors[:10]
 
 
 #: Few, large partitions copied slowly, one at a time: a copy takes several batches.
