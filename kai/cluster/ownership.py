@@ -177,8 +177,10 @@ class Ownership:
     def _copy(self, placement: Placement) -> None:
         moves = placement.moves
         for copy_id, (transition, _partition, _target) in list(self._copies.items()):
-            if transition != moves.transition and self.transfers.cancel(copy_id):
-                logger.info("copy %s cancelled: the members changed", copy_id)
+            if transition != moves.transition:
+                del self._copies[copy_id]
+                if self.transfers.cancel(copy_id):
+                    logger.info("copy %s cancelled: the members changed", copy_id)
         empty: list[tuple[int, NodeId]] = []
         engine = self.replica.engine
         for partition, target in placement.missing:

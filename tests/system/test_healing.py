@@ -112,15 +112,20 @@ class Nodes:
         )
 
     def wait_converged_among(self, indexes: Sequence[int]) -> None:
-        """Wait until the nodes ``indexes`` list every member and see each other up."""
+        """Wait until the nodes ``indexes`` list every member, with no transition under way."""
         everyone = " ".join(sorted(str(self.node_id(i)) for i in range(len(self.processes))))
+
+        def settled(index: int) -> bool:
+            stats = self.stats(index)
+            return stats.get("kai_curr_nodes") == everyone and stats["kai_ownership_phase"] == "0"
+
         for index in indexes:
             node = self.processes[index]
             if node is not None:
                 wait_for(
-                    lambda index=index: self.stats(index).get("kai_curr_nodes") == everyone,  # type: ignore[misc]
+                    lambda index=index: settled(index),  # type: ignore[misc]
                     timeout=30,
-                    what=f"node {index + 1} to see every member",
+                    what=f"node {index + 1} to see every member, settled",
                 )
 
 
