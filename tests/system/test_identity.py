@@ -8,8 +8,6 @@ before a data directory is made.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,24 +15,9 @@ import pytest
 from kai.testing.process import KaiProcess, free_port
 
 from .conftest import HOST, make_client, stats_of_server
+from .test_operator_errors import run_kai
 
 pytestmark = pytest.mark.system
-
-#: Seconds a refusing ``kai`` may take to exit (it does so before it serves anything).
-EXIT_TIMEOUT = 20.0
-
-
-def run_kai(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run ``kai`` to completion in ``tmp_path`` (it is expected to refuse to start)."""
-    return subprocess.run(
-        [sys.executable, "-m", "kai", *args],
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=EXIT_TIMEOUT,
-        check=False,
-    )
 
 
 def members(node: KaiProcess) -> tuple[str, str]:
