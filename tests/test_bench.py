@@ -505,6 +505,34 @@ def test_cluster_scenario(tmp_path: Path, with_memtier: bool) -> None:
 
 @pytest.mark.system
 @pytest.mark.usefixtures("untouched_bench")
+def test_elastic_scenario(tmp_path: Path) -> None:
+    # Few, larger partitions: the growth settles in seconds (each partition is one copy).
+    run_scenario(
+        "elastic",
+        "--keys=2000",
+        "--duration=1",
+        "--setting=buckets=64",
+        f"--results-dir={tmp_path}",
+    )
+    document = json.loads((tmp_path / "elastic.json").read_text())
+    for name in ("idle", "during", "after"):
+        assert_clean(document[name]["load"], f"elastic {name}")
+    transfer = document["transfer"]
+    assert transfer["keys_sent"] >= 2000, "each new node holds 3/5 of the keys"
+    assert transfer["bytes_sent"] > 2000 * 1024
+    assert 0 <= transfer["transfer_began"] < transfer["settle_seconds"]
+    assert transfer["keys_per_second"] > 0
+    assert 0 <= transfer["overlap"] <= 1
+    members = {stats["kai_curr_nodes"] for stats in document["node_stats"]}
+    assert len(members) == 1
+    assert len(members.pop().split()) == 5
+    assert {stats["kai_ownership_phase"] for stats in document["node_stats"]} == {"0"}
+    assert document["exit_codes"] == [0] * 5
+    assert "during / idle" in document["markdown"]
+
+
+@pytest.mark.system
+@pytest.mark.usefixtures("untouched_bench")
 def test_latency_scenario(tmp_path: Path) -> None:
     require_binaries("memcached")
     run_scenario(
