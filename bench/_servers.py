@@ -136,18 +136,23 @@ def start_cluster(size: int, base: Path, config: str, nodes: list[KaiProcess]) -
     first.start()
     secret = wait_for_file(first.data_dir / "cluster.secret", SECRET_TIMEOUT)
     for index in range(2, size + 1):
-        data_dir = base / f"n{index}"
-        data_dir.mkdir(parents=True)
-        write_secret(data_dir / "cluster.secret", secret)
-        node = KaiProcess(
-            data_dir,
-            port=free_port(),
-            rpc_port=free_port(),
-            config=config,
-            extra_args=["--seed", f"{HOST}:{first.rpc_port}"],
-        )
+        node = seeded_node(base / f"n{index}", secret, config, first.rpc_port)
         nodes.append(node)
         node.start()
+
+
+def seeded_node(data_dir: Path, secret: bytes, config: str, seed_rpc_port: int) -> KaiProcess:
+    """A node (not started) on a fresh ``data_dir`` holding ``secret``, with the node at
+    ``seed_rpc_port`` as its seed: started, it joins that node's cluster."""
+    data_dir.mkdir(parents=True)
+    write_secret(data_dir / "cluster.secret", secret)
+    return KaiProcess(
+        data_dir,
+        port=free_port(),
+        rpc_port=free_port(),
+        config=config,
+        extra_args=["--seed", f"{HOST}:{seed_rpc_port}"],
+    )
 
 
 def wait_until_formed(nodes: Sequence[KaiProcess], timeout: float) -> float:

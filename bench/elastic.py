@@ -44,8 +44,8 @@ from bench import cluster
 from bench._common import format_count, format_ms, markdown_table, percentile
 from bench._machine import CpuMeter, process_cpu_seconds
 from bench._results import add_output_options, publish
-from bench._servers import HOST, memcache_stats, write_secret
-from kai.testing.process import KaiProcess, free_port
+from bench._servers import HOST, memcache_stats, seeded_node
+from kai.testing.process import KaiProcess
 
 #: Seconds between two rounds of ``stats`` while a load runs or the cluster settles.
 POLL_INTERVAL = 0.1
@@ -204,16 +204,7 @@ def new_nodes(nodes: list[KaiProcess], base: Path) -> list[KaiProcess]:
     config = (first.data_dir.parent / f"{first.data_dir.name}.toml").read_text()
     fresh = []
     for index in range(len(nodes) + 1, len(nodes) + NEW_NODES + 1):
-        data_dir = base / f"n{index}"
-        data_dir.mkdir(parents=True)
-        write_secret(data_dir / "cluster.secret", secret)
-        node = KaiProcess(
-            data_dir,
-            port=free_port(),
-            rpc_port=free_port(),
-            config=config,
-            extra_args=["--seed", f"{HOST}:{first.rpc_port}"],
-        )
+        node = seeded_node(base / f"n{index}", secret, config, first.rpc_port)
         nodes.append(node)
         fresh.append(node)
     return fresh

@@ -125,6 +125,8 @@ class Ownership:
         self._changed = trio.Event()
         #: Copies this node started: transfer id -> (transition, partition, target).
         self._copies: dict[str, tuple[int, int, NodeId]] = {}
+        #: The partitions of a transition this node found holding data (its copies).
+        self._holding: tuple[int, set[int]] = (0, set())
         #: The settled placement whose cleanup is done (or running).
         self._cleaned: int | None = None
         self._cleaning = False
@@ -183,12 +185,18 @@ class Ownership:
                     logger.info("copy %s cancelled: the members changed", copy_id)
         empty: list[tuple[int, NodeId]] = []
         engine = self.replica.engine
+        if self._holding[0] != moves.transition:
+            self._holding = (moves.transition, set())
+        holding = self._holding[1]
         for partition, target in placement.missing:
             if self._sender(placement, partition) != self.self_node:
                 continue
-            if not engine.scan(partition, limit=1):
-                empty.append((partition, target))  # nothing to copy
-                continue
+            if partition not in holding:
+                if not engine.scan(partition, limit=1):
+                    # Nothing to copy (writes from now on reach the new owners directly).
+                    empty.append((partition, target))
+                    continue
+                holding.add(partition)  # looked at once per transition, not at every step
             copy_id = transfer_id(moves.transition, partition, target)
             if self.transfers.is_running(copy_id) or not self.transfers.has_room():
                 continue  # a later step offers it
