@@ -33,6 +33,7 @@ from kai.admin.staging import (
     plan_changes,
     transition_of,
 )
+from kai.cluster.ownership import partition_size
 from kai.core.errors import RpcBadRequest, RpcError, RpcMethodNotFound, RpcRemoteError
 from kai.core.membership import MembershipView
 from kai.core.pending import Pending, waits
@@ -50,21 +51,6 @@ logger = logging.getLogger(__name__)
 PEER_TIMEOUT = 5.0
 #: Metadata name of the changes staged on this node.
 STAGED_META = "staged_changes"
-#: Records a count reads between two checkpoints of the event loop.
-COUNT_CHUNK = 1024
-
-
-async def partition_size(engine: StorageEngine, partition: int) -> tuple[int, int]:
-    """Records and record bytes of one partition, counted in chunks that let other work run
-    in between (as a transfer counts what it will send)."""
-    keys = size = 0
-    after: bytes | None = None
-    while chunk := engine.scan(partition, start_after=after, limit=COUNT_CHUNK):
-        keys += len(chunk)
-        size += sum(len(record) for _key, record in chunk)
-        after = chunk[-1][0]
-        await trio.lowlevel.checkpoint()
-    return keys, size
 
 
 async def count_records(engine: StorageEngine, buckets: int) -> int:

@@ -20,7 +20,14 @@ import msgpack
 
 from kai.core.membership import MembershipView, Status
 from kai.core.ring import NodeId
-from kai.core.transition import PHASE_NAMES, SETTLED, Moves, Placement
+from kai.core.transition import (
+    CURRENT_STATUSES,
+    NEXT_STATUSES,
+    PHASE_NAMES,
+    SETTLED,
+    Moves,
+    Placement,
+)
 
 #: What an operator can stage.
 Action = Literal["join", "leave", "remove", "replace"]
@@ -397,11 +404,11 @@ def plan_changes(
     """
     target = staged_view(view, peer_views, changes)
     moves = Moves.of(target, n, buckets=buckets, virtual_nodes=virtual_nodes)
-    current = tuple(m.node for m in target.members if m.status in ("valid", "leaving"))
-    following = tuple(m.node for m in target.members if m.status in ("joining", "valid"))
+    current = tuple(m.node for m in target.members if m.status in CURRENT_STATUSES)
+    following = tuple(m.node for m in target.members if m.status in NEXT_STATUSES)
     planned: list[Move] = []
     for partition, owners in sorted(moves.owners.items()):
-        source = next((node for node in moves.current.primaries(partition, n) if is_up(node)), None)
+        source = moves.sender(partition, is_up)
         planned += (Move(partition, source, owner) for owner in sorted(owners))
     refusal: str | None = None
     if not changes:

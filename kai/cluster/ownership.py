@@ -41,30 +41,41 @@ logger = logging.getLogger(__name__)
 
 #: Records a cleanup deletes between two checkpoints of the event loop.
 DELETE_CHUNK = 256
+#: Records a count reads between two checkpoints of the event loop.
+COUNT_CHUNK = 1024
 #: Prefix of an ownership transfer's id (the rest: transition, partition, target).
 TRANSFER_PREFIX = "own-"
 
 
+async def partition_size(engine: StorageEngine, partition: int) -> tuple[int, int]:
+    """Records and record bytes of one partition of ``engine``, counted in chunks that let
+    other work run in between."""
+    keys = size = 0
+    after: bytes | None = None
+    while chunk := engine.scan(partition, start_after=after, limit=COUNT_CHUNK):
+        keys += len(chunk)
+        size += sum(len(record) for _key, record in chunk)
+        after = chunk[-1][0]
+        await trio.lowlevel.checkpoint()
+    return keys, size
+
+
 class PartitionSource:
-    """One partition of this node's data, in key order, as a transfer source. Delivering
-    forgets nothing: the old owner deletes its copy only when the transition has settled."""
+    """One partition of this node's data, in key order, as a transfer source, with its size
+    as counted before the copy (:func:`partition_size`). Delivering forgets nothing: the old
+    owner deletes its copy only when the transition has settled."""
 
     kind: str = "partition"
 
-    def __init__(self, engine: StorageEngine, partition: int) -> None:
+    def __init__(self, engine: StorageEngine, partition: int, size: tuple[int, int]) -> None:
         self.engine = engine
         self.partition: int | None = partition
         self._partition = partition
+        self._size = size
 
     def remaining(self) -> tuple[int, int]:
-        """Records and bytes of the partition (counted by a scan)."""
-        keys = size = 0
-        after: bytes | None = None
-        while chunk := self.engine.scan(self._partition, start_after=after, limit=4096):
-            keys += len(chunk)
-            size += sum(len(record) for _key, record in chunk)
-            after = chunk[-1][0]
-        return keys, size
+        """Records and bytes of the partition, as counted before the copy."""
+        return self._size
 
     def read(self, after: Cursor | None, keys: int, size: int) -> list[Item]:
         """The next records after ``after``, up to ``keys`` of them and about ``size`` bytes."""
@@ -130,6 +141,8 @@ class Ownership:
         #: The settled placement whose cleanup is done (or running).
         self._cleaned: int | None = None
         self._cleaning = False
+        #: Whether a copy's partition is being counted before it is offered (one at a time).
+        self._counting = False
         self._nursery: trio.Nursery | None = None
         transfers.on_finished = self._finished
         #: Partition copies this node sent and saw acknowledged to the end.
@@ -159,7 +172,7 @@ class Ownership:
         if self.membership.awaiting_seeds:
             return
         view = self.membership.view
-        up = [node for node in placement.nodes() if node == self.self_node or self.is_up(node)]
+        up = [node for node in placement.nodes() if self._is_up(node)]
         if not acknowledged(view, placement, up, placement.phase):
             return
         if placement.phase == COPYING:
@@ -189,7 +202,7 @@ class Ownership:
             self._holding = (moves.transition, set())
         holding = self._holding[1]
         for partition, target in placement.missing:
-            if self._sender(placement, partition) != self.self_node:
+            if moves.sender(partition, self._is_up) != self.self_node:
                 continue
             if partition not in holding:
                 if not engine.scan(partition, limit=1):
@@ -198,19 +211,33 @@ class Ownership:
                     continue
                 holding.add(partition)  # looked at once per transition, not at every step
             copy_id = transfer_id(moves.transition, partition, target)
-            if self.transfers.is_running(copy_id) or not self.transfers.has_room():
-                continue  # a later step offers it
+            if self.transfers.is_running(copy_id):
+                continue
+            if self._counting or not self.transfers.has_room() or self._nursery is None:
+                break  # a later step offers the rest
             self._copies[copy_id] = (moves.transition, partition, target)
-            self.transfers.offer(copy_id, target, PartitionSource(engine, partition))
+            self._counting = True
+            self._nursery.start_soon(self._offer, copy_id, target, partition)
         if empty:
             self.membership.add_completions(empty)
 
-    def _sender(self, placement: Placement, partition: int) -> NodeId | None:
-        """The first current owner of ``partition`` that is up (this node is)."""
-        for node in placement.moves.current.primaries(partition, self.n):
-            if node == self.self_node or self.is_up(node):
-                return node
-        return None
+    async def _offer(self, copy_id: str, target: NodeId, partition: int) -> None:
+        """Count the partition without stalling the node, then start its copy (a later step
+        offers it again if every transfer slot was taken meanwhile)."""
+        try:
+            engine = self.replica.engine
+            size = await partition_size(engine, partition)
+            if not size[0]:  # emptied meanwhile: nothing to copy
+                copy = self._copies.pop(copy_id, None)
+                if copy is not None:
+                    self._done(*copy)
+                return
+            self.transfers.offer(copy_id, target, PartitionSource(engine, partition, size))
+        finally:
+            self._counting = False
+
+    def _is_up(self, node: NodeId) -> bool:
+        return node == self.self_node or self.is_up(node)
 
     def _finished(self, transfer: Transfer) -> None:
         copy = self._copies.get(transfer.id)

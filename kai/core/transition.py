@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 import attrs
@@ -41,8 +41,10 @@ SWITCHED: Final = 2
 
 PHASE_NAMES: Final = {SETTLED: "settled", COPYING: "copying", SWITCHED: "switched"}
 
-_CURRENT: Final[frozenset[Status]] = frozenset({"valid", "leaving"})
-_NEXT: Final[frozenset[Status]] = frozenset({"joining", "valid"})
+#: Statuses of the members that hold the data now (the current ring).
+CURRENT_STATUSES: Final[frozenset[Status]] = frozenset({"valid", "leaving"})
+#: Statuses of the members that will (the next ring).
+NEXT_STATUSES: Final[frozenset[Status]] = frozenset({"joining", "valid"})
 
 
 @attrs.frozen(eq=False)
@@ -62,6 +64,8 @@ class Moves:
     transition: int
     #: Whether some member is joining or leaving (and some will be left on the ring).
     changing: bool
+    #: Replicas per key (the configured N).
+    n: int
 
     @classmethod
     def of(cls, view: MembershipView, n: int, *, buckets: int, virtual_nodes: int) -> Moves:
@@ -71,8 +75,8 @@ class Moves:
         joining) moves nothing: there is no data yet. Nor does one with nobody on the next
         ring (everyone leaving, which a commit refuses).
         """
-        current_nodes = [m.node for m in view.members if m.status in _CURRENT]
-        next_nodes = [m.node for m in view.members if m.status in _NEXT]
+        current_nodes = [m.node for m in view.members if m.status in CURRENT_STATUSES]
+        next_nodes = [m.node for m in view.members if m.status in NEXT_STATUSES]
         next_ring = _ring(tuple(next_nodes), buckets, virtual_nodes)
         if not current_nodes:
             current_ring = next_ring
@@ -90,7 +94,7 @@ class Moves:
         changing = bool(next_nodes) and any(
             m.status in ("joining", "leaving") for m in view.members
         )
-        return cls(current_ring, next_ring, owners, view.transition_id(), changing)
+        return cls(current_ring, next_ring, owners, view.transition_id(), changing, n)
 
     @property
     def settled(self) -> bool:
@@ -100,6 +104,11 @@ class Moves:
     def count(self) -> int:
         """How many copies the transition needs (partition and new owner pairs)."""
         return sum(len(nodes) for nodes in self.owners.values())
+
+    def sender(self, partition: int, is_up: Callable[[NodeId], bool]) -> NodeId | None:
+        """Who sends ``partition``'s copies: its first current owner that is up (None when
+        none is)."""
+        return next((n for n in self.current.primaries(partition, self.n) if is_up(n)), None)
 
 
 @attrs.frozen(eq=False)
