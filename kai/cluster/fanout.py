@@ -54,6 +54,12 @@ class Answer:
         """Whether the peer answered without an error."""
         return self.error is None and not self.timed_out
 
+    @property
+    def missed(self) -> bool:
+        """Whether the call never reached the peer or got no answer in time (unlike an
+        error the peer answered with): the peer may not hold what was sent."""
+        return self.timed_out or (self.error is not None and self.error.unreachable)
+
 
 class FanOut:
     """The answers to the calls of one fan-out, in the order they come.

@@ -488,15 +488,13 @@ class _Replication:
     def answered(self, answer: Answer) -> None:
         """Count one answer; find a stand-in, or keep a hint, for a replica it did not reach."""
         if self.extras and answer.peer in self.extras:
-            if not answer.ok and (
-                answer.timed_out or answer.error is None or answer.error.unreachable
-            ):
+            if answer.missed:
                 self.writer.hints.add(answer.peer, self.key, self.record)
             return
         if answer.ok and isinstance(answer.result, bool):
             self.tally.reply()
             return
-        if answer.error is not None and not answer.error.unreachable:
+        if answer.error is not None and not answer.missed:
             self.tally.fail(timed_out=False)  # it is up and refused the write (logged)
             return
         stand_ins = self.stand_ins
