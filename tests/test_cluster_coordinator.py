@@ -173,8 +173,8 @@ class Client:
         found = await resolve(self.coordinator.get(keys))
         return [Read(key, siblings) for key, siblings in zip(keys, found, strict=True)]
 
-    async def put(self, key: bytes, payload: Payload) -> Version:
-        return await resolve(self.coordinator.put(key, payload))
+    async def put(self, key: bytes, payload: Payload, context: VClock | None = None) -> Version:
+        return await resolve(self.coordinator.put(key, payload, context))
 
     async def update(self, key: bytes, update: Update) -> Applied:
         return await resolve(self.coordinator.update(key, update))
@@ -734,6 +734,53 @@ async def test_partitioned_writes_become_siblings_and_a_write_with_the_context_r
         assert cluster.stored(node, key) == (resolved,)
     assert resolved.supersedes(left)
     assert resolved.supersedes(right)
+
+
+@pytest.mark.parametrize("through", ["primary", "non-primary", "stand-in"])
+async def test_a_write_in_context_supersedes_exactly_what_the_context_covers(
+    autojump_clock: trio.testing.MockClock, through: str
+) -> None:
+    """Dynamo's put: two clients that read the same state and write in its context make two
+    siblings (neither is lost), and a write in the context of a read of both resolves
+    them, wherever it is sent (coordinated by a primary, forwarded to one with the context
+    as a token, or coordinated by a stand-in when no primary can be reached)."""
+    key = b"cart"
+    async with cluster_of(5, Quorum(3, 2, 2)) as cluster:
+        primaries = cluster.primaries(key)
+        outsider, other = cluster.others(key)
+        sender = primaries[0] if through == "primary" else outsider
+        first = await cluster[sender].put(key, Payload(0, 0, b"a"))
+        read = await cluster[other].get(key)
+        left = await cluster[sender].put(key, Payload(0, 0, b"a+b"), read.context)
+        right = await cluster[sender].put(key, Payload(0, 0, b"a+c"), read.context)
+        both = await cluster[other].get(key)
+        assert set(both.siblings) == {left, right}
+        assert left.supersedes(first) and right.supersedes(first)
+        if through == "stand-in":
+            for primary in primaries:
+                cluster.crash(primary)
+            cluster.down.update(primaries)
+        resolved = await cluster[sender].put(key, Payload(0, 0, b"a+b+c"), both.context)
+        assert resolved.supersedes(left) and resolved.supersedes(right)
+        after = await cluster[other].get(key)
+        assert after.siblings == (resolved,)
+        # A write in an empty context supersedes nothing: it becomes a sibling.
+        blind = await cluster[sender].put(key, Payload(0, 0, b"blind"), VClock())
+        assert set((await cluster[other].get(key)).siblings) == {resolved, blind}
+    if through == "non-primary":
+        forwards = cluster.network.attempts("coordinate_put")
+        assert forwards and all(sent_from == outsider for sent_from, _ in forwards)
+    if through == "stand-in":
+        assert cluster.coordinators[sender].statistics()[-1] == ("kai_stand_in_writes", 2)
+
+
+async def test_a_forwarded_write_with_a_malformed_context_token_is_a_bad_request() -> None:
+    async with cluster_of(3) as cluster:
+        handlers = cluster[cluster.nodes[0]].handlers()
+        with pytest.raises(RpcBadRequest, match="causal context"):
+            handlers["coordinate_put"](b"k", 0, 0, b"v", b"!!not a token!!")
+        with pytest.raises(RpcBadRequest, match="token"):
+            handlers["coordinate_put"](b"k", 0, 0, b"v", 12)
 
 
 async def test_a_late_stale_replica_apply_is_dropped(

@@ -37,6 +37,7 @@ from kai.core.pending import Pending, Step
 from kai.core.quorum import ReadRound
 from kai.core.ring import NodeId, Ring
 from kai.core.updates import Applied, Update
+from kai.core.vclock import VClock
 from kai.core.versions import Payload, SiblingSet, Version
 from kai.rpc.server import Handler
 from kai.rpc.transport import FanOutTransport
@@ -198,15 +199,16 @@ class Coordinator:
             return Pending(_results_when_decided(keys, round_, decided))
         return round_.merged if unique is keys else _results(keys, round_)
 
-    def put(self, key: bytes, payload: Payload) -> Step[Version]:
-        """Write ``payload`` as a new version of ``key`` with W acks, superseding every
-        version its coordinating primary knows (a memcached ``set``; a delete when the value
-        is None).
+    def put(self, key: bytes, payload: Payload, context: VClock | None = None) -> Step[Version]:
+        """Write ``payload`` as a new version of ``key`` with W acks (a delete when the value
+        is None), superseding every version its coordinating primary knows (a memcached
+        ``set``), or, given a client's ``context``, exactly the versions it covers (Dynamo's
+        put: what was written concurrently stays as a sibling).
 
         A failed write may still have landed on some replicas (the Dynamo contract): a
         timeout or unavailability only means fewer than W acknowledged it in time.
         """
-        return self._writes.write(key, payload)
+        return self._writes.write(key, payload, context)
 
     def update(self, key: bytes, update: Update) -> Step[Applied]:
         """Carry out a conditional write (cas, add, replace, append, prepend, incr, decr,

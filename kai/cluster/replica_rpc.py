@@ -12,9 +12,10 @@ Five methods, all called by :class:`~kai.cluster.coordinator.Coordinator` on pee
     Merge versions coordinated elsewhere (replication, read repair) under the replica write
     rule; True when something was stored, False when the versions were already known or
     superseded (a late, stale write is dropped).
-``coordinate_put(key, flags, expiry, value: bytes | None) -> bytes``
+``coordinate_put(key, flags, expiry, value: bytes | None[, context: bytes]) -> bytes``
     Coordinate a ``set`` (or a delete: ``value`` nil) forwarded by a node that is not a
-    primary of ``key``. Returns the written version as a one-version record.
+    primary of ``key``; with ``context`` (a token, :mod:`kai.core.contexts`) a write in the
+    context of a client's read. Returns the written version as a one-version record.
 ``coordinate_update(key, update: list) -> list``
     Carry out a conditional write (:func:`~kai.core.wire.update_to_wire`) forwarded to this
     node as the key's coordinating primary; answers :func:`~kai.core.wire.applied_to_wire`.
@@ -34,6 +35,7 @@ from collections.abc import Callable, Sequence
 import trio
 
 from kai.cluster.hints import HintStore
+from kai.core.contexts import BadContext, decode_context
 from kai.core.errors import (
     KaiError,
     RpcBadRequest,
@@ -43,6 +45,7 @@ from kai.core.pending import Pending, Step
 from kai.core.ring import NodeId
 from kai.core.rpc.protocol import MAX_MESSAGE_SIZE
 from kai.core.updates import Applied, Update
+from kai.core.vclock import VClock
 from kai.core.versions import (
     Payload,
     Version,
@@ -72,8 +75,8 @@ READ_CHUNK = 1024
 #: RPC message limit, leaving room for framing); the caller asks again for the rest.
 READ_REPLY_BUDGET = MAX_MESSAGE_SIZE // 2
 
-#: Coordinates a ``set`` forwarded to this primary: ``(key, payload) -> version``.
-CoordinateWrite = Callable[[bytes, Payload], Step[Version]]
+#: Coordinates a ``set`` forwarded to this primary: ``(key, payload, context) -> version``.
+CoordinateWrite = Callable[[bytes, Payload, VClock | None], Step[Version]]
 #: Carries out a conditional write forwarded to this primary: ``(key, update) -> applied``.
 CoordinateUpdate = Callable[[bytes, Update], Step[Applied]]
 
@@ -207,9 +210,10 @@ class ReplicaRpcHandlers:
         return True
 
     def coordinate_put(
-        self, key: object, flags: object, expiry: object, value: object
+        self, key: object, flags: object, expiry: object, value: object, context: object = None
     ) -> Step[bytes]:
-        """Coordinate a ``set`` that a non-primary forwarded here; returns the written version.
+        """Coordinate a ``set`` that a non-primary forwarded here, in ``context`` (a token)
+        when one is given; returns the written version.
 
         Raises:
             RpcBadRequest: bad parameters.
@@ -222,8 +226,16 @@ class ReplicaRpcHandlers:
             raise RpcBadRequest("expiry must be a non-negative integer")
         if value is not None and not isinstance(value, bytes):
             raise RpcBadRequest("value must be bytes or nil")
+        clock = None
+        if context is not None:
+            if not isinstance(context, bytes):
+                raise RpcBadRequest("context must be a token (bytes) or nil")
+            try:
+                clock = decode_context(context)
+            except BadContext as exc:
+                raise RpcBadRequest(str(exc)) from exc
         try:
-            written = self._coordinate_write(checked_key, Payload(flags, expiry, value))
+            written = self._coordinate_write(checked_key, Payload(flags, expiry, value), clock)
         except KaiError as exc:
             raise error_to_forward(exc) from exc
         if isinstance(written, Pending):

@@ -39,6 +39,7 @@ import trio
 from kai.cluster.fanout import Answer, Call, FanOut, PeerCaller
 from kai.cluster.hints import HintStore
 from kai.core.config import Quorum
+from kai.core.contexts import encode_context
 from kai.core.errors import QuorumTimeout, QuorumUnavailable, RpcBadRequest, RpcConnectionError
 from kai.core.pending import Pending, Step, resolve
 from kai.core.quorum import Tally
@@ -159,9 +160,14 @@ class QuorumWriter:
 
     # --- set ----------------------------------------------------------------------------------
 
-    def write(self, key: bytes, payload: Payload) -> Step[Version]:
-        """Write a new version of ``key`` that supersedes every version this primary knows:
-        here if this node is a primary, else forwarded once to a primary.
+    def write(self, key: bytes, payload: Payload, context: VClock | None = None) -> Step[Version]:
+        """Write a new version of ``key``: here if this node is a primary, else forwarded
+        once to a primary.
+
+        With ``context`` None the version supersedes every version the coordinating primary
+        knows (a memcached ``set``); with a context (a client's read, see
+        :mod:`kai.core.contexts`) it supersedes exactly what that context covers, and
+        anything written concurrently stays beside it as a sibling.
 
         When no primary can be reached and quorums are sloppy, this node coordinates the
         write as a stand-in (see :meth:`_stand_in`).
@@ -174,10 +180,14 @@ class QuorumWriter:
         ring, quorum = self.placement()
         primaries = ring.primaries_of(key, quorum.n)
         if self.self_node in primaries:
-            return self._write_here(key, payload, primaries, quorum.w)
-        params = (key, payload.flags, payload.expiry, payload.value)
+            return self._write_here(key, payload, context, primaries, quorum.w)
+        params: tuple[object, ...] = (key, payload.flags, payload.expiry, payload.value)
+        if context is not None:
+            params += (encode_context(context),)
         stand_in = (
-            partial(self._stand_in, key, payload, primaries, quorum.w) if self.sloppy else None
+            partial(self._stand_in, key, payload, context, primaries, quorum.w)
+            if self.sloppy
+            else None
         )
         return Pending(
             self._forward(
@@ -185,7 +195,9 @@ class QuorumWriter:
             )
         )
 
-    def coordinate(self, key: bytes, payload: Payload) -> Step[Version]:
+    def coordinate(
+        self, key: bytes, payload: Payload, context: VClock | None = None
+    ) -> Step[Version]:
         """Write as :meth:`write` does, here, whatever the ring says (a write a peer
         forwarded: forwarding again could loop).
 
@@ -193,21 +205,31 @@ class QuorumWriter:
         stored here too, but only the primaries' acks count towards W.
         """
         primaries, w = self._primaries(key)
-        return self._write_here(key, payload, primaries, w)
+        return self._write_here(key, payload, context, primaries, w)
 
     def _write_here(
-        self, key: bytes, payload: Payload, primaries: Sequence[NodeId], w: int
+        self,
+        key: bytes,
+        payload: Payload,
+        context: VClock | None,
+        primaries: Sequence[NodeId],
+        w: int,
     ) -> Step[Version]:
         if self.locks.locked(key):
-            return Pending(self._write_in_turn(key, payload, primaries, w))
-        return self._coordinate(key, payload, None, primaries, w)
+            return Pending(self._write_in_turn(key, payload, context, primaries, w))
+        return self._coordinate(key, payload, context, primaries, w)
 
     async def _write_in_turn(
-        self, key: bytes, payload: Payload, primaries: Sequence[NodeId], w: int
+        self,
+        key: bytes,
+        payload: Payload,
+        context: VClock | None,
+        primaries: Sequence[NodeId],
+        w: int,
     ) -> Version:
         # A conditional write of this key is deciding: this write comes after it.
         async with self.locks.hold(key):
-            return await resolve(self._coordinate(key, payload, None, primaries, w))
+            return await resolve(self._coordinate(key, payload, context, primaries, w))
 
     # --- conditional writes -------------------------------------------------------------------
 
@@ -290,6 +312,7 @@ class QuorumWriter:
         self,
         key: bytes,
         payload: Payload,
+        context: VClock | None,
         primaries: Sequence[NodeId],
         w: int,
         unreachable: Collection[NodeId],
@@ -299,13 +322,14 @@ class QuorumWriter:
         quorum: the first healthy nodes of the preference list take it).
 
         The version supersedes what this node's hints hold of the key (it holds no data of
-        it) and has a dot of its own actor (:meth:`LocalReplica.stand_in_write`). Each
+        it), or what ``context`` covers when the client gave one, and has a dot of its own
+        actor (:meth:`LocalReplica.stand_in_write`). Each
         primary's copy goes to the next fallback that is not down, this node included, as a
         hint for that primary; the handoff delivers them when the primaries are back.
         """
         known = self.hints.record_for(key)
         version, siblings = self.replica.stand_in_write(
-            key, payload, decode_siblings(known) if known is not None else ()
+            key, payload, decode_siblings(known) if known is not None else (), context
         )
         self.stand_in_writes += 1
         tally = Tally(min(w, len(primaries)), len(primaries))

@@ -282,11 +282,12 @@ class LocalReplica:
         return version, record
 
     def stand_in_write(
-        self, key: bytes, payload: Payload, known: SiblingSet
+        self, key: bytes, payload: Payload, known: SiblingSet, context: VClock | None = None
     ) -> tuple[Version, SiblingSet]:
         """Create a new version of a key none of whose primaries can be reached, superseding
-        ``known`` (what this node keeps of the key as hints), and return it with the sibling
-        set to hand on; nothing is stored here.
+        ``known`` (what this node keeps of the key as hints), or exactly what ``context``
+        covers when the client gave one, and return it with the sibling set to hand on;
+        nothing is stored here.
 
         Its dot is ``(fresh actor, 1)``: an actor id used for no other event. A stand-in
         forgets the key once its hints are delivered, so a counter of its own actor could
@@ -299,7 +300,7 @@ class LocalReplica:
         """
         version, pruned = new_version(
             payload,
-            context_of(known),
+            context_of(known) if context is None else context,
             (os.urandom(ACTOR_ID_SIZE), 1),
             self._timestamp(),
             self.clock_max_entries,
