@@ -186,6 +186,9 @@ class Node:
                 except OSError as exc:
                     raise _listen_error(config.listen, "listen", exc) from exc
                 memcache_address = addresses[0]
+                cluster.membership.publish_endpoint(
+                    _advertised_host(memcache_address[0], self_node), memcache_address[1]
+                )
                 logger.info(
                     "kai %s serving memcached on %s:%s, rpc on %s (store %s, actor %s)",
                     __version__,
@@ -267,6 +270,7 @@ class Node:
                 ("kai_down_nodes", " ".join(map(str, cluster.detector.down_nodes())) or "-"),
                 *cluster.statistics(),
             ],
+            ring=cluster.ring_stats,
             all_siblings=config.siblings == "all",
         )
 
@@ -372,3 +376,12 @@ def _listen_error(
     if data_dir is not None:
         reason += f"; port 0 reuses the port data directory {data_dir} was created with"
     return ConfigError(f"cannot listen on {address} ({setting}, --{setting}): {reason}")
+
+
+#: Listen hosts that mean "every address": clients are told the node's RPC host instead.
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+
+
+def _advertised_host(listen_host: str, self_node: NodeId) -> str:
+    """The host clients should use for this node's memcached port."""
+    return self_node.host if listen_host in _WILDCARD_HOSTS else listen_host

@@ -11,6 +11,7 @@ from kai.core.membership import (
     STATUSES,
     Applied,
     Completion,
+    Endpoint,
     Member,
     MembershipView,
     Status,
@@ -45,7 +46,21 @@ def views(draw: st.DrawFn) -> MembershipView:
         )
     )
     applied = tuple(Applied(node, *acks[node]) for node in sorted(acks) if node in entries)
-    return MembershipView(members, tuple(times), completed, applied)
+    # Memcached addresses published by members, from small pools so merges meet ties.
+    published = draw(
+        st.dictionaries(
+            st.sampled_from(sorted(entries) or NODES[:1]),
+            st.tuples(
+                st.integers(0, 3),
+                st.sampled_from(["127.0.0.1", "10.0.0.2"]),
+                st.integers(11211, 11213),
+            ),
+        )
+    )
+    endpoints = tuple(
+        Endpoint(node, *published[node]) for node in sorted(published) if node in entries
+    )
+    return MembershipView(members, tuple(times), completed, applied, endpoints)
 
 
 def dominates(upper: MembershipView, lower: MembershipView) -> bool:
@@ -68,6 +83,14 @@ def dominates(upper: MembershipView, lower: MembershipView) -> bool:
             entry.phase,
             entry.mark,
         ):
+            return False
+    for endpoint in lower.endpoints:
+        mine_endpoint = upper.endpoint(endpoint.node)
+        if mine_endpoint is None or (
+            mine_endpoint.epoch,
+            mine_endpoint.host,
+            mine_endpoint.port,
+        ) < (endpoint.epoch, endpoint.host, endpoint.port):
             return False
     # Completions: the upper view keeps the lower's unless it holds a higher generation.
     top = max((done.generation for done in upper.completed), default=0)
@@ -100,6 +123,7 @@ def test_merge_is_a_least_upper_bound(a: MembershipView, b: MembershipView) -> N
     for member in merged.members:
         assert member in a.members or member in b.members
     assert set(merged.flush_times) <= set(a.flush_times) | set(b.flush_times)
+    assert set(merged.endpoints) <= set(a.endpoints) | set(b.endpoints)
     # Merging something already dominated changes nothing.
     assert merged.merge(a) == merged
 
@@ -257,3 +281,41 @@ def test_construction_refuses_invalid_views() -> None:
         Member(a, "dead", 1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="integer >= 0"):
         MembershipView().with_flush(-5)
+
+
+@given(views(), nodes, st.integers(0, 5))
+def test_a_later_endpoint_wins_and_an_earlier_one_changes_nothing(
+    view: MembershipView, node: NodeId, epoch: int
+) -> None:
+    if view.member(node) is None:
+        view = view.with_status(node, "joining")  # a node publishes once it is a member
+    published = view.with_endpoint(node, "127.0.0.9", 12345, epoch + 10)
+    endpoint = published.endpoint(node)
+    assert endpoint is not None and endpoint.address() == "127.0.0.9:12345"
+    assert view.merge(published) == published.merge(view) == published
+    assert published.with_endpoint(node, "127.0.0.8", 1, epoch) == published
+    assert MembershipView.from_wire(published.to_wire()) == published
+
+
+def test_a_view_without_endpoints_from_an_older_node_still_parses() -> None:
+    view = MembershipView.single(NODES[0]).with_endpoint(NODES[0], "127.0.0.1", 11211, 7)
+    wire = view.to_wire()
+    del wire["endpoints"]
+    assert MembershipView.from_wire(wire) == MembershipView.single(NODES[0])
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        ["127.0.0.1", 11011, -1, "127.0.0.1", 11211],
+        ["127.0.0.1", 11011, 1, "", 11211],
+        ["127.0.0.1", 11011, 1, "127.0.0.1", 0],
+        ["127.0.0.1", 11011, 1, "127.0.0.1", 70000],
+        ["127.0.0.1", 11011, 1, "127.0.0.1"],
+    ],
+)
+def test_malformed_endpoints_are_refused(entry: list[object]) -> None:
+    wire = MembershipView.single(NODES[0]).to_wire()
+    wire["endpoints"] = [entry]
+    with pytest.raises(ValueError, match="endpoint"):
+        MembershipView.from_wire(wire)

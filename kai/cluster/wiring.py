@@ -8,6 +8,7 @@ sockets itself.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 
@@ -238,6 +239,27 @@ class Cluster:
             **self.anti_entropy.handlers(),
             "gossip": self.membership.handle_gossip,
         }
+
+    def ring_stats(self) -> list[tuple[str, object]]:
+        """``stats kai_ring``: the ring reads and writes are coordinated on, with each
+        member's memcached address, so clients can send a key to one of its primaries
+        (docs/dynamo-api.md)."""
+        ring = self._placement.ring
+        view = self.membership.view
+        fingerprint = hashlib.blake2b(
+            " ".join(map(str, ring.nodes)).encode(), digest_size=8, salt=b"kai-ring"
+        )
+        fingerprint.update(b"%d %d" % (ring.buckets, ring.virtual_nodes))
+        fields: list[tuple[str, object]] = [
+            ("ring", fingerprint.hexdigest()),
+            ("buckets", ring.buckets),
+            ("virtual_nodes", ring.virtual_nodes),
+            ("replicas", min(self.config.quorum.n, len(ring.nodes))),
+        ]
+        for node in ring.nodes:
+            endpoint = view.endpoint(node)
+            fields.append(("node", f"{node} {endpoint.address() if endpoint else '-'}"))
+        return fields
 
     def statistics(self) -> list[tuple[str, object]]:
         """The cluster services' counters, for memcached ``stats``."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from typing import Final, Literal, TypeGuard, get_args
+from typing import Final, Literal, TypeGuard, TypeVar, get_args
 
 import attrs
 import msgpack
@@ -77,6 +77,30 @@ class Applied:
 
     def _merge_key(self) -> tuple[int, int, int]:
         return (self.generation, self.phase, self.mark)
+
+
+@attrs.frozen(slots=True, order=True)
+class Endpoint:
+    """Where a node serves memcached clients, as the node itself last published it.
+
+    Attributes:
+        node: the node (by its RPC address).
+        epoch: when it published this (unix microseconds at its start): the latest wins.
+        host: the memcached host clients connect to.
+        port: the memcached port.
+    """
+
+    node: NodeId
+    epoch: int
+    host: str
+    port: int
+
+    def _merge_key(self) -> tuple[int, str, int]:
+        return (self.epoch, self.host, self.port)
+
+    def address(self) -> str:
+        """``host:port``, as memcached clients are configured."""
+        return f"{self.host}:{self.port}"
 
 
 _STATUS_RANK: Final[dict[str, int]] = {status: rank for rank, status in enumerate(STATUSES)}
@@ -169,6 +193,8 @@ class MembershipView:
     completed: frozenset[Completion] = attrs.field(default=frozenset())
     #: One entry per node that acknowledged a placement state, sorted by node.
     applied: tuple[Applied, ...] = attrs.field(default=())
+    #: One entry per node that published its memcached address, sorted by node.
+    endpoints: tuple[Endpoint, ...] = attrs.field(default=())
 
     @classmethod
     def single(cls, node: NodeId) -> MembershipView:
@@ -252,11 +278,24 @@ class MembershipView:
         entry = Applied(node, self.generation(), phase, mark)
         if self.applied_by(node) == entry:
             return self
-        return attrs.evolve(self, applied=_merge_applied(self.applied, (entry,)))
+        return attrs.evolve(self, applied=_merge_latest(self.applied, (entry,)))
 
     def applied_by(self, node: NodeId) -> Applied | None:
         """``node``'s latest acknowledgement, or None."""
         for entry in self.applied:
+            if entry.node == node:
+                return entry
+        return None
+
+    def with_endpoint(self, node: NodeId, host: str, port: int, epoch: int) -> MembershipView:
+        """This view with ``node``'s memcached address published at ``epoch``; unchanged
+        when it already holds that or a later publication."""
+        merged = _merge_latest(self.endpoints, (Endpoint(node, epoch, host, port),))
+        return self if merged == self.endpoints else attrs.evolve(self, endpoints=merged)
+
+    def endpoint(self, node: NodeId) -> Endpoint | None:
+        """Where ``node`` serves memcached clients, if it has published that."""
+        for entry in self.endpoints:
             if entry.node == node:
                 return entry
         return None
@@ -268,7 +307,7 @@ class MembershipView:
         statuses the later status in ``joining < valid < leaving < left`` wins, so the
         result never depends on which side is which. Flush times are the union, truncated
         to the latest `MAX_FLUSH_TIMES`. Completions are the union, of the highest
-        generation only; acknowledgements are per node the highest.
+        generation only; acknowledgements and endpoints are per node the highest.
 
         Returns:
             A view that dominates both inputs; this view itself when ``other`` adds nothing.
@@ -282,7 +321,8 @@ class MembershipView:
             tuple(winners[node] for node in sorted(winners)),
             _latest_flush_times((*self.flush_times, *other.flush_times)),
             _latest_completions((*self.completed, *other.completed)),
-            _merge_applied(self.applied, other.applied),
+            _merge_latest(self.applied, other.applied),
+            _merge_latest(self.endpoints, other.endpoints),
         )
         return self if merged == self else merged
 
@@ -303,14 +343,18 @@ class MembershipView:
                 [entry.node.host, entry.node.port, entry.generation, entry.phase, entry.mark]
                 for entry in self.applied
             ],
+            "endpoints": [
+                [entry.node.host, entry.node.port, entry.epoch, entry.host, entry.port]
+                for entry in self.endpoints
+            ],
         }
 
     @classmethod
     def from_wire(cls, data: object) -> MembershipView:
         """Rebuild and validate a view sent by `to_wire`, possibly by another node.
 
-        Keys other than ``members`` and ``flush_times`` are ignored, so a newer node may add
-        fields without breaking older ones.
+        Keys it does not know are ignored, so a newer node may add fields without breaking
+        older ones.
 
         Args:
             data: ``{"members": [[host, port, status, version], ...], "flush_times": [...]}``.
@@ -343,7 +387,13 @@ class MembershipView:
         applied = tuple(_applied_from_wire(entry) for entry in raw_applied)
         if [entry.node for entry in applied] != sorted({entry.node for entry in applied}):
             raise ValueError("'applied' entries must be sorted by node without repeats")
-        return cls(members, tuple(raw_flush_times), completed, applied)
+        raw_endpoints = data.get("endpoints", [])
+        if not isinstance(raw_endpoints, list) or len(raw_endpoints) > len(members):
+            raise ValueError("'endpoints' must be a list of at most one entry per member")
+        endpoints = tuple(_endpoint_from_wire(entry) for entry in raw_endpoints)
+        if [entry.node for entry in endpoints] != sorted({entry.node for entry in endpoints}):
+            raise ValueError("'endpoints' entries must be sorted by node without repeats")
+        return cls(members, tuple(raw_flush_times), completed, applied, endpoints)
 
     def check_invariants(self) -> None:
         """Check the view's internal consistency.
@@ -377,8 +427,12 @@ def _latest_completions(completions: Iterable[Completion]) -> frozenset[Completi
     return frozenset(done for done in every if done.generation == latest)
 
 
-def _merge_applied(ours: Iterable[Applied], theirs: Iterable[Applied]) -> tuple[Applied, ...]:
-    winners: dict[NodeId, Applied] = {entry.node: entry for entry in ours}
+_Latest = TypeVar("_Latest", Applied, Endpoint)
+
+
+def _merge_latest(ours: Iterable[_Latest], theirs: Iterable[_Latest]) -> tuple[_Latest, ...]:
+    """Per node, the entry with the highest merge key; sorted by node."""
+    winners: dict[NodeId, _Latest] = {entry.node: entry for entry in ours}
     for entry in theirs:
         current = winners.get(entry.node)
         if current is None or entry._merge_key() > current._merge_key():
@@ -430,6 +484,15 @@ def _applied_from_wire(entry: object) -> Applied:
     if not (_is_int(generation) and _is_int(phase) and _is_int(mark)):
         raise ValueError(f"an applied entry needs integer fields, not {entry!r:.200}")
     return Applied(_node_from_wire(host, port, "applied"), generation, phase, mark)
+
+
+def _endpoint_from_wire(entry: object) -> Endpoint:
+    node_host, node_port, epoch, host, port = _ints(entry, 5, "endpoint")
+    if not (_is_int(epoch) and epoch >= 0 and isinstance(host, str) and host):
+        raise ValueError(f"an endpoint needs an epoch >= 0 and a host, not {entry!r:.200}")
+    if not (_is_int(port) and 0 < port < 65536):
+        raise ValueError(f"an endpoint needs a port in 1..65535, not {entry!r:.200}")
+    return Endpoint(_node_from_wire(node_host, node_port, "endpoint"), epoch, host, port)
 
 
 def _member_from_wire(entry: object) -> Member:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final, NoReturn
 
@@ -247,6 +248,12 @@ class Membership:
     def acknowledge(self, phase: int, mark: int) -> None:
         """Record that this node applies the placement ``mark`` (at ``phase``) now."""
         self._replace(self._view.with_applied(self._self_node, phase, mark))
+
+    def publish_endpoint(self, host: str, port: int) -> None:
+        """Publish where this node serves memcached clients (``stats kai_ring`` lists it, so
+        clients can send each key to one of its primaries); gossip spreads it."""
+        epoch = time.time_ns() // 1000
+        self._replace(self._view.with_endpoint(self._self_node, host, port, epoch))
 
     def add_flush(self, at: int) -> None:
         """Record a cluster-wide flush at ``at`` (unix microseconds); gossip spreads it.

@@ -70,6 +70,7 @@ class CommandExecutor:
         info: static node facts for ``stats``.
         item_counts: returns (items, bytes) for ``curr_items`` / ``bytes``.
         extra_stats: more ``stats`` fields from other parts of the node (storage, cache).
+        ring: the fields of ``stats kai_ring`` (see :class:`StatsReport`).
         all_siblings: return every live sibling (``siblings = "all"``) instead of the newest.
         wall_clock: unix time in seconds (injectable for tests).
     """
@@ -82,6 +83,7 @@ class CommandExecutor:
         *,
         item_counts: Callable[[], tuple[int, int]] = lambda: (0, 0),
         extra_stats: Callable[[], list[tuple[str, object]]] = list,
+        ring: Callable[[], list[tuple[str, object]]] = list,
         all_siblings: bool = False,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -97,6 +99,7 @@ class CommandExecutor:
             members=lambda: self.coordinator.members(),
             item_counts=item_counts,
             extra_stats=extra_stats,
+            ring=ring,
             wall_clock=wall_clock,
         )
 

@@ -52,6 +52,8 @@ class StatsReport:
         item_counts: returns (items, bytes) for ``curr_items`` / ``bytes``.
         extra_stats: more fields from other parts of the node (storage, cache); a node list
             named in :data:`COUNTED_NODE_LISTS` is followed by its count.
+        ring: the fields of ``stats kai_ring`` (where keys live, for clients that route
+            requests to a key's primaries; docs/dynamo-api.md).
         wall_clock: unix time in seconds.
     """
 
@@ -63,9 +65,11 @@ class StatsReport:
         members: Callable[[], list[str]],
         item_counts: Callable[[], tuple[int, int]] = lambda: (0, 0),
         extra_stats: Callable[[], list[tuple[str, object]]] = list,
+        ring: Callable[[], list[tuple[str, object]]] = list,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.stats = stats
+        self.ring = ring
         self.info = info
         self.members = members
         self.item_counts = item_counts
@@ -78,6 +82,8 @@ class StatsReport:
             return replies.encode_stats(self.general())
         if args == (b"settings",):
             return replies.encode_stats(self.settings())
+        if args == (b"kai_ring",):
+            return replies.encode_stats(self.ring())
         if args == (b"reset",):
             self.stats.reset()
             return replies.RESET
