@@ -296,7 +296,7 @@ CASES = [
     case(b"   \r\n", UNKNOWN),
     case(b"SET k 0 0 1\r\nx\r\n", UNKNOWN, UNKNOWN),
     case(b"Get k\r\n", UNKNOWN),
-    case(b"mg k v\r\n", UNKNOWN),
+    case(b"mx k v\r\n", UNKNOWN),  # a meta-looking command memcached does not know
     case(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", HTTP_CLOSE),
     case(b"DELETE HTTP/1.1\r\n", HTTP_CLOSE),
     case(b"version\r\nPOST /x HTTP/1.1\r\nversion\r\n", Version(), HTTP_CLOSE),

@@ -172,6 +172,17 @@ class CommandExecutor:
                 return _quiet(noreply, protocol.OK)
             case protocol.Invalid(reply=reply):
                 return reply
+            case (
+                protocol.MetaGet()
+                | protocol.MetaSet()
+                | protocol.MetaValueTooLarge()
+                | protocol.MetaDelete()
+                | protocol.MetaArithmetic()
+                | protocol.MetaDebug()
+                | protocol.MetaNoop()
+            ):
+                # Parsed, not served yet: answered as before the parser knew them.
+                return protocol.ERROR
             case _:
                 # Quit is handled by the connection; anything else is a programming error.
                 raise TypeError(f"cannot execute {request!r}")

@@ -29,6 +29,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final, TypeAlias
 
+import attrs
+
+from kai.core.memcache import meta_parser
+from kai.core.memcache.meta import (
+    MetaArithmetic,
+    MetaDebug,
+    MetaDelete,
+    MetaGet,
+    MetaNoop,
+    MetaRequest,
+    MetaSet,
+    MetaValueTooLarge,
+)
+from kai.core.memcache.numbers import parse_int32, parse_ratio, parse_unsigned
 from kai.core.memcache.replies import (
     DELETED,
     END,
@@ -48,20 +62,18 @@ from kai.core.memcache.replies import (
 )
 from kai.core.memcache.requests import (
     INT32_MAX,
-    INT32_MIN,
     KEY_MAX_LENGTH,
     STORE_COMMANDS,
     UINT32_MAX,
     UINT64_MAX,
     Arithmetic,
+    ClassicRequest,
     Delete,
-    Event,
     FlushAll,
     Get,
     GetAndTouch,
     Invalid,
     Quit,
-    Request,
     SlabsAutomove,
     Stats,
     Store,
@@ -96,6 +108,14 @@ __all__ = [
     "GetAndTouch",
     "Invalid",
     "MemcacheParser",
+    "MetaArithmetic",
+    "MetaDebug",
+    "MetaDelete",
+    "MetaGet",
+    "MetaNoop",
+    "MetaRequest",
+    "MetaSet",
+    "MetaValueTooLarge",
     "Quit",
     "Request",
     "SlabsAutomove",
@@ -112,10 +132,13 @@ __all__ = [
     "server_error",
 ]
 
+#: Every request the parser makes: the classic commands' and the meta commands'.
+Request: TypeAlias = ClassicRequest | MetaRequest
+#: Everything :meth:`MemcacheParser.next_event` returns apart from the sentinels.
+Event: TypeAlias = Request | Invalid
+
 # memcached rejects a declared value length above INT_MAX - 2 (the "+2" for the "\r\n").
 _MAX_DECLARED_LENGTH: Final = INT32_MAX - 2
-# Longer numeric tokens are rejected before int() sees them (int() refuses huge digit strings).
-_MAX_NUMBER_TOKEN_LENGTH: Final = 64
 
 # --- Parser replies --------------------------------------------------------------------------
 
@@ -166,6 +189,8 @@ class CLOSED(_Sentinel, metaclass=_Sentinel):
 
 
 _Outcome: TypeAlias = Event | type[NEED_DATA] | type[CLOSED]
+#: What a discarded data block was: the event to return once it is gone.
+_AfterDiscard: TypeAlias = ValueTooLarge | MetaValueTooLarge | Invalid
 
 _SILENT: Final = Invalid(b"")
 _UNKNOWN_COMMAND: Final = Invalid(ERROR)
@@ -175,31 +200,6 @@ _QUIT: Final = Quit()
 
 def _silenced(reply: Invalid, noreply: bool) -> Invalid:
     return _SILENT if noreply else reply
-
-
-def _parse_unsigned(token: bytes, maximum: int) -> int | None:
-    """Parse a plain decimal (digits only) no larger than ``maximum``, else ``None``."""
-    if len(token) > _MAX_NUMBER_TOKEN_LENGTH or not token.isdigit():
-        return None
-    value = int(token)
-    return value if value <= maximum else None
-
-
-def _parse_int32(token: bytes) -> int | None:
-    """Parse an optionally negative decimal that fits a signed 32-bit int, else ``None``."""
-    digits = token[1:] if token.startswith(b"-") else token
-    if len(digits) > _MAX_NUMBER_TOKEN_LENGTH or not digits.isdigit():
-        return None
-    value = int(token)
-    return value if INT32_MIN <= value <= INT32_MAX else None
-
-
-def _parse_ratio(token: bytes) -> float | None:
-    """Parse a non-negative decimal fraction such as ``0.8`` (digits and one dot), else None."""
-    whole, _, fraction = token.partition(b".")
-    if len(token) > _MAX_NUMBER_TOKEN_LENGTH or not (whole + fraction).isdigit():
-        return None
-    return float(token)
 
 
 # --- Parser ---------------------------------------------------------------------------------
@@ -234,6 +234,7 @@ class MemcacheParser:
         "_max_get_line_length",
         "_max_item_size",
         "_max_line_length",
+        "_pending_meta_set",
         "_pending_store",
         "_received_any",
         "_scan_start",
@@ -259,11 +260,13 @@ class MemcacheParser:
         self._buffer = bytearray()
         # Where the search for the next "\n" resumes: bytes before it hold no newline.
         self._scan_start = 0
-        # (command, key, flags, exptime, length, noreply, cas_unique) awaiting its data block.
+        # (command, key, flags, exptime, length, noreply, cas_unique) awaiting its data block;
+        # the command is _META_SET for an ms, whose record waits in _pending_meta_set.
         self._pending_store: tuple[str, bytes, int, int, int, bool, int | None] | None = None
+        self._pending_meta_set: MetaSet | None = None
         # Bytes of an over-long value still to drop, and the event to emit after that.
         self._discard_remaining = 0
-        self._after_discard: ValueTooLarge | None = None
+        self._after_discard: _AfterDiscard | None = None
         self._received_any = False
         self._at_eof = False
         self._closed = False
@@ -334,6 +337,7 @@ class MemcacheParser:
         self._closed = True
         self._buffer.clear()
         self._pending_store = None
+        self._pending_meta_set = None
         self._after_discard = None
 
     def _close_with(self, reply: bytes) -> Invalid:
@@ -387,9 +391,17 @@ class MemcacheParser:
             return _silenced(Invalid(_BAD_DATA_CHUNK), noreply)
         value = bytes(buffer[:length])
         del buffer[: length + 2]
+        if command is _META_SET:
+            return self._meta_set_with(value)
         return Store(command, key, flags, exptime, value, noreply, cas_unique)
 
-    def _discard_then(self, count: int, event: ValueTooLarge) -> _Outcome:
+    def _meta_set_with(self, value: bytes) -> MetaSet:
+        header = self._pending_meta_set
+        assert header is not None
+        self._pending_meta_set = None
+        return attrs.evolve(header, value=value)
+
+    def _discard_then(self, count: int, event: _AfterDiscard) -> _Outcome:
         buffer = self._buffer
         dropped = min(count, len(buffer))
         del buffer[:dropped]
@@ -418,14 +430,14 @@ class MemcacheParser:
         key = tokens[1]
         if not is_valid_key(key):
             return _silenced(Invalid(_BAD_FORMAT), noreply)
-        flags = _parse_unsigned(tokens[2], UINT32_MAX)
-        exptime = _parse_int32(tokens[3])
-        length = _parse_int32(tokens[4])
+        flags = parse_unsigned(tokens[2], UINT32_MAX)
+        exptime = parse_int32(tokens[3])
+        length = parse_int32(tokens[4])
         if flags is None or exptime is None or length is None:
             return _silenced(Invalid(_BAD_FORMAT), noreply)
         cas_unique = None
         if is_cas:
-            cas_unique = _parse_unsigned(tokens[5], UINT64_MAX)
+            cas_unique = parse_unsigned(tokens[5], UINT64_MAX)
             if cas_unique is None:
                 return _silenced(Invalid(_BAD_FORMAT), noreply)
         if not 0 <= length <= _MAX_DECLARED_LENGTH:
@@ -434,6 +446,18 @@ class MemcacheParser:
             return self._discard_then(length + 2, ValueTooLarge(command, key, noreply))
         self._pending_store = (command, key, flags, exptime, length, noreply, cas_unique)
         return self._read_value()
+
+    def _parse_meta_set(self, tokens: list[bytes]) -> _Outcome:
+        event, length = meta_parser.parse_set(tokens, self._max_item_size)
+        if length is None:
+            return event
+        if isinstance(event, MetaSet):
+            # The data block is read as a classic one is; a bad chunk is always answered.
+            self._pending_meta_set = event
+            self._pending_store = (_META_SET, b"", 0, 0, length, False, None)
+            return self._read_value()
+        # Flags memcached refuses, or a value too large: the data block is swallowed.
+        return self._discard_then(length + 2, event)
 
     def _parse_get(self, tokens: list[bytes]) -> Event:
         if len(tokens) < 2:
@@ -447,7 +471,7 @@ class MemcacheParser:
     def _parse_get_and_touch(self, tokens: list[bytes]) -> Event:
         if len(tokens) < 2:
             return _UNKNOWN_COMMAND
-        exptime = _parse_int32(tokens[1])
+        exptime = parse_int32(tokens[1])
         if exptime is None:
             return Invalid(_BAD_EXPTIME)
         keys = tokens[2:]
@@ -484,7 +508,7 @@ class MemcacheParser:
         key = tokens[1]
         if not is_valid_key(key):
             return _silenced(Invalid(_BAD_FORMAT), noreply)
-        delta = _parse_unsigned(tokens[2], UINT64_MAX)
+        delta = parse_unsigned(tokens[2], UINT64_MAX)
         if delta is None:
             return _silenced(Invalid(_BAD_DELTA), noreply)
         return Arithmetic(key, delta, tokens[0] == b"incr", noreply)
@@ -496,7 +520,7 @@ class MemcacheParser:
         key = tokens[1]
         if not is_valid_key(key):
             return _silenced(Invalid(_BAD_FORMAT), noreply)
-        exptime = _parse_int32(tokens[2])
+        exptime = parse_int32(tokens[2])
         if exptime is None:
             return _silenced(Invalid(_BAD_EXPTIME), noreply)
         return Touch(key, exptime, noreply)
@@ -508,7 +532,7 @@ class MemcacheParser:
         noreply = tokens[-1] == b"noreply"
         delay = 0
         if count != (2 if noreply else 1):
-            parsed = _parse_int32(tokens[1])
+            parsed = parse_int32(tokens[1])
             if parsed is None:
                 return _silenced(Invalid(_BAD_EXPTIME), noreply)
             delay = parsed
@@ -526,7 +550,7 @@ class MemcacheParser:
         if len(tokens) != 2 and len(tokens) != 3:
             return _UNKNOWN_COMMAND
         noreply = tokens[-1] == b"noreply"
-        level = _parse_unsigned(tokens[1], UINT32_MAX)
+        level = parse_unsigned(tokens[1], UINT32_MAX)
         if level is None:
             return _silenced(Invalid(_BAD_FORMAT), noreply)
         return Verbosity(level, noreply)
@@ -538,10 +562,10 @@ class MemcacheParser:
             return _UNKNOWN_COMMAND
         noreply = tokens[-1] == b"noreply"
         if tokens[2] == b"ratio":
-            if len(tokens) < 4 or _parse_ratio(tokens[3]) is None:
+            if len(tokens) < 4 or parse_ratio(tokens[3]) is None:
                 return _silenced(Invalid(_BAD_FORMAT), noreply)
             return SlabsAutomove(None, noreply)
-        level = _parse_unsigned(tokens[2], UINT32_MAX)
+        level = parse_unsigned(tokens[2], UINT32_MAX)
         if level is None:
             return _silenced(Invalid(_BAD_FORMAT), noreply)
         if level > _SLABS_AUTOMOVE_MAX:
@@ -557,6 +581,8 @@ class MemcacheParser:
         return _QUIT
 
 
+#: The command of a pending data block that belongs to an ``ms`` (never a classic name).
+_META_SET: Final = "ms"
 _STORE_COMMAND_NAMES: Final = {name.encode(): name for name in STORE_COMMANDS}
 
 _COMMAND_PARSERS: Final[dict[bytes, Callable[[MemcacheParser, list[bytes]], _Outcome]]] = {
@@ -581,4 +607,10 @@ _COMMAND_PARSERS: Final[dict[bytes, Callable[[MemcacheParser, list[bytes]], _Out
     b"slabs": MemcacheParser._parse_slabs,
     b"shutdown": MemcacheParser._parse_shutdown,
     b"quit": MemcacheParser._parse_quit,
+    b"mg": lambda parser, tokens: meta_parser.parse_get(tokens),
+    b"ms": MemcacheParser._parse_meta_set,
+    b"md": lambda parser, tokens: meta_parser.parse_delete(tokens),
+    b"ma": lambda parser, tokens: meta_parser.parse_arithmetic(tokens),
+    b"me": lambda parser, tokens: meta_parser.parse_debug(tokens),
+    b"mn": lambda parser, tokens: meta_parser.parse_noop(tokens),
 }

@@ -249,7 +249,9 @@ class Invalid:
             raise ValueError(f"a reply must end with CRLF: {self.reply!r}")
 
 
-Request: TypeAlias = (
+#: The classic commands' requests (:mod:`kai.core.memcache.meta` has the meta commands'; the
+#: parser's ``Request`` is both).
+ClassicRequest: TypeAlias = (
     Get
     | GetAndTouch
     | Store
@@ -264,5 +266,3 @@ Request: TypeAlias = (
     | SlabsAutomove
     | Quit
 )
-#: Everything :meth:`MemcacheParser.next_event` returns apart from the sentinels.
-Event: TypeAlias = Request | Invalid
