@@ -663,7 +663,7 @@ def test_any_bytes_give_replies_or_a_protocol_error_never_another_exception(
 
 CLIENT = pathlib.Path(kai.client.__file__).parent
 #: The modules that decide things; only the shells (blocking, trio_client, liveness) do I/O.
-PURE_CLIENT_MODULES = ("errors", "framing", "protocol", "records")
+PURE_CLIENT_MODULES = ("errors", "framing", "protocol", "records", "routing")
 
 
 def imported_modules(path: pathlib.Path) -> set[str]:
