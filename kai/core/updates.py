@@ -6,19 +6,48 @@ the key's coordinating primary. There, under the key's lock, the primary reads t
 quorum read), :func:`decide` says what to answer and what to write, and the write carries the
 context of that read. Deciding where the new version is built is what makes two ``cas`` with
 one token give one STORED and one EXISTS, wherever the clients sent them.
+
+memcached's meta commands that write (``ms`` in every mode, ``md``, ``ma``, and an ``mg``
+that touches, vivifies or hands out a win) are Updates too, with their flags in a
+:class:`MetaUpdate`; so of two clients racing for a win through any two nodes, one is told
+``W`` and the other ``Z``.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Literal
 
 import attrs
 
-from kai.core.versions import Payload, SiblingSet, Version, cas_unique, context_of, visible
+from kai.core.versions import (
+    STALE,
+    WIN_SENT,
+    Payload,
+    SiblingSet,
+    Version,
+    cas_unique,
+    context_of,
+    visible,
+)
 
 #: The commands an :class:`Update` can carry.
-Command = Literal["add", "replace", "cas", "append", "prepend", "incr", "decr", "touch", "delete"]
+Command = Literal[
+    "add",
+    "replace",
+    "cas",
+    "append",
+    "prepend",
+    "incr",
+    "decr",
+    "touch",
+    "delete",
+    "meta_get",
+    "meta_set",
+    "meta_delete",
+    "meta_arithmetic",
+]
 COMMANDS: tuple[Command, ...] = (
     "add",
     "replace",
@@ -29,7 +58,17 @@ COMMANDS: tuple[Command, ...] = (
     "decr",
     "touch",
     "delete",
+    "meta_get",
+    "meta_set",
+    "meta_delete",
+    "meta_arithmetic",
 )
+#: The commands that carry a :class:`MetaUpdate` (and only they do).
+META_COMMANDS: frozenset[Command] = frozenset(
+    ("meta_get", "meta_set", "meta_delete", "meta_arithmetic")
+)
+#: The modes of ``meta_set``: add, append, prepend, replace, set (memcached's ``ms M``).
+META_SET_MODES = frozenset("EAPRS")
 
 _U64 = 2**64
 
@@ -47,6 +86,47 @@ class Outcome(enum.Enum):
     NON_NUMERIC = "non_numeric"
     #: append/prepend would make the value larger than the item size limit.
     TOO_LARGE = "too_large"
+    #: A meta command made the missing item (``mg``/``ma`` with ``N``).
+    CREATED = "created"
+    #: An ``mg`` handed out the win (``W``), and marked the item so.
+    WON = "won"
+    #: ``md`` with ``I`` marked the item stale.
+    INVALIDATED = "invalidated"
+    #: An ``mg`` found the item with nothing to write (the client's node reads it again).
+    FOUND = "found"
+
+
+@attrs.frozen(slots=True)
+class MetaUpdate:
+    """The flags of a meta command that writes, as its :class:`Update` carries them.
+
+    Attributes:
+        mode: ``ms``'s mode, one of :data:`META_SET_MODES`.
+        has_cas: a ``C`` was sent (its token is :attr:`Update.cas`).
+        invalidate: ``I``: ``ms`` with an outdated cas stores the value marked stale;
+            ``md`` marks the item stale instead of deleting it.
+        touch: a ``T`` was sent (the new expiry is :attr:`Update.expiry`).
+        vivify: an ``N`` was sent: create the missing item.
+        vivify_expiry: the absolute expiry of an item so created (0 = never).
+        recache_before: ``mg``'s ``R`` as an absolute time: an item expiring before it is
+            won, once (0: no ``R``).
+        initial: ``ma``'s ``J``: the number a created counter holds.
+        incr: ``ma`` increments (else it decrements).
+    """
+
+    mode: str = "S"
+    has_cas: bool = False
+    invalidate: bool = False
+    touch: bool = False
+    vivify: bool = False
+    vivify_expiry: int = 0
+    recache_before: int = 0
+    initial: int = 0
+    incr: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        if self.mode not in META_SET_MODES:
+            raise ValueError(f"unknown meta set mode {self.mode!r}")
 
 
 @attrs.frozen(slots=True)
@@ -64,6 +144,7 @@ class Update:
         all_siblings: the client's node shows every live sibling (``siblings = "all"``): a
             key is live when any sibling is; else only when its newest version is.
         max_size: the largest value append and prepend may make (the client's node's limit).
+        meta: the flags of a meta command (exactly for :data:`META_COMMANDS`).
     """
 
     command: Command
@@ -74,6 +155,7 @@ class Update:
     delta: int = 0
     all_siblings: bool = False
     max_size: int = 1024 * 1024
+    meta: MetaUpdate | None = None
 
 
 @attrs.frozen(slots=True)
@@ -116,6 +198,8 @@ def decide(
     shown = visible(siblings, now, flushed_before, all_siblings=update.all_siblings)
     live = shown[0] if shown else None
     command = update.command
+    if update.meta is not None:
+        return _META_DECISIONS[command](update, update.meta, key, live, siblings)
     if command == "add":
         if live is not None:
             return Decision(Outcome.NOT_STORED)
@@ -143,8 +227,119 @@ def decide(
             number = (number + update.delta) % _U64
         else:
             number = max(number - update.delta, 0)
-        return Decision(Outcome.STORED, Payload(live.flags, live.expiry, str(number).encode()))
+        # memcached changes a number in place: the item keeps its meta marks.
+        number_bytes = str(number).encode()
+        return Decision(Outcome.STORED, Payload(live.flags, live.expiry, number_bytes, live.mark))
     if command == "touch":
-        return Decision(Outcome.TOUCHED, Payload(live.flags, update.expiry, live.value))
+        return Decision(Outcome.TOUCHED, Payload(live.flags, update.expiry, live.value, live.mark))
     assert command == "delete"
     return Decision(Outcome.DELETED, Payload())
+
+
+# --- meta commands ----------------------------------------------------------------------------
+
+
+def _cas_matches(update: Update, key: bytes, siblings: SiblingSet) -> bool:
+    return cas_unique(key, context_of(siblings)) == update.cas
+
+
+def _decide_meta_get(
+    update: Update, meta: MetaUpdate, key: bytes, live: Version | None, siblings: SiblingSet
+) -> Decision:
+    """``mg`` with ``N``, ``T`` or ``R``, or on a stale item: create, touch, hand out a win."""
+    if live is None:
+        if not meta.vivify:
+            return Decision(Outcome.NOT_FOUND)
+        return Decision(Outcome.CREATED, Payload(0, meta.vivify_expiry, b"", WIN_SENT))
+    expires_soon = 0 < live.expiry < meta.recache_before
+    won = not live.win_sent and (live.is_stale or expires_soon)
+    mark = live.mark | WIN_SENT if won else live.mark
+    if meta.touch:
+        outcome = Outcome.WON if won else Outcome.TOUCHED
+        return Decision(outcome, Payload(live.flags, update.expiry, live.value, mark))
+    if won:
+        # Only the mark changes: the same write, so the cas unique stays, as in memcached.
+        return Decision(Outcome.WON, Payload(mark=mark, same_write=live))
+    return Decision(Outcome.FOUND)
+
+
+def _decide_meta_set(
+    update: Update, meta: MetaUpdate, key: bytes, live: Version | None, siblings: SiblingSet
+) -> Decision:
+    """``ms`` in its modes, with ``C`` and ``I`` as memcached 1.6.18's store does."""
+    mode = meta.mode
+    written = Payload(update.flags, update.expiry, update.value)
+    if mode == "E":
+        return (
+            Decision(Outcome.NOT_STORED) if live is not None else Decision(Outcome.STORED, written)
+        )
+    if meta.has_cas and mode in "SR":
+        if live is None:
+            return Decision(Outcome.NOT_FOUND)
+        if _cas_matches(update, key, siblings):
+            return Decision(Outcome.STORED, written)
+        if meta.invalidate and update.cas != 0:
+            # memcached stores a value whose cas is older than the item's, marked stale, with
+            # the item's expiry and win. A cas unique here is a digest, not a counter: any
+            # other token counts as older.
+            mark = STALE | live.mark & WIN_SENT
+            return Decision(Outcome.STORED, Payload(update.flags, live.expiry, update.value, mark))
+        return Decision(Outcome.EXISTS)
+    if mode == "S":
+        return Decision(Outcome.STORED, written)
+    if live is None:
+        return Decision(Outcome.NOT_STORED)
+    if mode == "R":
+        return Decision(Outcome.STORED, written)
+    assert live.value is not None
+    if meta.has_cas and update.cas != 0 and not _cas_matches(update, key, siblings):
+        return Decision(Outcome.EXISTS)
+    joined = live.value + update.value if mode == "A" else update.value + live.value
+    if len(joined) > update.max_size:
+        return Decision(Outcome.TOO_LARGE)
+    return Decision(Outcome.STORED, Payload(live.flags, live.expiry, joined))
+
+
+def _decide_meta_delete(
+    update: Update, meta: MetaUpdate, key: bytes, live: Version | None, siblings: SiblingSet
+) -> Decision:
+    """``md``: delete, or with ``I`` mark stale (a new version: a new cas, as memcached's)."""
+    if live is None:
+        return Decision(Outcome.NOT_FOUND)
+    if meta.has_cas and not _cas_matches(update, key, siblings):
+        return Decision(Outcome.EXISTS)
+    if meta.invalidate:
+        expiry = update.expiry if meta.touch else live.expiry
+        return Decision(Outcome.INVALIDATED, Payload(live.flags, expiry, live.value, STALE))
+    return Decision(Outcome.DELETED, Payload())
+
+
+def _decide_meta_arithmetic(
+    update: Update, meta: MetaUpdate, key: bytes, live: Version | None, siblings: SiblingSet
+) -> Decision:
+    """``ma``: incr/decr, ``N`` creating a missing counter, ``C`` (0 checks nothing)."""
+    if live is None:
+        if not meta.vivify:
+            return Decision(Outcome.NOT_FOUND)
+        initial = str(meta.initial).encode()
+        return Decision(Outcome.CREATED, Payload(0, meta.vivify_expiry, initial))
+    if not live.value:
+        return Decision(Outcome.NON_NUMERIC)  # memcached looks at an empty value first
+    if meta.has_cas and update.cas != 0 and not _cas_matches(update, key, siblings):
+        return Decision(Outcome.EXISTS)
+    number = parse_counter(live.value)
+    if number is None:
+        return Decision(Outcome.NON_NUMERIC)
+    number = (number + update.delta) % _U64 if meta.incr else max(number - update.delta, 0)
+    expiry = update.expiry if meta.touch else live.expiry
+    value = str(number).encode()
+    return Decision(Outcome.STORED, Payload(live.flags, expiry, value, live.mark))
+
+
+_MetaDecision = Callable[[Update, MetaUpdate, bytes, "Version | None", SiblingSet], Decision]
+_META_DECISIONS: dict[str, _MetaDecision] = {
+    "meta_get": _decide_meta_get,
+    "meta_set": _decide_meta_set,
+    "meta_delete": _decide_meta_delete,
+    "meta_arithmetic": _decide_meta_arithmetic,
+}

@@ -28,21 +28,45 @@ import msgpack
 from kai.core.vclock import Dot, Entry, VClock
 
 #: Leading byte of every stored record, so the format can evolve. Format 1 (plain vector
-#: clocks) is still read; every record written is in this format.
+#: clocks) is still read; every record written is in this format, unless a version of it
+#: carries a mark.
 RECORD_FORMAT = 2
 #: The record format before dotted version vectors.
 VECTOR_CLOCK_FORMAT = 1
+#: The format of a record with a marked version (:data:`STALE`, :data:`WIN_SENT`): format 2
+#: with each version's mark after its value. Records without marks never use it, so they
+#: stay byte for byte what they were.
+MARKED_RECORD_FORMAT = 3
+
+#: Mark of a version that memcached's meta commands call stale (``md <key> I``, or an
+#: ``ms`` with ``I`` and an outdated cas): still served, with ``X``.
+STALE = 1
+#: Mark of a version for which some client was told it won the right to recache it (``W``):
+#: the others are told so (``Z``). Set on a version it marks without a new dot.
+WIN_SENT = 2
+#: Every mark a version may carry.
+MARKS = STALE | WIN_SENT
 
 #: memcached's boundary between relative and absolute expiration times (30 days).
 RELATIVE_EXPTIME_LIMIT = 60 * 60 * 24 * 30
 
 
 class Payload(NamedTuple):
-    """What a client write carries: flags, absolute expiry, and the value (None = delete)."""
+    """What a client write carries: flags, absolute expiry, and the value (None = delete).
+
+    Attributes:
+        mark: the meta commands' marks of the new version (:data:`STALE`, :data:`WIN_SENT`).
+        same_write: a version the write only re-marks: it is stored again with its own
+            dot, context, timestamp and data and ``mark`` instead of its mark, so its cas
+            unique stays (memcached does not change an item's cas when it hands out a
+            win). The rest of the payload is ignored then.
+    """
 
     flags: int = 0
     expiry: int = 0
     value: bytes | None = None
+    mark: int = 0
+    same_write: Version | None = None
 
 
 class Version(NamedTuple):
@@ -58,6 +82,10 @@ class Version(NamedTuple):
         flags: memcached client flags (32-bit).
         expiry: absolute unix time in seconds after which the version is gone; 0 = never.
         value: the bytes, or None for a tombstone (a delete).
+        mark: what memcached's meta commands know of it (:data:`STALE`, :data:`WIN_SENT`);
+            0 for every version no meta command marked. Only :data:`WIN_SENT` is ever
+            added to a version after it is written (same dot): copies of one write that
+            differ keep the more marked one.
     """
 
     dot: Dot
@@ -66,6 +94,7 @@ class Version(NamedTuple):
     flags: int = 0
     expiry: int = 0
     value: bytes | None = None
+    mark: int = 0
 
     @property
     def actor(self) -> bytes:
@@ -97,9 +126,20 @@ class Version(NamedTuple):
         """Order for picking the newest sibling: (timestamp, actor)."""
         return (self.timestamp, self.dot[0])
 
-    def _tie_key(self) -> tuple[int, int, int, bool, bytes, tuple[Entry, ...]]:
-        # A total order over versions with one dot, which a correct cluster never makes
-        # twice, so that merging such versions stays deterministic.
+    @property
+    def is_stale(self) -> bool:
+        """Whether a meta command marked it stale (``X``)."""
+        return bool(self.mark & STALE)
+
+    @property
+    def win_sent(self) -> bool:
+        """Whether some client was handed the win for it (``W`` once, then ``Z``)."""
+        return bool(self.mark & WIN_SENT)
+
+    def _tie_key(self) -> tuple[int, int, int, bool, bytes, tuple[Entry, ...], int]:
+        # A total order over versions with one dot, so that merging them stays
+        # deterministic: a correct cluster makes one dot twice only to add a mark (a win
+        # handed out), and the more marked copy wins.
         return (
             self.timestamp,
             self.flags,
@@ -107,6 +147,7 @@ class Version(NamedTuple):
             self.value is not None,
             self.value or b"",
             self.context.entries,
+            self.mark,
         )
 
 
@@ -222,8 +263,12 @@ def new_version(
     context covers less, so pruning can only leave more siblings, never lose a write.
     Returns the version and how many context entries pruning dropped.
     """
+    if payload.same_write is not None:
+        return payload.same_write._replace(mark=payload.mark), 0
     pruned_context, pruned = context.prune(max_entries)
-    version = Version(dot, pruned_context, timestamp, payload.flags, payload.expiry, payload.value)
+    version = Version(
+        dot, pruned_context, timestamp, payload.flags, payload.expiry, payload.value, payload.mark
+    )
     return version, pruned
 
 
@@ -246,6 +291,9 @@ def absolute_expiry(exptime: int, now: float) -> int:
 
 def encode_siblings(siblings: SiblingSet) -> bytes:
     """Serialise a sibling set as one storage record (msgpack behind a format byte)."""
+    for version in siblings:
+        if version.mark:
+            return _encode_marked(siblings)
     payload = [
         [
             version.dot[0],
@@ -262,8 +310,26 @@ def encode_siblings(siblings: SiblingSet) -> bytes:
     return bytes((RECORD_FORMAT,)) + packed
 
 
+def _encode_marked(siblings: SiblingSet) -> bytes:
+    payload = [
+        [
+            version.dot[0],
+            version.dot[1],
+            version.context.entries,
+            version.timestamp,
+            version.flags,
+            version.expiry,
+            version.value,
+            version.mark,
+        ]
+        for version in siblings
+    ]
+    packed: bytes = msgpack.packb(payload, use_bin_type=True)
+    return bytes((MARKED_RECORD_FORMAT,)) + packed
+
+
 def decode_siblings(record: bytes) -> SiblingSet:
-    """Parse a record written by :func:`encode_siblings`, or one in format 1.
+    """Parse a record written by :func:`encode_siblings` (format 2 or 3), or one in format 1.
 
     Raises:
         ValueError: the record is not in a known format.
@@ -285,6 +351,21 @@ def decode_siblings(record: bytes) -> SiblingSet:
                     value,
                 )
                 for actor, counter, entries, timestamp, flags, expiry, value in payload
+            ]
+        )
+    if record[0] == MARKED_RECORD_FORMAT:
+        return tuple(
+            [
+                Version(
+                    (actor, counter),
+                    VClock._trusted(entries),
+                    timestamp,
+                    flags,
+                    expiry,
+                    value,
+                    mark,
+                )
+                for actor, counter, entries, timestamp, flags, expiry, value, mark in payload
             ]
         )
     if record[0] == VECTOR_CLOCK_FORMAT:

@@ -24,8 +24,16 @@ from kai.core.errors import (
     TooManySiblings,
 )
 from kai.core.memcache.requests import KEY_MAX_LENGTH
-from kai.core.updates import COMMANDS, Applied, Outcome, Update
-from kai.core.versions import SiblingSet, Version, decode_siblings, encode_siblings
+from kai.core.updates import (
+    COMMANDS,
+    META_COMMANDS,
+    META_SET_MODES,
+    Applied,
+    MetaUpdate,
+    Outcome,
+    Update,
+)
+from kai.core.versions import MARKS, SiblingSet, Version, decode_siblings, encode_siblings
 
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
@@ -93,6 +101,7 @@ def _check_version(version: Version) -> None:
     flags: object = version.flags
     expiry: object = version.expiry
     value: object = version.value
+    mark: object = version.mark
     if not (
         type(dot) is tuple
         and len(dot) == 2
@@ -106,6 +115,8 @@ def _check_version(version: Version) -> None:
         and 0 <= flags <= UINT32_MAX
         and type(expiry) is int
         and (value is None or type(value) is bytes)
+        and type(mark) is int
+        and mark & ~MARKS == 0
     ):
         raise RpcBadRequest("malformed version in record")
     _check_context(version.context.entries, dot)
@@ -177,8 +188,9 @@ def records_from_wire(batch: object, most: int) -> list[Record]:
 
 
 def update_to_wire(update: Update) -> list[object]:
-    """A conditional write as it travels to the coordinating primary."""
-    return [
+    """A conditional write as it travels to the coordinating primary: 8 fields, and a 9th
+    with the flags of a meta command."""
+    fields: list[object] = [
         update.command,
         update.flags,
         update.expiry,
@@ -188,6 +200,40 @@ def update_to_wire(update: Update) -> list[object]:
         update.all_siblings,
         update.max_size,
     ]
+    meta = update.meta
+    if meta is not None:
+        fields.append(
+            [
+                meta.mode,
+                meta.has_cas,
+                meta.invalidate,
+                meta.touch,
+                meta.vivify,
+                meta.vivify_expiry,
+                meta.recache_before,
+                meta.initial,
+                meta.incr,
+            ]
+        )
+    return fields
+
+
+def _meta_update_from_wire(raw: object) -> MetaUpdate:
+    if not isinstance(raw, list | tuple) or len(raw) != 9:
+        raise RpcBadRequest("a meta update must be a list of 9 fields")
+    mode, has_cas, invalidate, touch, vivify, vivify_expiry, recache_before, initial, incr = raw
+    if not (
+        mode in META_SET_MODES
+        and all(isinstance(flag, bool) for flag in (has_cas, invalidate, touch, vivify, incr))
+        and all(
+            is_int(number) and 0 <= number <= UINT64_MAX
+            for number in (vivify_expiry, recache_before, initial)
+        )
+    ):
+        raise RpcBadRequest("malformed meta update")
+    return MetaUpdate(
+        mode, has_cas, invalidate, touch, vivify, vivify_expiry, recache_before, initial, incr
+    )
 
 
 def update_from_wire(raw: object) -> Update:
@@ -196,11 +242,14 @@ def update_from_wire(raw: object) -> Update:
     Raises:
         RpcBadRequest: ``raw`` is not a valid update.
     """
-    if not isinstance(raw, list | tuple) or len(raw) != 8:
-        raise RpcBadRequest("an update must be a list of 8 fields")
-    command, flags, expiry, value, cas, delta, all_siblings, max_size = raw
+    if not isinstance(raw, list | tuple) or len(raw) not in (8, 9):
+        raise RpcBadRequest("an update must be a list of 8 or 9 fields")
+    command, flags, expiry, value, cas, delta, all_siblings, max_size = raw[:8]
     if command not in COMMANDS:
         raise RpcBadRequest(f"unknown update command {command!r}")
+    if (command in META_COMMANDS) != (len(raw) == 9):
+        raise RpcBadRequest(f"an update {command!r} carries meta flags exactly if it is one")
+    meta = _meta_update_from_wire(raw[8]) if len(raw) == 9 else None
     if not (
         is_int(flags)
         and 0 <= flags <= UINT32_MAX
@@ -216,7 +265,7 @@ def update_from_wire(raw: object) -> Update:
         and max_size >= 0
     ):
         raise RpcBadRequest("malformed update")
-    return Update(command, flags, expiry, value, cas, delta, all_siblings, max_size)
+    return Update(command, flags, expiry, value, cas, delta, all_siblings, max_size, meta)
 
 
 def applied_to_wire(applied: Applied) -> list[object]:

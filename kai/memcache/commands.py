@@ -45,6 +45,7 @@ from kai.core.versions import (
     visible,
 )
 from kai.logs import log_quorum_failure
+from kai.memcache.meta_commands import Extension, MetaExecutor
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ class CommandExecutor:
         ring: the fields of ``stats kai_ring`` (see :class:`StatsReport`).
         all_siblings: return every live sibling (``siblings = "all"``) instead of the newest.
         wall_clock: unix time in seconds (injectable for tests).
+        extension: serves the meta requests that carry Kai's ``K`` flag (the Dynamo API);
+            None answers them ``CLIENT_ERROR invalid flag``, as memcached does.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class CommandExecutor:
         ring: Callable[[], list[tuple[str, object]]] = list,
         all_siblings: bool = False,
         wall_clock: Callable[[], float] = time.time,
+        extension: Extension | None = None,
     ) -> None:
         self.coordinator = coordinator
         self.stats = stats
@@ -100,6 +104,16 @@ class CommandExecutor:
             item_counts=item_counts,
             extra_stats=extra_stats,
             ring=ring,
+            wall_clock=wall_clock,
+        )
+        #: Serves the meta commands (``mg ms md ma me mn``).
+        self.meta = MetaExecutor(
+            coordinator,
+            stats,
+            max_item_size=info.max_item_size,
+            count_miss=self._count_miss,
+            all_siblings=all_siblings,
+            extension=extension,
             wall_clock=wall_clock,
         )
 
@@ -181,8 +195,7 @@ class CommandExecutor:
                 | protocol.MetaDebug()
                 | protocol.MetaNoop()
             ):
-                # Parsed, not served yet: answered as before the parser knew them.
-                return protocol.ERROR
+                return self.meta.execute(request)
             case _:
                 # Quit is handled by the connection; anything else is a programming error.
                 raise TypeError(f"cannot execute {request!r}")

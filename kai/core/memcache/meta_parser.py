@@ -303,7 +303,7 @@ def parse_delete(tokens: list[bytes]) -> MetaDelete | Invalid:
         return OPAQUE_TOO_LONG
     letters, numbers = flags.letters, flags.numbers
     if flags.context is not None and not WITH_CONTEXT_DELETE.issuperset(letters):
-        return INVALID_FLAG
+        return INVALID_OR_DUPLICATE  # md's answer to every flag it refuses
     return MetaDelete(
         flags.key,
         flags.returns(DELETE_RETURNS),
