@@ -26,6 +26,7 @@ from kai.core.ring import NodeId
 from kai.core.stats import NodeStats
 from kai.core.storage import StorageEngine
 from kai.memcache.commands import CommandExecutor
+from kai.memcache.dynamo import DynamoCommands
 from kai.memcache.server import MemcacheServer
 from kai.metrics import StatsCollector, metrics_registry, serve_metrics
 from kai.rpc.secret import load_node_secret
@@ -272,6 +273,7 @@ class Node:
             ],
             ring=cluster.ring_stats,
             all_siblings=config.siblings == "all",
+            extension=DynamoCommands(cluster.coordinator, self.stats).execute,
         )
 
 

@@ -26,6 +26,7 @@ from kai.core.updates import parse_counter
 from kai.core.vclock import VClock
 from kai.core.versions import Version
 from kai.memcache.commands import CommandExecutor
+from kai.memcache.dynamo import DynamoCommands
 from kai.storage.memory import MemoryEngine
 from kai.storage.replica import LocalReplica
 from kai.testing.memcache import execute_raw
@@ -104,6 +105,7 @@ def make_harness(
         item_counts=lambda: (replica.items, replica.item_bytes),
         all_siblings=all_siblings,
         wall_clock=clock,
+        extension=DynamoCommands(coordinator, stats, wall_clock=clock).execute,
     )
     return Harness(executor, replica, stats, clock)
 
