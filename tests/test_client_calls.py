@@ -332,6 +332,18 @@ def test_when_every_node_refuses_the_error_is_retryable(cluster: FakeCluster) ->
     assert cluster.sent() == ["stats"] * 3 + ["ms"] * 3
 
 
+def test_a_read_that_fails_everywhere_reports_the_error_of_a_node_that_answered(
+    cluster: FakeCluster,
+) -> None:
+    plans = plans_of(cluster)
+    run(cluster, plans.get("warm-up"))
+    first, second, third = primaries(b"k")
+    cluster.usual = {first: "miss quorum", second: "refuse", third: "refuse"}
+    with pytest.raises(ServerError, match="SERVER_ERROR timeout"):
+        run(cluster, plans.get("k"))
+    assert [node for node, _ in cluster.log[-3:]] == [str(first), str(second), str(third)]
+
+
 def test_a_refusal_is_final_even_for_a_read(cluster: FakeCluster) -> None:
     plans = plans_of(cluster)
     run(cluster, plans.get("warm-up"))

@@ -262,7 +262,10 @@ class CallPlans:
         deadline = self.clock() + self.timeout
         if self.router.claim_refresh(self.clock()):
             yield from self.refresh_ring(deadline)
+        # When every node failed, the error of a node that answered (say, a quorum it could
+        # not meet) says more than those of the nodes that could not be reached.
         last_error: KaiError | None = None
+        answered_error: KaiError | None = None
         for address in self.router.candidates(request.routing_key, self.clock()):
             if self.clock() >= deadline:
                 break
@@ -274,6 +277,8 @@ class CallPlans:
             except KaiError as error:
                 if node_seems_down(error):
                     self.router.node_failed(address, self.clock())
+                elif answered_error is None:
+                    answered_error = error
                 if not may_try_elsewhere(request, error):
                     raise
                 logger.debug(
@@ -287,6 +292,8 @@ class CallPlans:
                 continue
             self.router.node_answered(address)
             return result
+        if answered_error is not None:
+            raise answered_error
         if last_error is not None:
             raise last_error
         raise Timeout(
