@@ -19,8 +19,8 @@ import attrs
 
 from kai.cluster.coordinator import Coordinator
 from kai.core.contexts import BadContext, decode_context, encode_context
-from kai.core.memcache import protocol
-from kai.core.memcache.meta import MetaDelete, MetaGet, MetaRequest, MetaSet, shown_key
+from kai.core.memcache import meta_replies, protocol
+from kai.core.memcache.meta import MetaDelete, MetaGet, MetaRequest, MetaSet
 from kai.core.pending import Step, then
 from kai.core.stats import NodeStats
 from kai.core.versions import (
@@ -157,7 +157,7 @@ class DynamoCommands:
         for version in live:
             value = version.value
             assert value is not None  # live versions have values
-            ttl = -1 if version.expiry == 0 else max(int(version.expiry - now), 0)
+            ttl = meta_replies.ttl(version.expiry, now)
             parts.append(b"VA %d f%d t%d\r\n%b\r\n" % (len(value), version.flags, ttl, value))
         return b"".join(parts)
 
@@ -165,18 +165,14 @@ class DynamoCommands:
 def _line(code: bytes, request: MetaGet | MetaSet | MetaDelete, token: bytes, cas: int) -> bytes:
     """A reply line: ``code``, then the return flags in request order, as memcached."""
     parts = [code]
-    for flag in request.returns:
-        if flag == "K":
-            parts.append(b"K" + token)
-        elif flag == "c":
-            parts.append(b"c%d" % cas)
-        elif flag == "k":
-            parts.append(b"k" + shown_key(request.key, request.base64_key))
-            if request.base64_key:
-                parts.append(b"b")
-        elif flag == "O":
-            parts.append(b"O" + (request.opaque or b""))
-    return b" ".join(parts)
+    for letter in request.returns:
+        if letter == "K":
+            parts.append(b" K" + token)
+        elif letter == "c":
+            parts.append(b" c%d" % cas)
+        else:
+            parts.append(meta_replies.echo(request, letter))
+    return b"".join(parts)
 
 
 def _written(key: bytes, version: Version) -> tuple[bytes, int]:
