@@ -34,10 +34,12 @@ class AccessLog:
     def before(self, key: bytes, version: Version, now: float) -> tuple[bool, int]:
         """Whether ``version`` of ``key`` was served here before, and the whole seconds since
         it was last served (or, if never, since it was written)."""
+        # Whole seconds of the clock, as memcached's clock ticks (a write at 10.9 s is one
+        # second old at 11.0 s).
         served = self._served.get(key)
         if served is not None and served[0] == version.dot:
-            return True, max(int(now - served[1]), 0)
-        return False, max(int(now - version.timestamp / 1_000_000), 0)
+            return True, max(int(now) - int(served[1]), 0)
+        return False, max(int(now) - version.timestamp // 1_000_000, 0)
 
     def served(self, key: bytes, version: Version, now: float) -> None:
         """Remember that ``version`` of ``key`` was served at ``now``."""
