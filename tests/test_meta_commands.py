@@ -16,6 +16,7 @@ import trio
 import trio.testing
 
 from kai.core.accesses import AccessLog
+from kai.core.errors import RpcBadRequest
 from kai.core.memcache.meta import MetaDelete, MetaGet, MetaSet
 from kai.core.pending import Step
 from kai.core.updates import META_COMMANDS, MetaUpdate, Outcome, Update, decide
@@ -33,7 +34,7 @@ from kai.core.versions import (
     encode_siblings,
     merge,
 )
-from kai.core.wire import RpcBadRequest, update_from_wire, update_to_wire
+from kai.core.wire import update_from_wire, update_to_wire
 from kai.memcache.meta_commands import Extension, MetaExecutor
 from kai.testing.cluster import InProcessCluster
 from tests.test_cluster_causality import roles
@@ -425,7 +426,7 @@ def test_meta_updates_cross_the_wire() -> None:
     assert update_from_wire(update_to_wire(classic)) == classic
     for command in sorted(META_COMMANDS):
         update = Update(
-            command,  # type: ignore[arg-type]
+            command,
             cas=9,
             meta=MetaUpdate("A", True, True, True, True, 5, 6, 7, False),
         )
@@ -435,7 +436,7 @@ def test_meta_updates_cross_the_wire() -> None:
         update_from_wire(broken[:8])  # a meta command without its flags
     with pytest.raises(RpcBadRequest):
         update_from_wire([*update_to_wire(classic), [0] * 9])  # a classic one with them
-    broken[8] = ["X", False, False, False, False, 0, 0, 0, True]  # type: ignore[index]
+    broken[8] = ["X", False, False, False, False, 0, 0, 0, True]
     with pytest.raises(RpcBadRequest):
         update_from_wire(broken)
 

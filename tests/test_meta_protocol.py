@@ -558,15 +558,17 @@ def encode_meta(request: MetaRequest) -> bytes:
     key = shown_key(request.key, request.base64_key)
     if isinstance(request, MetaDebug):
         return b"me %b%b\r\n" % (key, b" b" if request.base64_key else b"")
+    assert not isinstance(request, MetaValueTooLarge)  # not a line a client sends
     tokens = []
     for letter in request.returns:
         if letter == "O":
             assert request.opaque is not None
             tokens.append(b"O" + request.opaque)
-        elif letter == "T":
-            tokens.append(b"T%d" % request.touch_exptime)  # type: ignore[union-attr]
-        elif letter == "N":
-            tokens.append(b"N%d" % request.vivify_exptime)  # type: ignore[union-attr]
+        elif letter in "TN":
+            assert isinstance(request, MetaGet | MetaArithmetic)
+            exptime = request.touch_exptime if letter == "T" else request.vivify_exptime
+            assert exptime is not None
+            tokens.append(b"%b%d" % (letter.encode(), exptime))
         else:
             tokens.append(letter.encode())
     if request.base64_key:
