@@ -363,7 +363,8 @@ def test_plot_reads_the_result_of_each_kind_by_name(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["loadgen", "single_node", "cluster", "latency", "memory", "wakeup", "plot"]
+    "module",
+    ["loadgen", "single_node", "cluster", "latency", "memory", "wakeup", "plot", "routing"],
 )
 def test_every_scenario_has_help_with_an_example(module: str) -> None:
     parser = importlib.import_module(f"bench.{module}").build_parser()
@@ -591,6 +592,38 @@ def test_wakeup_scenario(tmp_path: Path) -> None:
     for result in document["results"]:
         assert result["requests"] >= 100, result
         assert result["round_trip_p50_us"] > 0, result
+
+
+@pytest.mark.system
+@pytest.mark.usefixtures("untouched_bench")
+def test_routing_scenario(tmp_path: Path) -> None:
+    # N=2 on 3 nodes: a random node is a non-primary of a third of the keys.
+    run_scenario(
+        "routing",
+        "--quorum=2,1,1",
+        "--duration=0.5",
+        "--warmup=0",
+        "--threads=2",
+        "--keys=100",
+        f"--results-dir={tmp_path}",
+    )
+    document = json.loads((tmp_path / "routing.json").read_text())
+    (run,) = document["runs"]
+    assert "error" not in run, run["error"]
+    assert run["exit_codes"] == [0, 0, 0]
+    sides = run["sides"]
+    assert set(sides) == {"client", "routed", "random"}
+    for name, side in sides.items():
+        assert side["pairs"] > 0, name
+        assert side["error_count"] == 0, f"{name}: {side['errors']} {side['first_errors']}"
+        assert side["get_ms"]["p50"] > 0, name
+        assert side["put_ms"]["p50"] > 0, name
+    for name in ("client", "routed"):
+        assert sides[name]["off_primary_share"] == 0, name
+        assert sides[name]["forwarded_writes"] == 0, name
+    assert sides["random"]["off_primary_requests"] > 0
+    assert sides["random"]["forwarded_writes"] > 0
+    assert "| 2,1,1 | random |" in document["markdown"]
 
 
 @pytest.mark.system
