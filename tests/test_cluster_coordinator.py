@@ -755,13 +755,15 @@ async def test_a_write_in_context_supersedes_exactly_what_the_context_covers(
         right = await cluster[sender].put(key, Payload(0, 0, b"a+c"), read.context)
         both = await cluster[other].get(key)
         assert set(both.siblings) == {left, right}
-        assert left.supersedes(first) and right.supersedes(first)
+        assert left.supersedes(first)
+        assert right.supersedes(first)
         if through == "stand-in":
             for primary in primaries:
                 cluster.crash(primary)
             cluster.down.update(primaries)
         resolved = await cluster[sender].put(key, Payload(0, 0, b"a+b+c"), both.context)
-        assert resolved.supersedes(left) and resolved.supersedes(right)
+        assert resolved.supersedes(left)
+        assert resolved.supersedes(right)
         after = await cluster[other].get(key)
         assert after.siblings == (resolved,)
         # A write in an empty context supersedes nothing: it becomes a sibling.
@@ -769,7 +771,8 @@ async def test_a_write_in_context_supersedes_exactly_what_the_context_covers(
         assert set((await cluster[other].get(key)).siblings) == {resolved, blind}
     if through == "non-primary":
         forwards = cluster.network.attempts("coordinate_put")
-        assert forwards and all(sent_from == outsider for sent_from, _ in forwards)
+        assert forwards
+        assert all(sent_from == outsider for sent_from, _ in forwards)
     if through == "stand-in":
         assert cluster.coordinators[sender].statistics()[-1] == ("kai_stand_in_writes", 2)
 

@@ -291,7 +291,8 @@ def test_a_later_endpoint_wins_and_an_earlier_one_changes_nothing(
         view = view.with_status(node, "joining")  # a node publishes once it is a member
     published = view.with_endpoint(node, "127.0.0.9", 12345, epoch + 10)
     endpoint = published.endpoint(node)
-    assert endpoint is not None and endpoint.address() == "127.0.0.9:12345"
+    assert endpoint is not None
+    assert endpoint.address() == "127.0.0.9:12345"
     assert view.merge(published) == published.merge(view) == published
     assert published.with_endpoint(node, "127.0.0.8", 1, epoch) == published
     assert MembershipView.from_wire(published.to_wire()) == published
