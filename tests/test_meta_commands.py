@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import re
 
+import attrs
+import msgpack
 import pytest
 import trio
 import trio.testing
 
+from kai.core import versions
 from kai.core.accesses import AccessLog
 from kai.core.errors import RpcBadRequest
 from kai.core.memcache.meta import MetaDelete, MetaGet, MetaSet
@@ -34,7 +37,7 @@ from kai.core.versions import (
     encode_siblings,
     merge,
 )
-from kai.core.wire import update_from_wire, update_to_wire
+from kai.core.wire import siblings_from_wire, update_from_wire, update_to_wire
 from kai.memcache.meta_commands import Extension, MetaExecutor
 from kai.testing.cluster import InProcessCluster
 from tests.test_cluster_causality import roles
@@ -122,7 +125,7 @@ async def test_set_with_cas(h: Harness) -> None:
 
 
 async def test_set_errors_and_large_values(h: Harness) -> None:
-    assert await h.send(b"ms k 2 E5\r\nhi\r\nmn\r\n") == b"CLIENT_ERROR invalid flag\r\nMN\r\n"
+    assert await h.send(b"ms k 2 Y5\r\nhi\r\nmn\r\n") == b"CLIENT_ERROR invalid flag\r\nMN\r\n"
     assert await h.send(b"ms k S2\r\nhi\r\n") == (
         b"CLIENT_ERROR bad command line format\r\nERROR\r\n"
     )
@@ -217,6 +220,83 @@ async def test_set_with_an_outdated_cas_and_invalidate_stores_stale(h: Harness) 
     assert await h.send(b"ms k 3 C0 I\r\nnew\r\n") == b"EX\r\n"
     (version,) = stored(h, b"k")
     assert version.mark == STALE | WIN_SENT
+
+
+# --- E: explicit cas ---------------------------------------------------------------------------
+
+
+async def test_explicit_cas_is_the_cas_of_every_command_until_a_write_without_it(
+    h: Harness,
+) -> None:
+    assert await h.send(b"ms k 2 E42 c\r\nhi\r\n") == b"HD c42\r\n"
+    assert await h.send(b"mg k c v\r\n") == b"VA 2 c42\r\nhi\r\n"
+    assert await h.send(b"gets k\r\n") == b"VALUE k 0 2 42\r\nhi\r\nEND\r\n"
+    assert await h.send(b"me k\r\n") == b"ME k exp=-1 la=0 cas=42 fetch=yes cls=1 size=62\r\n"
+    assert await h.send(b"ms k 2 C41\r\nno\r\n") == b"EX\r\n"
+    assert await h.send(b"ms k 2 C42 E43 c\r\nyo\r\n") == b"HD c43\r\n"
+    assert await h.send(b"cas k 0 0 2 42\r\nno\r\n") == b"EXISTS\r\n"
+    assert await h.send(b"cas k 0 0 2 43\r\nzz\r\n") == b"STORED\r\n"
+    # a write without E: Kai's own cas again (the digest of the new state)
+    own = cas_of(await h.send(b"mg k c\r\n"))
+    assert own not in (42, 43)
+    assert own == cas_unique(b"k", context_of(stored(h, b"k")))
+    # E0 asks for no cas of its own
+    reply = await h.send(b"ms k 2 E0 c\r\nhi\r\n")
+    assert cas_of(reply) == cas_unique(b"k", context_of(stored(h, b"k")))
+    # every mode takes E; a write that is not stored changes nothing
+    assert await h.send(b"ms k 1 MA E44 c\r\n!\r\n") == b"HD c44\r\n"
+    assert await h.send(b"ms k 1 ME E45 c\r\n!\r\n") == b"NS c0\r\n"
+    assert await h.send(b"mg k c v\r\n") == b"VA 3 c44\r\nhi!\r\n"
+
+
+async def test_explicit_cas_of_deletes_counters_and_created_items(h: Harness) -> None:
+    assert await h.send(b"ma n N0 J5 E7 c v\r\n") == b"VA 1 c7\r\n5\r\n"
+    assert await h.send(b"ma n E8 c v\r\n") == b"VA 1 c8\r\n6\r\n"
+    assert cas_of(await h.send(b"ma n c v\r\n")) != 8
+    # md I E: the stale item's cas; the win handed out on it keeps that cas
+    await h.send(b"ms s 3\r\nabc\r\n")
+    assert await h.send(b"md s I E9\r\n") == b"HD\r\n"
+    assert await h.send(b"mg s c v\r\n") == b"VA 3 c9 X W\r\nabc\r\n"
+    assert await h.send(b"mg s c\r\n") == b"HD c9 Z X\r\n"
+    # mg: E gives its cas to the item it creates or touches, and to nothing else
+    assert await h.send(b"mg v N30 E11 c\r\n") == b"HD c11 W\r\n"
+    assert await h.send(b"mg v E12 c\r\n") == b"HD c11 Z\r\n"
+    assert await h.send(b"mg v T60 E13 c\r\n") == b"HD c13 Z\r\n"
+    # E with a write in context is refused: that write's cas is its context's
+    assert await h.send(b"ms v 2 KAZA E5\r\nhi\r\n") == b"CLIENT_ERROR invalid flag\r\n"
+
+
+async def test_explicit_cas_is_stored_with_the_version(h: Harness) -> None:
+    await h.send(b"ms k 2 E42\r\nhi\r\n")
+    record = h.replica.engine.get(h.replica.partition(b"k"), b"k")
+    assert record is not None
+    assert record[0] == MARKED_RECORD_FORMAT
+    (version,) = decode_siblings(record)
+    assert version.cas == 42
+    assert version.mark == 0
+
+
+def test_explicit_cas_is_the_cas_of_a_key_only_while_its_version_is_alone() -> None:
+    alone = Version((b"a", 1), VClock(), 10, 0, 0, b"v", cas=42)
+    assert versions.cas_of(b"k", (alone,)) == 42
+    sibling = Version((b"b", 1), VClock(), 11, 0, 0, b"w")
+    both = merge((alone,), (sibling,))
+    assert versions.cas_of(b"k", both) == cas_unique(b"k", context_of(both))
+    assert versions.cas_of(b"k", (sibling,)) == cas_unique(b"k", context_of((sibling,)))
+
+
+def test_explicit_cas_is_applied_to_what_a_meta_command_writes_not_to_a_win() -> None:
+    live = Version((b"a", 1), VClock(), int(NOW * 1e6), 0, int(NOW) + 10, b"v", STALE, 5)
+    win = Update("meta_get", meta=MetaUpdate(new_cas=9))
+    decision = decide(win, b"k", (live,), now=NOW, flushed_before=0)
+    assert decision.write == Payload(mark=STALE | WIN_SENT, same_write=live)
+    set_with_e = Update("meta_set", value=b"x", meta=MetaUpdate(new_cas=9))
+    written = decide(set_with_e, b"k", (live,), now=NOW, flushed_before=0).write
+    assert written is not None
+    assert written.cas == 9
+    classic = decide(Update("replace", value=b"x"), b"k", (live,), now=NOW, flushed_before=0)
+    assert classic.write is not None
+    assert classic.write.cas == 0
 
 
 # --- md ---------------------------------------------------------------------------------------
@@ -400,6 +480,27 @@ def test_record_formats() -> None:
     record = encode_siblings((base._replace(dot=(b"actor", 2)), marked))
     assert record[0] == MARKED_RECORD_FORMAT
     assert decode_siblings(record) == (base._replace(dot=(b"actor", 2)), marked)
+    with_cas = base._replace(cas=2**64 - 1)
+    record = encode_siblings((with_cas,))
+    assert record[0] == MARKED_RECORD_FORMAT
+    assert decode_siblings(record) == (with_cas,)
+    # format 3 as the release before explicit cas wrote it: eight fields, no cas
+    fields = [b"actor", 1, base.context.entries, 10, 3, 0, b"v", WIN_SENT]
+    older = bytes((MARKED_RECORD_FORMAT,)) + msgpack.packb([fields], use_bin_type=True)
+    assert decode_siblings(older) == (marked,)
+    for wrong in (fields[:7], [*fields, 0, 0]):
+        with pytest.raises(ValueError, match="8 or 9 fields"):
+            decode_siblings(bytes((MARKED_RECORD_FORMAT,)) + msgpack.packb([wrong]))
+
+
+@pytest.mark.parametrize("cas", [-1, "42", 1.5, True, None])
+def test_a_peers_record_with_a_malformed_explicit_cas_is_refused(cas: object) -> None:
+    fields = [b"actor", 1, (), 10, 0, 0, b"v", 0]
+    good = bytes((MARKED_RECORD_FORMAT,)) + msgpack.packb([[*fields, 42]], use_bin_type=True)
+    assert siblings_from_wire(good)[0].cas == 42
+    bad = bytes((MARKED_RECORD_FORMAT,)) + msgpack.packb([[*fields, cas]], use_bin_type=True)
+    with pytest.raises(RpcBadRequest):
+        siblings_from_wire(bad)
 
 
 def test_a_remarked_write_replaces_its_copies_wherever_they_merge() -> None:
@@ -428,15 +529,25 @@ def test_meta_updates_cross_the_wire() -> None:
         update = Update(
             command,
             cas=9,
-            meta=MetaUpdate("A", True, True, True, True, 5, 6, 7, False),
+            meta=MetaUpdate("A", True, True, True, True, 5, 6, 7, False, 2**64 - 1),
         )
         assert update_from_wire(update_to_wire(update)) == update
+        # the release before E sent nine meta fields: no explicit cas
+        older = update_to_wire(update)
+        meta_fields = older[8]
+        assert isinstance(meta_fields, list)
+        older[8] = meta_fields[:9]
+        without_e = MetaUpdate("A", True, True, True, True, 5, 6, 7, False)
+        assert update_from_wire(older) == attrs.evolve(update, meta=without_e)
     broken = update_to_wire(Update("meta_set", meta=MetaUpdate()))
     with pytest.raises(RpcBadRequest):
         update_from_wire(broken[:8])  # a meta command without its flags
     with pytest.raises(RpcBadRequest):
         update_from_wire([*update_to_wire(classic), [0] * 9])  # a classic one with them
     broken[8] = ["X", False, False, False, False, 0, 0, 0, True]
+    with pytest.raises(RpcBadRequest):
+        update_from_wire(broken)
+    broken[8] = ["S", False, False, False, False, 0, 0, 0, True, -1]  # a cas below 0
     with pytest.raises(RpcBadRequest):
         update_from_wire(broken)
 
@@ -500,3 +611,21 @@ async def test_two_clients_recaching_through_two_nodes_one_wins(
         await cluster.start_node(primaries[2])
         (version,) = cluster.nodes[primaries[2]].replica.read(key)
         assert version.win_sent
+
+
+async def test_an_explicit_cas_reaches_every_replica_and_every_node_shows_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    key = b"shared"
+    async with InProcessCluster.running(5) as cluster:
+        primaries, (x, y) = roles(cluster, key)
+        assert await cluster.request(x, b"ms shared 2 E77 c\r\nhi\r\n") == b"HD c77\r\n"
+        for index in range(5):
+            assert await cluster.request(index, b"mg shared c\r\n") == b"HD c77\r\n", index
+        await trio.sleep(1)  # replication, in virtual time
+        for index in primaries:
+            (version,) = cluster.nodes[index].replica.read(key)
+            assert version.cas == 77, index
+        # of two cas with that token through two nodes, one stores
+        replies = await both(cluster, [x, y], b"cas shared 0 0 2 77\r\nyo\r\n")
+        assert sorted(replies) == [b"EXISTS\r\n", b"STORED\r\n"]

@@ -99,7 +99,13 @@ CASES = [
     case(b"mg k v v\r\n", DUPLICATE),
     case(b"mg k \xff\r\n", DUPLICATE),  # memcached's wording for a byte above 126
     case(b"mg k Y\r\n", INVALID_FLAG),
-    case(b"mg k E5\r\n", INVALID_FLAG),  # 1.6.18 has no E
+    # E (explicit cas) as memcached's later releases parse it (1.6.18 has no E)
+    case(b"mg k E5 N30\r\n", MetaGet(b"k", "N", vivify_exptime=30, new_cas=5)),
+    case(b"mg k E18446744073709551615\r\n", MetaGet(b"k", new_cas=2**64 - 1)),
+    case(b"mg k E18446744073709551616\r\n", BAD_TOKEN),
+    case(b"mg k Ex\r\n", BAD_TOKEN),
+    case(b"mg k E\r\n", BAD_TOKEN),
+    case(b"mg k E1 E2\r\n", DUPLICATE),
     case(b"mg k 1\r\n", INVALID_FLAG),
     case(b"mg k T\r\n", BAD_TOKEN),
     case(b"mg k Tx\r\n", BAD_TOKEN),
@@ -147,6 +153,7 @@ CASES = [
     ),
     case(b"mg k K t\r\n", INVALID_FLAG),
     case(b"mg k K T5\r\n", INVALID_FLAG),
+    case(b"mg k K E5\r\n", INVALID_FLAG),
     case(b"mg k K u\r\n", INVALID_FLAG),
     case(b"mg k Kx\r\n", INVALID_FLAG),
     case(b"mg k K K\r\n", DUPLICATE),
@@ -160,6 +167,7 @@ CASES = [
     ),
     case(b"ms k 2 ME\r\nhi\r\n", MetaSet(b"k", b"hi", mode="E")),
     case(b"ms k 2 MA\r\nhi\r\n", MetaSet(b"k", b"hi", mode="A")),
+    case(b"ms k 2 E42 C7 c\r\nhi\r\n", MetaSet(b"k", b"hi", "c", compare_cas=7, new_cas=42)),
     case(b"ms k 2 MP\r\nhi\r\n", MetaSet(b"k", b"hi", mode="P")),
     case(b"ms k 2 MR\r\nhi\r\n", MetaSet(b"k", b"hi", mode="R")),
     case(b"ms k 2 MS C7 I\r\nhi\r\n", MetaSet(b"k", b"hi", compare_cas=7, invalidate=True)),
@@ -182,7 +190,7 @@ CASES = [
         NOOP,
     ),
     # flag errors: the data block is swallowed
-    case(b"ms k 2 E5\r\nhi\r\nmn\r\n", INVALID_FLAG, NOOP),
+    case(b"ms k 2 E-5\r\nhi\r\nmn\r\n", BAD_TOKEN, NOOP),
     case(b"ms k 2 q q\r\nhi\r\nmn\r\n", DUPLICATE, NOOP),
     case(b"ms k 2 Fx\r\nhi\r\nmn\r\n", BAD_FORMAT, NOOP),
     case(b"ms k 2 Tx\r\nhi\r\nmn\r\n", BAD_TOKEN, NOOP),
@@ -221,6 +229,7 @@ CASES = [
     case(b"ms k 2 Kabc I\r\nhi\r\nmn\r\n", INVALID_FLAG, NOOP),
     case(b"ms k 2 Kabc N5\r\nhi\r\nmn\r\n", INVALID_FLAG, NOOP),
     case(b"ms k 2 Kabc ME\r\nhi\r\nmn\r\n", INVALID_FLAG, NOOP),
+    case(b"ms k 2 Kabc E5\r\nhi\r\nmn\r\n", INVALID_FLAG, NOOP),
     case(
         b"ms k 40 Kabc\r\n" + b"x" * 40 + b"\r\n",
         MetaValueTooLarge(b"k", context=b"abc"),
@@ -248,6 +257,9 @@ CASES = [
     case(b"md k Kabc k q\r\n", MetaDelete(b"k", "Kk", quiet=True, context=b"abc")),
     case(b"md k Kabc I\r\n", INVALID_OR_DUPLICATE),
     case(b"md k Kabc T5\r\n", INVALID_OR_DUPLICATE),
+    case(b"md k Kabc E5\r\n", INVALID_OR_DUPLICATE),
+    case(b"md k I E7\r\n", MetaDelete(b"k", invalidate=True, new_cas=7)),
+    case(b"md k Ex\r\n", INVALID_OR_DUPLICATE),
     # --- ma ---
     case(b"ma k\r\n", MetaArithmetic(b"k")),
     case(b"ma k N0 J10 v\r\n", MetaArithmetic(b"k", "N", initial=10, vivify_exptime=0, value=True)),
@@ -267,6 +279,8 @@ CASES = [
     case(b"ma k D18446744073709551616\r\n", INVALID_OR_DUPLICATE),
     case(b"ma k t t\r\n", INVALID_OR_DUPLICATE),
     case(b"ma k K\r\n", INVALID_OR_DUPLICATE),  # no K on ma
+    case(b"ma k E9 v\r\n", MetaArithmetic(b"k", new_cas=9, value=True)),
+    case(b"ma k E-9\r\n", INVALID_OR_DUPLICATE),
     case(b"ma k O" + OPAQUE_31 + b"x\r\n", OPAQUE_LONG),
     # --- me, mn ---
     case(b"me k\r\n", MetaDebug(b"k")),
@@ -379,6 +393,12 @@ def test_base64_decoder_follows_memcached(token: bytes, decoded: bytes | None) -
         lambda: MetaSet(b"k", b"", "K"),
         lambda: MetaSet(b"k", b"", "K", context=b"t", compare_cas=1),
         lambda: MetaSet(b"k", b"", "K", context=b"t", mode="E"),
+        lambda: MetaSet(b"k", b"", "K", context=b"t", new_cas=5),
+        lambda: MetaSet(b"k", b"", new_cas=2**64),
+        lambda: MetaGet(b"k", "K", with_context=True, new_cas=5),
+        lambda: MetaGet(b"k", new_cas=-1),
+        lambda: MetaDelete(b"k", "K", context=b"t", new_cas=5),
+        lambda: MetaArithmetic(b"k", new_cas=2**64),
         lambda: MetaSet(b"k", b"", "K", context=b"a b"),
         lambda: MetaDelete(b"k", "K", context=b"t", invalidate=True),
         lambda: MetaDelete(b"k", "c"),
@@ -485,6 +505,7 @@ def meta_gets(draw: st.DrawFn) -> MetaGet:
         quiet=draw(st.booleans()),
         no_bump=draw(st.booleans()),
         recache_exptime=draw(st.none() | int32s),
+        new_cas=draw(st.none() | uint64s),
         **fields,
         **draw(keyed()),
     )
@@ -501,6 +522,7 @@ def meta_sets(draw: st.DrawFn) -> MetaSet:
         exptime=draw(int32s),
         mode=draw(st.sampled_from("EAPRS")),
         compare_cas=draw(st.none() | uint64s),
+        new_cas=draw(st.none() | uint64s),
         invalidate=draw(st.booleans()),
         **fields,
         **draw(keyed()),
@@ -514,6 +536,7 @@ def meta_deletes(draw: st.DrawFn) -> MetaDelete:
         returns=returns,
         quiet=draw(st.booleans()),
         compare_cas=draw(st.none() | uint64s),
+        new_cas=draw(st.none() | uint64s),
         invalidate=draw(st.booleans()),
         exptime=draw(st.none() | int32s),
         **fields,
@@ -535,6 +558,7 @@ def meta_arithmetics(draw: st.DrawFn) -> MetaArithmetic:
         delta=draw(uint64s),
         initial=draw(uint64s),
         compare_cas=draw(st.none() | uint64s),
+        new_cas=draw(st.none() | uint64s),
         value=draw(st.booleans()),
         **fields,
         **draw(keyed()),
@@ -575,6 +599,8 @@ def encode_meta(request: MetaRequest) -> bytes:
         tokens.append(b"b")
     if request.quiet:
         tokens.append(b"q")
+    if request.new_cas is not None:
+        tokens.append(b"E%d" % request.new_cas)
     match request:
         case MetaGet():
             tokens += [b"v"] * request.value + [b"u"] * request.no_bump

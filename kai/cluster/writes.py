@@ -50,7 +50,7 @@ from kai.core.versions import (
     Payload,
     SiblingSet,
     Version,
-    cas_unique,
+    cas_of,
     context_of,
     decode_siblings,
     encode_siblings,
@@ -266,7 +266,7 @@ class QuorumWriter:
             context = context_of(siblings)
             version = await resolve(self._coordinate(key, decision.write, context, primaries, w))
         # The new version supersedes everything read: it alone is the key's state now.
-        return Applied(decision.outcome, version, cas_unique(key, context_of((version,))))
+        return Applied(decision.outcome, version, cas_of(key, (version,)))
 
     # --- both ---------------------------------------------------------------------------------
 

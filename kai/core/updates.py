@@ -27,8 +27,7 @@ from kai.core.versions import (
     Payload,
     SiblingSet,
     Version,
-    cas_unique,
-    context_of,
+    cas_of,
     visible,
 )
 
@@ -112,6 +111,8 @@ class MetaUpdate:
             won, once (0: no ``R``).
         initial: ``ma``'s ``J``: the number a created counter holds.
         incr: ``ma`` increments (else it decrements).
+        new_cas: ``E``: the cas unique of the version the command writes (0: none, Kai's
+            own). A win handed out marks the version it found and keeps its cas.
     """
 
     mode: str = "S"
@@ -123,6 +124,7 @@ class MetaUpdate:
     recache_before: int = 0
     initial: int = 0
     incr: bool = True
+    new_cas: int = 0
 
     def __attrs_post_init__(self) -> None:
         if self.mode not in META_SET_MODES:
@@ -198,8 +200,13 @@ def decide(
     shown = visible(siblings, now, flushed_before, all_siblings=update.all_siblings)
     live = shown[0] if shown else None
     command = update.command
-    if update.meta is not None:
-        return _META_DECISIONS[command](update, update.meta, key, live, siblings)
+    meta = update.meta
+    if meta is not None:
+        decision = _META_DECISIONS[command](update, meta, key, live, siblings)
+        written = decision.write
+        if meta.new_cas and written is not None and written.same_write is None:
+            return Decision(decision.outcome, written._replace(cas=meta.new_cas))
+        return decision
     if command == "add":
         if live is not None:
             return Decision(Outcome.NOT_STORED)
@@ -211,7 +218,7 @@ def decide(
     if command == "replace":
         return Decision(Outcome.STORED, Payload(update.flags, update.expiry, update.value))
     if command == "cas":
-        if cas_unique(key, context_of(siblings)) != update.cas:
+        if cas_of(key, siblings) != update.cas:
             return Decision(Outcome.EXISTS)
         return Decision(Outcome.STORED, Payload(update.flags, update.expiry, update.value))
     if command in ("append", "prepend"):
@@ -240,7 +247,7 @@ def decide(
 
 
 def _cas_matches(update: Update, key: bytes, siblings: SiblingSet) -> bool:
-    return cas_unique(key, context_of(siblings)) == update.cas
+    return cas_of(key, siblings) == update.cas
 
 
 def _decide_meta_get(

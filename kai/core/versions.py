@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -33,8 +33,9 @@ from kai.core.vclock import Dot, Entry, VClock
 RECORD_FORMAT = 2
 #: The record format before dotted version vectors.
 VECTOR_CLOCK_FORMAT = 1
-#: The format of a record with a marked version (:data:`STALE`, :data:`WIN_SENT`): format 2
-#: with each version's mark after its value. Records without marks never use it, so they
+#: The format of a record with a marked version (:data:`STALE`, :data:`WIN_SENT`) or one with
+#: an explicit cas: format 2 with each version's mark and cas after its value (records of the
+#: release before explicit cas end at the mark). Records with neither never use it, so they
 #: stay byte for byte what they were.
 MARKED_RECORD_FORMAT = 3
 
@@ -60,6 +61,8 @@ class Payload(NamedTuple):
             dot, context, timestamp and data and ``mark`` instead of its mark, so its cas
             unique stays (memcached does not change an item's cas when it hands out a
             win). The rest of the payload is ignored then.
+        cas: the explicit cas unique of the new version (a meta command's ``E``); 0 for
+            none.
     """
 
     flags: int = 0
@@ -67,6 +70,7 @@ class Payload(NamedTuple):
     value: bytes | None = None
     mark: int = 0
     same_write: Version | None = None
+    cas: int = 0
 
 
 class Version(NamedTuple):
@@ -86,6 +90,8 @@ class Version(NamedTuple):
             0 for every version no meta command marked. Only :data:`WIN_SENT` is ever
             added to a version after it is written (same dot): copies of one write that
             differ keep the more marked one.
+        cas: the cas unique a meta command's ``E`` gave it (memcached 1.6's explicit cas),
+            shown while it is the key's only version (:func:`cas_of`); 0 for none.
     """
 
     dot: Dot
@@ -95,6 +101,7 @@ class Version(NamedTuple):
     expiry: int = 0
     value: bytes | None = None
     mark: int = 0
+    cas: int = 0
 
     @property
     def actor(self) -> bytes:
@@ -136,7 +143,7 @@ class Version(NamedTuple):
         """Whether some client was handed the win for it (``W`` once, then ``Z``)."""
         return bool(self.mark & WIN_SENT)
 
-    def _tie_key(self) -> tuple[int, int, int, bool, bytes, tuple[Entry, ...], int]:
+    def _tie_key(self) -> tuple[int, int, int, bool, bytes, tuple[Entry, ...], int, int]:
         # A total order over versions with one dot, so that merging them stays
         # deterministic: a correct cluster makes one dot twice only to add a mark (a win
         # handed out), and the more marked copy wins.
@@ -148,6 +155,7 @@ class Version(NamedTuple):
             self.value or b"",
             self.context.entries,
             self.mark,
+            self.cas,
         )
 
 
@@ -225,6 +233,18 @@ def cas_unique(key: bytes, context: VClock) -> int:
     return int.from_bytes(hasher.digest(), "big") or 1
 
 
+def cas_of(key: bytes, siblings: Sequence[Version]) -> int:
+    """memcached's cas unique of ``key`` whose sibling set (as read) is ``siblings``.
+
+    The explicit cas of its version when it has one version that a meta command's ``E``
+    gave one; otherwise :func:`cas_unique` of the read's context. Any write without ``E``
+    makes a version without one, so it changes the token as before.
+    """
+    if len(siblings) == 1 and siblings[0].cas:
+        return siblings[0].cas
+    return cas_unique(key, context_of(siblings))
+
+
 def newest(siblings: Sequence[Version]) -> Version | None:
     """The newest version by (timestamp, actor), tombstones included."""
     if len(siblings) == 1:
@@ -267,7 +287,14 @@ def new_version(
         return payload.same_write._replace(mark=payload.mark), 0
     pruned_context, pruned = context.prune(max_entries)
     version = Version(
-        dot, pruned_context, timestamp, payload.flags, payload.expiry, payload.value, payload.mark
+        dot,
+        pruned_context,
+        timestamp,
+        payload.flags,
+        payload.expiry,
+        payload.value,
+        payload.mark,
+        payload.cas,
     )
     return version, pruned
 
@@ -292,7 +319,7 @@ def absolute_expiry(exptime: int, now: float) -> int:
 def encode_siblings(siblings: SiblingSet) -> bytes:
     """Serialise a sibling set as one storage record (msgpack behind a format byte)."""
     for version in siblings:
-        if version.mark:
+        if version.mark or version.cas:
             return _encode_marked(siblings)
     payload = [
         [
@@ -321,6 +348,7 @@ def _encode_marked(siblings: SiblingSet) -> bytes:
             version.expiry,
             version.value,
             version.mark,
+            version.cas,
         ]
         for version in siblings
     ]
@@ -354,20 +382,7 @@ def decode_siblings(record: bytes) -> SiblingSet:
             ]
         )
     if record[0] == MARKED_RECORD_FORMAT:
-        return tuple(
-            [
-                Version(
-                    (actor, counter),
-                    VClock._trusted(entries),
-                    timestamp,
-                    flags,
-                    expiry,
-                    value,
-                    mark,
-                )
-                for actor, counter, entries, timestamp, flags, expiry, value, mark in payload
-            ]
-        )
+        return tuple([_marked_version(fields) for fields in payload])
     if record[0] == VECTOR_CLOCK_FORMAT:
         return tuple(
             sorted(
@@ -376,6 +391,15 @@ def decode_siblings(record: bytes) -> SiblingSet:
             )
         )
     raise ValueError(f"unknown record format {record[0]}")
+
+
+def _marked_version(fields: tuple[Any, ...]) -> Version:
+    """A version of a format-3 record: nine fields, or eight (no cas) as the release before
+    explicit cas wrote them."""
+    if len(fields) not in (8, 9):
+        raise ValueError(f"a version in record format 3 has 8 or 9 fields, not {len(fields)}")
+    actor, counter, entries, *rest = fields
+    return Version((actor, counter), VClock._trusted(entries), *rest)
 
 
 def _from_vector_clock(

@@ -102,6 +102,7 @@ def _check_version(version: Version) -> None:
     expiry: object = version.expiry
     value: object = version.value
     mark: object = version.mark
+    cas: object = version.cas
     if not (
         type(dot) is tuple
         and len(dot) == 2
@@ -117,6 +118,8 @@ def _check_version(version: Version) -> None:
         and (value is None or type(value) is bytes)
         and type(mark) is int
         and mark & ~MARKS == 0
+        and type(cas) is int
+        and 0 <= cas <= UINT64_MAX
     ):
         raise RpcBadRequest("malformed version in record")
     _check_context(version.context.entries, dot)
@@ -189,7 +192,7 @@ def records_from_wire(batch: object, most: int) -> list[Record]:
 
 def update_to_wire(update: Update) -> list[object]:
     """A conditional write as it travels to the coordinating primary: 8 fields, and a 9th
-    with the flags of a meta command."""
+    with the flags of a meta command (10 of them; 9 from the release before ``E``)."""
     fields: list[object] = [
         update.command,
         update.flags,
@@ -213,26 +216,37 @@ def update_to_wire(update: Update) -> list[object]:
                 meta.recache_before,
                 meta.initial,
                 meta.incr,
+                meta.new_cas,
             ]
         )
     return fields
 
 
 def _meta_update_from_wire(raw: object) -> MetaUpdate:
-    if not isinstance(raw, list | tuple) or len(raw) != 9:
-        raise RpcBadRequest("a meta update must be a list of 9 fields")
-    mode, has_cas, invalidate, touch, vivify, vivify_expiry, recache_before, initial, incr = raw
+    if not isinstance(raw, list | tuple) or len(raw) not in (9, 10):
+        raise RpcBadRequest("a meta update must be a list of 10 fields")
+    mode, has_cas, invalidate, touch, vivify, vivify_expiry, recache_before, initial, incr = raw[:9]
+    new_cas = raw[9] if len(raw) == 10 else 0
     if not (
         mode in META_SET_MODES
         and all(isinstance(flag, bool) for flag in (has_cas, invalidate, touch, vivify, incr))
         and all(
             is_int(number) and 0 <= number <= UINT64_MAX
-            for number in (vivify_expiry, recache_before, initial)
+            for number in (vivify_expiry, recache_before, initial, new_cas)
         )
     ):
         raise RpcBadRequest("malformed meta update")
     return MetaUpdate(
-        mode, has_cas, invalidate, touch, vivify, vivify_expiry, recache_before, initial, incr
+        mode,
+        has_cas,
+        invalidate,
+        touch,
+        vivify,
+        vivify_expiry,
+        recache_before,
+        initial,
+        incr,
+        new_cas,
     )
 
 

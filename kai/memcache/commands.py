@@ -38,8 +38,7 @@ from kai.core.versions import (
     SiblingSet,
     Version,
     absolute_expiry,
-    cas_unique,
-    context_of,
+    cas_of,
     decode_siblings,
     newest,
     visible,
@@ -236,7 +235,7 @@ class CommandExecutor:
                     hits += 1
                     value = version.value
                     assert value is not None
-                    cas = cas_unique(key, context_of(siblings)) if with_cas else None
+                    cas = cas_of(key, siblings) if with_cas else None
                     parts.append(protocol.encode_value(key, version.flags, value, cas))
                     continue
                 shown = []
@@ -248,7 +247,7 @@ class CommandExecutor:
             hits += 1
             if len(siblings) > 1:
                 stats.kai_unreconciled_get += 1
-            cas = cas_unique(key, context_of(siblings)) if with_cas else None
+            cas = cas_of(key, siblings) if with_cas else None
             for version in shown:
                 assert version.value is not None
                 parts.append(protocol.encode_value(key, version.flags, version.value, cas))

@@ -28,7 +28,7 @@ from kai.core.versions import (
     SiblingSet,
     Version,
     absolute_expiry,
-    cas_unique,
+    cas_of,
     context_of,
 )
 
@@ -127,7 +127,7 @@ class DynamoCommands:
             self.stats.get_hits += 1
         else:
             self.stats.get_misses += 1
-        return Fetched(key, tuple(live), encode_context(context), cas_unique(key, context))
+        return Fetched(key, tuple(live), encode_context(context), cas_of(key, siblings))
 
     def write(
         self, key: bytes, token: bytes, value: bytes | None, *, flags: int = 0, exptime: int = 0
@@ -176,5 +176,4 @@ def _line(code: bytes, request: MetaGet | MetaSet | MetaDelete, token: bytes, ca
 
 
 def _written(key: bytes, version: Version) -> tuple[bytes, int]:
-    context = context_of((version,))
-    return encode_context(context), cas_unique(key, context)
+    return encode_context(context_of((version,))), cas_of(key, (version,))

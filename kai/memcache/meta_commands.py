@@ -36,7 +36,7 @@ from kai.core.memcache.meta_replies import expiry_of
 from kai.core.pending import Pending, Step, resolve, then
 from kai.core.stats import NodeStats
 from kai.core.updates import Applied, Command, MetaUpdate, Outcome, Update
-from kai.core.versions import SiblingSet, Version, absolute_expiry, cas_unique, context_of, visible
+from kai.core.versions import SiblingSet, Version, absolute_expiry, cas_of, visible
 
 #: What serves the requests that carry ``K`` (docs/dynamo-api.md).
 Extension: TypeAlias = Callable[[MetaGet | MetaSet | MetaDelete], Step[bytes]]
@@ -173,7 +173,7 @@ class MetaExecutor:
                 self.count_miss(siblings, now, self.coordinator.flushed_before(now))
                 return replies.miss(request)
         elif request.touch_exptime is None and not _wins(request, live, now):
-            return self._hit(request, live, cas_unique(request.key, context_of(siblings)), now)
+            return self._hit(request, live, cas_of(request.key, siblings), now)
         return Pending(self._get_writing(request, live, now))
 
     async def _get_writing(self, request: MetaGet, live: Version | None, now: float) -> bytes:
@@ -183,6 +183,7 @@ class MetaExecutor:
             vivify=request.vivify_exptime is not None,
             vivify_expiry=_vivify_expiry(request.returns, request, now),
             recache_before=expiry_of(request.recache_exptime, now),
+            new_cas=request.new_cas or 0,
         )
         expiry = expiry_of(request.touch_exptime, now)
         applied = await resolve(self._update(request.key, "meta_get", meta, expiry=expiry))
@@ -200,7 +201,7 @@ class MetaExecutor:
                 self.stats.cmd_get += 1
                 self.stats.get_misses += 1
                 return replies.miss(request)
-            cas = cas_unique(request.key, context_of(siblings))
+            cas = cas_of(request.key, siblings)
             return self._hit(request, current, cas, now)
         created = outcome is Outcome.CREATED
         return self._hit(
@@ -257,6 +258,7 @@ class MetaExecutor:
             mode=request.mode,
             has_cas=request.compare_cas is not None,
             invalidate=request.invalidate,
+            new_cas=request.new_cas or 0,
         )
         applied = self._update(
             request.key,
@@ -303,6 +305,7 @@ class MetaExecutor:
             has_cas=request.compare_cas is not None,
             invalidate=request.invalidate,
             touch=request.invalidate and request.exptime is not None,
+            new_cas=request.new_cas or 0,
         )
         applied = self._update(
             request.key,
@@ -345,6 +348,7 @@ class MetaExecutor:
             vivify_expiry=_vivify_expiry(request.returns, request, now),
             initial=request.initial,
             incr=request.incr,
+            new_cas=request.new_cas or 0,
         )
         applied = self._update(
             request.key,
@@ -404,7 +408,7 @@ class MetaExecutor:
         if live is None:
             return replies.MISS
         fetched, idle = self.accesses.before(request.key, live, now)
-        cas = cas_unique(request.key, context_of(siblings))
+        cas = cas_of(request.key, siblings)
         return replies.debug(request, live, cas, now, fetched=fetched, idle=idle)
 
 

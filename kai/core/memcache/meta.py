@@ -96,6 +96,7 @@ class MetaGet:
         touch_exptime: ``T``: the new exptime of a hit.
         vivify_exptime: ``N``: on a miss, create an empty item with this exptime (a win).
         recache_exptime: ``R``: win when the remaining TTL is below this.
+        new_cas: ``E``: the cas unique of an item this mg creates or touches.
         with_context: ``K`` (Kai): every sibling with the read's causal context.
     """
 
@@ -109,6 +110,7 @@ class MetaGet:
     touch_exptime: int | None = None
     vivify_exptime: int | None = None
     recache_exptime: int | None = None
+    new_cas: int | None = None
     with_context: bool = False
 
     def __attrs_post_init__(self) -> None:
@@ -123,12 +125,14 @@ class MetaGet:
                 raise ValueError(f"{letter} is among the return flags exactly when it is set")
             _check_range(exptime, INT32_MIN, INT32_MAX, "exptime")
         _check_range(self.recache_exptime, INT32_MIN, INT32_MAX, "recache exptime")
+        _check_range(self.new_cas, 0, UINT64_MAX, "cas")
         if ("K" in self.returns) != self.with_context:
             raise ValueError("K is among the return flags exactly for a read with context")
         if self.with_context and (
             not WITH_CONTEXT_GET.issuperset(self.returns)
             or self.no_bump
             or self.recache_exptime is not None
+            or self.new_cas is not None
         ):
             raise ValueError("a read with context takes only the flags b c k O q v")
 
@@ -143,6 +147,7 @@ class MetaSet:
         exptime: ``T``: as a classic exptime (0 never expires).
         mode: ``M``: one of :data:`SET_MODES` (``S`` when not given).
         compare_cas: ``C``: store only if the cas unique matches (0 never matches).
+        new_cas: ``E``: the cas unique of the value stored.
         invalidate: ``I``: with ``C``, a cas that does not match still stores, marked stale.
         context: ``K`` (Kai): the causal-context token as sent (not decoded).
     """
@@ -157,6 +162,7 @@ class MetaSet:
     exptime: int = 0
     mode: str = "S"
     compare_cas: int | None = None
+    new_cas: int | None = None
     invalidate: bool = False
     context: bytes | None = None
 
@@ -169,13 +175,17 @@ class MetaSet:
         _check_range(self.flags, 0, UINT32_MAX, "flags")
         _check_range(self.exptime, INT32_MIN, INT32_MAX, "exptime")
         _check_range(self.compare_cas, 0, UINT64_MAX, "cas")
+        _check_range(self.new_cas, 0, UINT64_MAX, "cas")
         if self.mode not in SET_MODES:
             raise ValueError(f"unknown ms mode {self.mode!r}")
         _check_context(self.context, self.returns)
         if self.context is not None and (
-            self.compare_cas is not None or self.invalidate or self.mode != "S"
+            self.compare_cas is not None
+            or self.new_cas is not None
+            or self.invalidate
+            or self.mode != "S"
         ):
-            raise ValueError("a write in context takes no C, I or mode other than S")
+            raise ValueError("a write in context takes no C, E, I or mode other than S")
 
 
 @attrs.frozen(slots=True)
@@ -202,6 +212,7 @@ class MetaDelete:
     Attributes:
         returns: the return flags (``k O`` and ``K``) in request order.
         compare_cas: ``C``: act only if the cas unique matches.
+        new_cas: ``E``: with ``I``, the item's new cas unique.
         invalidate: ``I``: mark the item stale (and give it a new cas) instead of deleting it.
         exptime: ``T``: with ``I``, the item's new exptime.
         context: ``K`` (Kai): the causal-context token as sent (not decoded).
@@ -213,6 +224,7 @@ class MetaDelete:
     opaque: bytes | None = None
     quiet: bool = False
     compare_cas: int | None = None
+    new_cas: int | None = None
     invalidate: bool = False
     exptime: int | None = None
     context: bytes | None = None
@@ -222,10 +234,14 @@ class MetaDelete:
         _check_returns(self.returns, DELETE_RETURNS)
         _check_opaque(self.opaque, self.returns)
         _check_range(self.compare_cas, 0, UINT64_MAX, "cas")
+        _check_range(self.new_cas, 0, UINT64_MAX, "cas")
         _check_range(self.exptime, INT32_MIN, INT32_MAX, "exptime")
         _check_context(self.context, self.returns)
         if self.context is not None and (
-            self.compare_cas is not None or self.invalidate or self.exptime is not None
+            self.compare_cas is not None
+            or self.new_cas is not None
+            or self.invalidate
+            or self.exptime is not None
         ):
             raise ValueError("a delete in context takes only the flags b k O q")
 
@@ -242,6 +258,7 @@ class MetaArithmetic:
         vivify_exptime: ``N``: on a miss, create the counter with this exptime.
         touch_exptime: ``T``: the counter's new exptime.
         compare_cas: ``C``: act only if the cas unique matches (0: no check, as memcached).
+        new_cas: ``E``: the cas unique of the counter's new value.
         value: ``v``: answer ``VA`` with the new number.
     """
 
@@ -256,6 +273,7 @@ class MetaArithmetic:
     vivify_exptime: int | None = None
     touch_exptime: int | None = None
     compare_cas: int | None = None
+    new_cas: int | None = None
     value: bool = False
 
     def __attrs_post_init__(self) -> None:
@@ -265,6 +283,7 @@ class MetaArithmetic:
         _check_range(self.delta, 0, UINT64_MAX, "delta")
         _check_range(self.initial, 0, UINT64_MAX, "initial value")
         _check_range(self.compare_cas, 0, UINT64_MAX, "cas")
+        _check_range(self.new_cas, 0, UINT64_MAX, "cas")
         for exptime, letter in ((self.touch_exptime, "T"), (self.vivify_exptime, "N")):
             if (exptime is None) == (letter in self.returns):
                 raise ValueError(f"{letter} is among the return flags exactly when it is set")

@@ -70,8 +70,9 @@ FLAGS_TOO_LONG: Final = Invalid(b"CLIENT_ERROR options flags too long\r\n")
 # --- Flags --------------------------------------------------------------------------------
 
 # The letters memcached 1.6.18 knows, for every meta command (each command ignores the ones
-# it has no use for, as memcached does). K is Kai's, known to mg, ms and md only.
-_KNOWN_FLAGS: Final = frozenset(b"bNTRlOPLkstcfvhuqFCMJDI")
+# it has no use for, as memcached does), and E, which later releases know. K is Kai's, known
+# to mg, ms and md only.
+_KNOWN_FLAGS: Final = frozenset(b"bNTRlOPLkstcfvhuqFCMJDIE")
 _K: Final = ord("K")
 _FIRST_NON_ASCII: Final = 127
 _BASE64_ALPHABET: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -173,7 +174,7 @@ def _scan_flags(tokens: list[bytes], start: int, *, with_k: bool) -> _Flags | In
                 failed = True
             else:
                 numbers[letter] = number
-        elif letter in "CJD":
+        elif letter in "CEJD":
             number = parse_unsigned(rest, UINT64_MAX)
             if number is None:
                 error, failed = _NUMBER_ERRORS[letter], True
@@ -193,7 +194,7 @@ def _scan_flags(tokens: list[bytes], start: int, *, with_k: bool) -> _Flags | In
     return flags
 
 
-_NUMBER_ERRORS: Final = {"C": BAD_TOKEN, "J": BAD_INITIAL, "D": BAD_DELTA}
+_NUMBER_ERRORS: Final = {"C": BAD_TOKEN, "E": BAD_TOKEN, "J": BAD_INITIAL, "D": BAD_DELTA}
 
 
 def _key_is_acceptable(tokens: list[bytes], flags_start: int) -> bool:
@@ -234,6 +235,7 @@ def parse_get(tokens: list[bytes]) -> MetaGet | Invalid:
         touch_exptime=numbers.get("T"),
         vivify_exptime=numbers.get("N"),
         recache_exptime=numbers.get("R"),
+        new_cas=numbers.get("E"),
         with_context=flags.context is not None,
     )
 
@@ -266,7 +268,7 @@ def parse_set(tokens: list[bytes], max_item_size: int) -> SetLine:
         return OPAQUE_TOO_LONG, length
     letters, numbers = flags.letters, flags.numbers
     if flags.context is not None and (
-        "C" in letters or "I" in letters or "N" in letters or mode != "S"
+        "C" in letters or "E" in letters or "I" in letters or "N" in letters or mode != "S"
     ):
         return INVALID_FLAG, length
     if length > max_item_size:
@@ -282,6 +284,7 @@ def parse_set(tokens: list[bytes], max_item_size: int) -> SetLine:
         exptime=numbers.get("T", 0),
         mode=mode,
         compare_cas=numbers.get("C"),
+        new_cas=numbers.get("E"),
         invalidate="I" in letters,
         context=flags.context,
     )
@@ -311,6 +314,7 @@ def parse_delete(tokens: list[bytes]) -> MetaDelete | Invalid:
         flags.opaque,
         quiet="q" in letters,
         compare_cas=numbers.get("C"),
+        new_cas=numbers.get("E"),
         invalidate="I" in letters,
         exptime=numbers.get("T"),
         context=flags.context,
@@ -349,6 +353,7 @@ def parse_arithmetic(tokens: list[bytes]) -> MetaArithmetic | Invalid:
         vivify_exptime=numbers.get("N"),
         touch_exptime=numbers.get("T"),
         compare_cas=numbers.get("C"),
+        new_cas=numbers.get("E"),
         value="v" in letters,
     )
 
