@@ -177,6 +177,31 @@ class CallPlans:
         self.clock = clock
         self.rng = rng
 
+    @classmethod
+    def of_settings(
+        cls,
+        nodes: Sequence[str],
+        *,
+        timeout: float,
+        pool_size: int,
+        ring_refresh: float,
+        clock: Callable[[], float],
+        rng: random.Random | None,
+    ) -> CallPlans:
+        """The plans of a client made with these settings (both clients make theirs here, so
+        they refuse the same settings the same way).
+
+        Raises:
+            TypeError: ``nodes`` is one string.
+            ValueError: a node address is not ``host:port``, or a number is out of range.
+        """
+        if isinstance(nodes, str | bytes):
+            raise TypeError("nodes is a sequence of 'host:port' strings, not one string")
+        if pool_size < 0:
+            raise ValueError(f"pool_size must be >= 0, not {pool_size!r}")
+        router = Router([Address.parse(node) for node in nodes], refresh_interval=ring_refresh)
+        return cls(router, timeout=timeout, clock=clock, rng=rng or random.Random())
+
     # --- the calls ----------------------------------------------------------------------------
 
     def get(self, key: Key) -> Plan[Fetched]:

@@ -148,13 +148,13 @@ class AsyncClient:
         ring_refresh: float = 10.0,
         rng: random.Random | None = None,
     ) -> None:
-        if isinstance(nodes, str | bytes):
-            raise TypeError("nodes is a sequence of 'host:port' strings, not one string")
-        if pool_size < 0:
-            raise ValueError(f"pool_size must be >= 0, not {pool_size!r}")
-        router = Router([Address.parse(node) for node in nodes], refresh_interval=ring_refresh)
-        self._plans = CallPlans(
-            router, timeout=timeout, clock=trio.current_time, rng=rng or random.Random()
+        self._plans = CallPlans.of_settings(
+            nodes,
+            timeout=timeout,
+            pool_size=pool_size,
+            ring_refresh=ring_refresh,
+            clock=trio.current_time,
+            rng=rng,
         )
         self._pool = _Pool(pool_size)
 
