@@ -23,6 +23,7 @@ import attrs
 import pytest
 from pymemcache.client.base import Client
 
+from kai.testing.netns import NetnsLab, available
 from kai.testing.process import KaiProcess, MemcachedProcess, ServerProcess
 
 HOST = "127.0.0.1"
@@ -234,12 +235,28 @@ def raw(server: Server) -> Iterator[RawConnection]:
 
 def wait_for(
     condition: Callable[[], bool], *, timeout: float, interval: float = 0.05, what: str = ""
-) -> None:
-    """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+) -> float:
+    """Poll ``condition`` until it holds; the seconds it took. Fails the test after
+    ``timeout`` seconds."""
+    started = time.monotonic()
+    deadline = started + timeout
     while True:
         if condition():
-            return
+            return time.monotonic() - started
         if time.monotonic() >= deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
         time.sleep(interval)  # poll interval of a deadline-bounded wait
+
+
+@pytest.fixture
+def lab() -> Iterator[NetnsLab]:
+    """Three network namespaces on a bridge (tests/system/netns_cluster.py runs nodes in
+    them); skipped with the reason where they cannot be made, failed under
+    ``KAI_REQUIRE_TOOLS=1``."""
+    possible, reason = available()
+    if not possible:
+        if tools_required():
+            pytest.fail(f"{reason}; KAI_REQUIRE_TOOLS=1 forbids skipping", pytrace=False)
+        pytest.skip(reason)
+    with NetnsLab(3) as made:
+        yield made

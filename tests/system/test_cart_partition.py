@@ -3,7 +3,7 @@
 Three kai processes run in network namespaces of their own (:class:`kai.testing.netns.NetnsLab`,
 as in test_partition_healing), N=3 R=2 W=2 with sloppy quorum on. Client threads in the root
 namespace, which reaches every node, add distinct items to four shared carts through
-``kai.client`` (``update`` with the union merge of examples/shopping_cart.py, a client each);
+``kai.client`` (``update`` with examples/shopping_cart.py's cart and union merge, a client each);
 an add is acknowledged when ``update`` returned. Two carts have node 3 as their first primary
 (where the client sends them), two node 1 or 2. While the adders run, node 3 is cut off from
 the other two (iptables DROP both ways) for six seconds, then the cut is healed. During the
@@ -19,12 +19,14 @@ the test cannot pass by adding nothing while it matters.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import attrs
 import pytest
@@ -33,11 +35,10 @@ from kai.client import Client, Sibling
 from kai.client.errors import KaiError
 from kai.client.protocol import EMPTY_CONTEXT, WriteInContext, wire_key
 from kai.core.ring import NodeId, Ring
-from kai.testing.netns import NetnsLab, available
-from kai.testing.process import KaiProcess
-from kai.testing.replicas import read_replica
+from kai.testing.netns import NetnsLab
 
-from .conftest import IO_TIMEOUT, RawConnection, stats_of_server, tools_required
+from .conftest import IO_TIMEOUT, RawConnection, wait_for
+from .netns_cluster import PORT, RPC_PORT, NetnsCluster, running
 
 pytestmark = pytest.mark.system
 logger = logging.getLogger(__name__)
@@ -55,9 +56,6 @@ sync_interval = {SYNC_INTERVAL_MS}
 handoff_interval = 1000
 buckets = 64
 """
-#: Every node has an address of its own, so every node uses the same ports.
-PORT = 11211
-RPC_PORT = 7411
 #: Seconds the adders run before the cut, how long node 3 is cut off, and after the heal.
 BEFORE_SECONDS = 2.0
 PARTITION_SECONDS = 6.0
@@ -82,19 +80,22 @@ MIN_ADDS_PER_PHASE = 10
 CONVERGENCE_TIMEOUT = 30.0
 
 
-def encode_cart(items: set[str]) -> bytes:
-    return "\n".join(sorted(items)).encode()
+def load_example(name: str) -> ModuleType:
+    """``examples/<name>.py`` as a module (the examples are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[2] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"kai_example_{name}", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def decode_cart(value: bytes | None) -> set[str]:
-    return {line for line in (value or b"").decode().split("\n") if line}
-
-
-def union_of(siblings: Sequence[Sibling]) -> bytes:
-    items: set[str] = set()
-    for sibling in siblings:
-        items |= decode_cart(sibling.value)
-    return encode_cart(items)
+#: The cart of examples/shopping_cart.py: its encoding and its union merge.
+cart_example = load_example("shopping_cart")
+encode_cart: Callable[[Iterable[str]], bytes] = cart_example.encode_cart
+decode_cart: Callable[[bytes | None], frozenset[str]] = cart_example.decode_cart
+union_of: Callable[[Sequence[Sibling]], bytes] = cart_example.merge_carts
 
 
 def adding(item: str) -> Callable[[bytes | None], bytes]:
@@ -103,107 +104,9 @@ def adding(item: str) -> Callable[[bytes | None], bytes]:
 
 
 @pytest.fixture
-def lab() -> Iterator[NetnsLab]:
-    possible, reason = available()
-    if not possible:
-        if tools_required():
-            pytest.fail(f"{reason}; KAI_REQUIRE_TOOLS=1 forbids skipping", pytrace=False)
-        pytest.skip(reason)
-    with NetnsLab(3) as made:
-        yield made
-
-
-class Cluster:
-    """Three nodes, one per namespace of ``lab``, sharing node 1's secret; node 1 seeds."""
-
-    def __init__(self, lab: NetnsLab, base: Path) -> None:
-        self.lab = lab
-        self.base = base
-        self.nodes: list[KaiProcess] = []
-        self.secret = b""
-
-    @property
-    def memcached_addresses(self) -> list[str]:
-        return [f"{address}:{PORT}" for address in self.lab.addresses]
-
-    def start(self) -> None:
-        for index, address in enumerate(self.lab.addresses):
-            data_dir = self.base / f"n{index + 1}"
-            if index:
-                data_dir.mkdir(parents=True)
-                (data_dir / "cluster.secret").write_bytes(self.secret)
-                (data_dir / "cluster.secret").chmod(0o600)
-            seed = ["--seed", f"{self.lab.addresses[0]}:{RPC_PORT}"] if index else []
-            node = KaiProcess(
-                data_dir,
-                host=address,
-                port=PORT,
-                rpc_port=RPC_PORT,
-                config=CONFIG,
-                extra_args=seed,
-                wrapper=self.lab.wrapper(index),
-            )
-            self.nodes.append(node)
-            node.start()
-            if index == 0:
-                self.secret = (data_dir / "cluster.secret").read_bytes()
-
-    def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
-
-    def stats(self, index: int) -> dict[str, str]:
-        return stats_of_server(PORT, host=self.lab.addresses[index])
-
-    def ring(self) -> Ring:
-        """The ring node 1 publishes in ``stats kai_ring``."""
-        with RawConnection(PORT, host=self.lab.addresses[0]) as connection:
-            reply = connection.request(b"stats kai_ring\r\n", terminator=b"END\r\n")
-        fields: dict[str, str] = {}
-        nodes = []
-        for line in reply.decode().split("\r\n"):
-            parts = line.split(" ")
-            if parts[:2] == ["STAT", "node"]:
-                nodes.append(NodeId.parse(parts[2]))
-            elif len(parts) == 3 and parts[0] == "STAT":
-                fields[parts[1]] = parts[2]
-        return Ring(
-            nodes, buckets=int(fields["buckets"]), virtual_nodes=int(fields["virtual_nodes"])
-        )
-
-    def replica(self, index: int, keys: Sequence[bytes]) -> list[bytes | None]:
-        """Node ``index``'s own records of ``keys``, never a quorum read."""
-        return read_replica(self.lab.addresses[index], RPC_PORT, self.secret, keys)
-
-
-@pytest.fixture
-def cluster(lab: NetnsLab, tmp_path: Path) -> Iterator[Cluster]:
-    nodes = Cluster(lab, tmp_path)
-    try:
-        nodes.start()
-        everyone = " ".join(sorted(f"{address}:{RPC_PORT}" for address in lab.addresses))
-        for index in range(3):
-            wait_until(
-                lambda index=index: nodes.stats(index).get("kai_curr_nodes") == everyone,  # type: ignore[misc]
-                timeout=30,
-                what=f"node {index + 1} to see every member",
-            )
+def cluster(lab: NetnsLab, tmp_path: Path) -> Iterator[NetnsCluster]:
+    with running(lab, tmp_path, CONFIG) as nodes:
         yield nodes
-    finally:
-        nodes.stop()
-
-
-def wait_until(
-    condition: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.1
-) -> float:
-    """Poll ``condition`` until it holds; the seconds it took. Fails the test on timeout."""
-    started = time.monotonic()
-    while True:
-        if condition():
-            return time.monotonic() - started
-        if time.monotonic() - started >= timeout:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)  # poll interval of a deadline-bounded wait
 
 
 @attrs.define
@@ -291,13 +194,15 @@ def carts_by_first_primary(ring: Ring, cut_off: NodeId) -> dict[str, list[str]]:
 
 
 def missing_items(
-    added: Sequence[tuple[str, str]], carts: dict[str, set[str]]
+    added: Sequence[tuple[str, str]], carts: dict[str, frozenset[str]]
 ) -> list[tuple[str, str]]:
     """The (cart, item) adds whose item is not in the cart as read."""
-    return sorted((cart, item) for cart, item in added if item not in carts.get(cart, set()))
+    return sorted((cart, item) for cart, item in added if item not in carts.get(cart, ()))
 
 
-def test_no_acknowledged_add_is_lost_across_a_partition(lab: NetnsLab, cluster: Cluster) -> None:
+def test_no_acknowledged_add_is_lost_across_a_partition(
+    lab: NetnsLab, cluster: NetnsCluster
+) -> None:
     started = time.monotonic()
     cut_off = NodeId.parse(f"{lab.addresses[2]}:{RPC_PORT}")
     sides = carts_by_first_primary(cluster.ring(), cut_off)
@@ -382,7 +287,7 @@ def test_no_acknowledged_add_is_lost_across_a_partition(lab: NetnsLab, cluster: 
         records = [cluster.replica(index, keys) for index in range(3)]
         return None not in records[0] and records[0] == records[1] == records[2]
 
-    wait_until(converged, timeout=CONVERGENCE_TIMEOUT, what="every replica to agree")
+    wait_for(converged, timeout=CONVERGENCE_TIMEOUT, what="every replica to agree")
     took = time.monotonic() - stopped
 
     with Client(cluster.memcached_addresses) as client:

@@ -15,18 +15,17 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import attrs
 import pytest
 
 from kai.core.versions import decode_siblings
-from kai.testing.netns import NetnsLab, available
-from kai.testing.process import KaiProcess
-from kai.testing.replicas import read_replica
+from kai.testing.netns import NetnsLab
 
-from .conftest import IO_TIMEOUT, RawConnection, stats_of_server, tools_required
+from .conftest import IO_TIMEOUT, RawConnection
+from .netns_cluster import PORT, NetnsCluster, running
 
 pytestmark = pytest.mark.system
 logger = logging.getLogger(__name__)
@@ -41,9 +40,6 @@ sync_interval = {SYNC_INTERVAL_MS}
 handoff_interval = 1000
 buckets = 64
 """
-#: Every node has an address of its own, so every node uses the same ports.
-PORT = 11211
-RPC_PORT = 7411
 #: How long node 3 is cut off while the writers run.
 PARTITION_SECONDS = 10.0
 #: Writes through node 1 per second (paced, so they span the whole partition), and at most.
@@ -58,105 +54,27 @@ CONVERGENCE_SLACK = 25.0
 
 
 @pytest.fixture
-def lab() -> Iterator[NetnsLab]:
-    possible, reason = available()
-    if not possible:
-        if tools_required():
-            pytest.fail(f"{reason}; KAI_REQUIRE_TOOLS=1 forbids skipping", pytrace=False)
-        pytest.skip(reason)
-    with NetnsLab(3) as made:
-        yield made
-
-
-class Cluster:
-    """Three nodes, one per namespace of ``lab``, sharing node 1's secret; node 1 seeds."""
-
-    def __init__(self, lab: NetnsLab, base: Path) -> None:
-        self.lab = lab
-        self.base = base
-        self.nodes: list[KaiProcess] = []
-        self.secret = b""
-
-    def start(self) -> None:
-        for index, address in enumerate(self.lab.addresses):
-            data_dir = self.base / f"n{index + 1}"
-            if index:
-                data_dir.mkdir(parents=True)
-                (data_dir / "cluster.secret").write_bytes(self.secret)
-                (data_dir / "cluster.secret").chmod(0o600)
-            seed = ["--seed", f"{self.lab.addresses[0]}:{RPC_PORT}"] if index else []
-            node = KaiProcess(
-                data_dir,
-                host=address,
-                port=PORT,
-                rpc_port=RPC_PORT,
-                config=CONFIG,
-                extra_args=seed,
-                wrapper=self.lab.wrapper(index),
-            )
-            self.nodes.append(node)
-            node.start()
-            if index == 0:
-                self.secret = (data_dir / "cluster.secret").read_bytes()
-
-    def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
-
-    def stats(self, index: int) -> dict[str, str]:
-        return stats_of_server(PORT, host=self.lab.addresses[index])
-
-    def replica(self, index: int, keys: Sequence[bytes]) -> list[bytes | None]:
-        """Node ``index``'s own records of ``keys`` (asking again for what a partial answer
-        left out), never a quorum read."""
-        return read_replica(self.lab.addresses[index], RPC_PORT, self.secret, keys)
-
-    def healing_stats(self) -> str:
-        wanted = ("kai_curr_nodes", "kai_hints_pending", "kai_hints_stored", "kai_hints_delivered")
-        lines = []
-        for index in range(len(self.nodes)):
-            try:
-                fields = self.stats(index)
-            except OSError as exc:
-                lines.append(f"node {index + 1}: stats failed: {exc}")
-                continue
-            shown = {
-                name: value
-                for name, value in fields.items()
-                if name in wanted or name.startswith(("kai_transfer", "kai_anti", "kai_sync"))
-            }
-            lines.append(f"node {index + 1}: {shown}")
-        return "\n".join(lines)
-
-
-@pytest.fixture
-def cluster(lab: NetnsLab, tmp_path: Path) -> Iterator[Cluster]:
-    nodes = Cluster(lab, tmp_path)
-    try:
-        nodes.start()
-        everyone = " ".join(sorted(f"{address}:{RPC_PORT}" for address in lab.addresses))
-        for index in range(3):
-            wait_until(
-                lambda index=index: nodes.stats(index).get("kai_curr_nodes") == everyone,  # type: ignore[misc]
-                timeout=30,
-                what=f"node {index + 1} to see every member",
-            )
+def cluster(lab: NetnsLab, tmp_path: Path) -> Iterator[NetnsCluster]:
+    with running(lab, tmp_path, CONFIG) as nodes:
         yield nodes
-    finally:
-        nodes.stop()
 
 
-def wait_until(
-    condition: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.1
-) -> float:
-    """Poll ``condition`` until it holds; the seconds it took. Fails the test on timeout."""
-    started = time.monotonic()
-    while True:
-        if condition():
-            return time.monotonic() - started
-        if time.monotonic() - started >= timeout:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)  # poll interval of a deadline-bounded wait
+def healing_stats(cluster: NetnsCluster) -> str:
+    wanted = ("kai_curr_nodes", "kai_hints_pending", "kai_hints_stored", "kai_hints_delivered")
+    lines = []
+    for index in range(len(cluster.nodes)):
+        try:
+            fields = cluster.stats(index)
+        except OSError as exc:
+            lines.append(f"node {index + 1}: stats failed: {exc}")
+            continue
+        shown = {
+            name: value
+            for name, value in fields.items()
+            if name in wanted or name.startswith(("kai_transfer", "kai_anti", "kai_sync"))
+        }
+        lines.append(f"node {index + 1}: {shown}")
+    return "\n".join(lines)
 
 
 @attrs.define
@@ -223,7 +141,7 @@ def values_of(record: bytes) -> list[bytes | None]:
 
 
 def test_a_healed_partition_converges_on_every_replica_with_no_client_traffic(
-    lab: NetnsLab, cluster: Cluster
+    lab: NetnsLab, cluster: NetnsCluster
 ) -> None:
     side_one = Writes()
     side_three = Writes()
@@ -317,7 +235,7 @@ def test_a_healed_partition_converges_on_every_replica_with_no_client_traffic(
             pytest.fail(
                 f"{len(last_gaps)} of {len(every_key)} keys not converged {waited:.2f} s after "
                 f"the heal (deadline {CONVERGENCE_BUDGET} s budget + {CONVERGENCE_SLACK} s "
-                f"slack), e.g. {last_gaps[:10]}\n{cluster.healing_stats()}"
+                f"slack), e.g. {last_gaps[:10]}\n{healing_stats(cluster)}"
             )
         time.sleep(0.2)  # poll interval of a deadline-bounded wait
     took = time.monotonic() - healed
@@ -326,7 +244,7 @@ def test_a_healed_partition_converges_on_every_replica_with_no_client_traffic(
         took,
         CONVERGENCE_BUDGET,
     )
-    logger.info("stats after convergence:\n%s", cluster.healing_stats())
+    logger.info("stats after convergence:\n%s", healing_stats(cluster))
     # Every acknowledged write is among what converged, with its value.
     assert set(one_acknowledged) <= set(expected), "an acknowledged key went unchecked"
     assert took <= deadline, f"converged in {took:.2f} s, over the {deadline} s deadline"
