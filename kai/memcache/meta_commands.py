@@ -181,7 +181,7 @@ class MetaExecutor:
         meta = MetaUpdate(
             touch=request.touch_exptime is not None,
             vivify=request.vivify_exptime is not None,
-            vivify_expiry=_vivify_expiry(request.returns, request, now),
+            vivify_expiry=replies.created_expiry(request, now),
             recache_before=expiry_of(request.recache_exptime, now),
             new_cas=request.new_cas or 0,
         )
@@ -345,7 +345,7 @@ class MetaExecutor:
             has_cas=request.compare_cas is not None,
             touch=request.touch_exptime is not None,
             vivify=request.vivify_exptime is not None,
-            vivify_expiry=_vivify_expiry(request.returns, request, now),
+            vivify_expiry=replies.created_expiry(request, now),
             initial=request.initial,
             incr=request.incr,
             new_cas=request.new_cas or 0,
@@ -420,15 +420,3 @@ def _wins(request: MetaGet, live: Version, now: float) -> bool:
     if live.win_sent:
         return False
     return live.is_stale or 0 < live.expiry < expiry_of(request.recache_exptime, now)
-
-
-def _vivify_expiry(returns: str, request: MetaGet | MetaArithmetic, now: float) -> int:
-    """The expiry of an item the request creates: memcached applies T and N in the order
-    they were sent, so the later one wins."""
-    expiry = 0
-    for letter in returns:
-        if letter == "T":
-            expiry = expiry_of(request.touch_exptime, now)
-        elif letter == "N":
-            expiry = expiry_of(request.vivify_exptime, now)
-    return expiry

@@ -208,15 +208,27 @@ def _key_is_acceptable(tokens: list[bytes], flags_start: int) -> bool:
     return is_valid_key(key)
 
 
-def parse_get(tokens: list[bytes]) -> MetaGet | Invalid:
-    """``mg``: a :class:`MetaGet`, or the error to answer."""
+def _line_flags(
+    tokens: list[bytes], too_long: Invalid, *, with_k: bool, scan_error: Invalid | None = None
+) -> _Flags | Invalid:
+    """The flags of a meta line without a data length (``mg md ma``), or its error: plain
+    ``ERROR`` without a key, a bad key, ``too_long`` for too many tokens, then what the flags
+    are wrong with (``scan_error`` instead, where the command has one answer for them all)."""
     if len(tokens) < 2:
         return ERROR
     if not _key_is_acceptable(tokens, 2):
         return BAD_FORMAT
     if len(tokens) > MAX_TOKENS:
-        return GET_FLAGS_TOO_LONG
-    flags = _scan_flags(tokens, 2, with_k=True)
+        return too_long
+    flags = _scan_flags(tokens, 2, with_k=with_k)
+    if isinstance(flags, Invalid) and scan_error is not None:
+        return scan_error
+    return flags
+
+
+def parse_get(tokens: list[bytes]) -> MetaGet | Invalid:
+    """``mg``: a :class:`MetaGet`, or the error to answer."""
+    flags = _line_flags(tokens, GET_FLAGS_TOO_LONG, with_k=True)
     if isinstance(flags, Invalid):
         return flags
     if flags.opaque_too_long:
@@ -293,15 +305,9 @@ def parse_set(tokens: list[bytes], max_item_size: int) -> SetLine:
 
 def parse_delete(tokens: list[bytes]) -> MetaDelete | Invalid:
     """``md``: a :class:`MetaDelete`, or the error to answer."""
-    if len(tokens) < 2:
-        return ERROR
-    if not _key_is_acceptable(tokens, 2):
-        return BAD_FORMAT
-    if len(tokens) > MAX_TOKENS:
-        return FLAGS_TOO_LONG
-    flags = _scan_flags(tokens, 2, with_k=True)
+    flags = _line_flags(tokens, FLAGS_TOO_LONG, with_k=True, scan_error=INVALID_OR_DUPLICATE)
     if isinstance(flags, Invalid):
-        return INVALID_OR_DUPLICATE
+        return flags
     if flags.opaque_too_long:
         return OPAQUE_TOO_LONG
     letters, numbers = flags.letters, flags.numbers
@@ -326,15 +332,9 @@ _ARITHMETIC_MODES: Final = {None: True, b"I": True, b"+": True, b"D": False, b"-
 
 def parse_arithmetic(tokens: list[bytes]) -> MetaArithmetic | Invalid:
     """``ma``: a :class:`MetaArithmetic`, or the error to answer."""
-    if len(tokens) < 2:
-        return ERROR
-    if not _key_is_acceptable(tokens, 2):
-        return BAD_FORMAT
-    if len(tokens) > MAX_TOKENS:
-        return FLAGS_TOO_LONG
-    flags = _scan_flags(tokens, 2, with_k=False)
+    flags = _line_flags(tokens, FLAGS_TOO_LONG, with_k=False, scan_error=INVALID_OR_DUPLICATE)
     if isinstance(flags, Invalid):
-        return INVALID_OR_DUPLICATE
+        return flags
     incr = _ARITHMETIC_MODES.get(flags.mode)
     if incr is None:
         return BAD_ARITHMETIC_MODE

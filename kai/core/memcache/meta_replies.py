@@ -55,6 +55,26 @@ def expiry_of(exptime: int | None, now: float) -> int:
     return 0 if exptime is None else absolute_expiry(exptime, now)
 
 
+def expiry_after(
+    letter: str, request: MetaGet | MetaArithmetic, expiry: int, now: float, *, created: bool
+) -> int:
+    """The item's expiry once ``letter`` of ``request`` is applied to ``expiry``: memcached
+    applies ``T`` and ``N`` (``N`` only to an item the request created) in request order."""
+    if letter == "T":
+        return expiry_of(request.touch_exptime, now)
+    if letter == "N" and created:
+        return expiry_of(request.vivify_exptime, now)
+    return expiry
+
+
+def created_expiry(request: MetaGet | MetaArithmetic, now: float) -> int:
+    """The expiry of an item ``request`` creates (the later of its ``T`` and ``N`` wins)."""
+    expiry = 0
+    for letter in request.returns:
+        expiry = expiry_after(letter, request, expiry, now, created=True)
+    return expiry
+
+
 def ttl(expiry: int, now: float) -> int:
     """``t``: seconds left, -1 for none; as memcached's unsigned 32-bit subtraction, so an
     expiry in the past shows as a huge number."""
@@ -92,11 +112,8 @@ def hit(
     for letter in request.returns:
         if letter == "t":
             parts.append(b" t%d" % ttl(expiry, now))
-        elif letter == "T":
-            expiry = expiry_of(request.touch_exptime, now)
-        elif letter == "N":
-            if created:
-                expiry = expiry_of(request.vivify_exptime, now)
+        elif letter in "TN":
+            expiry = expiry_after(letter, request, expiry, now, created=created)
         elif letter == "s":
             parts.append(b" s%d" % len(value))
         elif letter == "c":
@@ -151,11 +168,8 @@ def counted(
     for letter in request.returns:
         if letter == "t":
             parts.append(b" t%d" % ttl(expiry, now))
-        elif letter == "T":
-            expiry = expiry_of(request.touch_exptime, now)
-        elif letter == "N":
-            if created:
-                expiry = expiry_of(request.vivify_exptime, now)
+        elif letter in "TN":
+            expiry = expiry_after(letter, request, expiry, now, created=created)
         elif letter == "c":
             parts.append(b" c%d" % cas)
         else:
