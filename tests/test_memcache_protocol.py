@@ -602,6 +602,35 @@ FRAGMENTS = [
     b"4294967296",
     b"18446744073709551616",
     b"k" * 251,
+    # the meta commands (one parser serves both, mixed freely)
+    b"mg ",
+    b"ms ",
+    b"md ",
+    b"ma ",
+    b"me ",
+    b"mn",
+    b" v",
+    b" q",
+    b" k",
+    b" b",
+    b" K",
+    b" Kabc",
+    b" T30",
+    b" N5",
+    b" R9",
+    b" O12",
+    b" C5",
+    b" MA",
+    b" M",
+    b" I",
+    b" D9",
+    b" J1",
+    b" 2",
+    b" 40",
+    b" Zm9v",
+    b"hi\r\n",
+    b"\xff",
+    b" E5",
 ]
 SMALL_LIMITS = {"max_item_size": 32, "max_line_length": 64, "max_get_line_length": 300}
 
@@ -639,9 +668,11 @@ def test_any_bytes_give_events_or_sentinels(pieces: list[bytes], data: st.DataOb
 
 
 # A key is any run of bytes other than space, control bytes and DEL.
-_KEY_SAFE = bytes(byte if 0x20 < byte != 0x7F else ord("_") for byte in range(256))
+KEY_SAFE = bytes(byte if 0x20 < byte != 0x7F else ord("_") for byte in range(256))
+#: Short keys any client may send.
+classic_keys = st.binary(min_size=1, max_size=12).map(lambda raw: raw.translate(KEY_SAFE))
 keys = st.one_of(
-    st.binary(min_size=1, max_size=12).map(lambda raw: raw.translate(_KEY_SAFE)),
+    classic_keys,
     st.integers(1, 250).map(lambda length: b"k" * length),
 )
 int32s = st.integers(-(2**31), 2**31 - 1)

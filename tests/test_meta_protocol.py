@@ -1,8 +1,9 @@
 """Tests for the meta command parser (``mg ms md ma me mn``) and its records.
 
 Every case is fed three ways (whole, byte by byte, followed by a pipelined ``version``), as
-the classic parser's are; property tests check that any bytes give requests or a protocol
-error and that meta requests round-trip under any chunking. Expected errors are memcached
+the classic parser's are; a property test checks that meta requests round-trip under any
+chunking (tests/test_memcache_protocol.py feeds the parser any bytes, meta fragments among
+them). Expected errors are memcached
 1.6.18's, byte for byte (each was checked against it; the conformance tests check them
 again against a running memcached).
 """
@@ -33,9 +34,10 @@ from kai.core.memcache.meta import (
 from kai.core.memcache.meta_parser import decode_base64_key
 from kai.core.memcache.protocol import NEED_DATA, Event, Get, Invalid, MemcacheParser, Store
 from tests.test_memcache_protocol import (
-    SMALL_LIMITS,
+    KEY_SAFE,
     check_three_ways,
     chunked,
+    classic_keys,
     feed_all,
 )
 
@@ -420,61 +422,10 @@ def test_binary_keys_may_hold_any_byte() -> None:
 
 # --- properties ----------------------------------------------------------------------------
 
-FRAGMENTS = [
-    b"mg ",
-    b"ms ",
-    b"md ",
-    b"ma ",
-    b"me ",
-    b"mn",
-    b" v",
-    b" q",
-    b" k",
-    b" b",
-    b" K",
-    b" Kabc",
-    b" T30",
-    b" N5",
-    b" R9",
-    b" O12",
-    b" C5",
-    b" MA",
-    b" M",
-    b" I",
-    b" D9",
-    b" J1",
-    b" 2",
-    b" 40",
-    b" Zm9v",
-    b"\r\n",
-    b"\n",
-    b"hi\r\n",
-    b"\xff",
-]
-
-
-@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    pieces=st.lists(st.one_of(st.binary(max_size=20), st.sampled_from(FRAGMENTS)), max_size=40),
-    data=st.data(),
-)
-def test_any_bytes_give_requests_or_a_protocol_error(
-    pieces: list[bytes], data: st.DataObject
-) -> None:
-    stream = b"".join(pieces)
-    for event in feed_all(MemcacheParser(**SMALL_LIMITS), data.draw(chunked(stream))):
-        assert isinstance(event, Event)
-        if isinstance(event, Invalid):
-            assert event.reply == b"" or event.reply.endswith(b"\r\n")
-
-
-# A classic key: bytes other than space, control bytes and DEL.
-_KEY_SAFE = bytes(byte if 0x20 < byte != 0x7F else ord("_") for byte in range(256))
-classic_keys = st.binary(min_size=1, max_size=12).map(lambda raw: raw.translate(_KEY_SAFE))
 binary_keys = st.binary(min_size=1, max_size=20)
 int32s = st.integers(-(2**31), 2**31 - 1)
 uint64s = st.integers(0, 2**64 - 1)
-opaques = st.binary(max_size=OPAQUE_TOKEN_MAX_LENGTH - 1).map(lambda raw: raw.translate(_KEY_SAFE))
+opaques = st.binary(max_size=OPAQUE_TOKEN_MAX_LENGTH - 1).map(lambda raw: raw.translate(KEY_SAFE))
 
 
 @st.composite
