@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, get_args
 
 import attrs
 
@@ -47,21 +47,7 @@ Command = Literal[
     "meta_delete",
     "meta_arithmetic",
 ]
-COMMANDS: tuple[Command, ...] = (
-    "add",
-    "replace",
-    "cas",
-    "append",
-    "prepend",
-    "incr",
-    "decr",
-    "touch",
-    "delete",
-    "meta_get",
-    "meta_set",
-    "meta_delete",
-    "meta_arithmetic",
-)
+COMMANDS: tuple[Command, ...] = get_args(Command)
 #: The commands that carry a :class:`MetaUpdate` (and only they do).
 META_COMMANDS: frozenset[Command] = frozenset(
     ("meta_get", "meta_set", "meta_delete", "meta_arithmetic")
